@@ -1,0 +1,20 @@
+"""structsparse: Structured Sparsity Learning (Wen et al., NIPS 2016) for PyTorch.
+
+Train with group-Lasso terms so whole filters, channels, filter-shape columns and layers
+become exactly zero, cut them out to get a smaller dense model with the same outputs,
+and measure the speedup.
+"""
+from .groups import KINDS, group_norms
+from .penalty import GroupLasso, Masks
+from .report import SparsityReport, sparsity_report
+from .compact import compact
+from .kernels import LoweredConv2d
+from .io import load_compact, save_compact
+from .measure import measure_speedup
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS", "group_norms", "GroupLasso", "Masks", "SparsityReport", "sparsity_report",
+    "compact", "LoweredConv2d", "load_compact", "save_compact", "measure_speedup",
+]

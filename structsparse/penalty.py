@@ -1,0 +1,254 @@
+"""The group-Lasso term of SSL, its proximal step, and masks that freeze zeroed groups.
+
+Three lines in a user's own training loop::
+
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3})
+    loss = criterion(model(x), y) + gl.penalty()   # or: opt.step(); gl.prox_step(lr)
+    ...; opt.step(); gl.zero_small_()              # the paper's zeroing of |w| < 1e-4
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .groups import KINDS, covered_modules, group_norms, group_view, nonzero_groups
+
+__all__ = ["GroupLasso", "Masks", "resolve_spec"]
+
+# Group kinds whose zeros compaction can remove; their zeros are always frozen.
+_STRUCTURAL = ("filter", "channel", "shape", "depth")
+
+
+def _check_lambda(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: λ must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: λ must be finite and >= 0, got {value!r}")
+    return value
+
+
+def _check_kinds(mapping: Mapping, where: str) -> dict[str, float]:
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"{where}: expected a mapping of group kind to λ, got {mapping!r}")
+    out = {}
+    for kind, lam in mapping.items():
+        if kind not in KINDS:
+            raise ValueError(f"{where}: unknown group kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        out[kind] = _check_lambda(lam, f"{where}.{kind}")
+    return out
+
+
+def resolve_spec(model: nn.Module, spec: Mapping) -> dict[str, dict[str, float]]:
+    """Turn a spec into ``{layer name: {kind: λ}}`` for every Conv2d/Linear with some λ > 0.
+
+    ``spec`` keys that are group kinds set λ for every Conv2d and Linear layer; any other key
+    is a module-name pattern (``fnmatch``: ``"conv*"``, ``"features.*"``) whose value maps
+    kinds to λ for the matching layers, overriding the model-wide values. Patterns apply in
+    order, so a later pattern overrides an earlier one. A pattern that matches no Conv2d or
+    Linear layer is an error.
+    """
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
+    layers = covered_modules(model)
+    defaults = _check_kinds({k: v for k, v in spec.items() if k in KINDS}, "spec")
+    resolved = {name: dict(defaults) for name in layers}
+    for pattern, mapping in spec.items():
+        if pattern in KINDS:
+            continue
+        kinds = _check_kinds(mapping, f"spec[{pattern!r}]")
+        matched = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(
+                f"spec pattern {pattern!r} matches no Conv2d or Linear layer; layers: {', '.join(layers) or 'none'}"
+            )
+        for name in matched:
+            resolved[name].update(kinds)
+    return {name: {k: v for k, v in kinds.items() if v > 0} for name, kinds in resolved.items()
+            if any(v > 0 for v in kinds.values())}
+
+
+def _groups(module: nn.Module) -> int:
+    return getattr(module, "groups", 1)
+
+
+@dataclass
+class _Term:
+    name: str
+    module: nn.Module
+    lambdas: dict[str, float]
+
+
+class Masks:
+    """Boolean masks that keep zeroed weights at zero during fine-tuning.
+
+    Gradients of masked weights are zeroed by hooks, and :meth:`apply_` re-zeroes the
+    weights themselves (call it after each optimizer step; weight decay or momentum from
+    an earlier phase could otherwise move them).
+    """
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
+        self.model = model
+        modules = dict(model.named_modules())
+        self.masks = {}
+        for name, mask in masks.items():
+            if name not in modules:
+                raise KeyError(f"mask for unknown layer {name!r}")
+            weight = modules[name].weight
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}")
+            self.masks[name] = mask.to(device=weight.device, dtype=torch.bool)
+        self._handles = []
+        self._modules = {name: modules[name] for name in self.masks}
+        self.attach()
+
+    def attach(self) -> None:
+        self.detach()
+        for name, module in self._modules.items():
+            mask = self.masks[name]
+            self._handles.append(module.weight.register_hook(lambda g, m=mask: g * m))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def apply_(self) -> None:
+        for name, module in self._modules.items():
+            module.weight.mul_(self.masks[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: mask.clone() for name, mask in self.masks.items()}
+
+    def kept_fraction(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / max(total, 1)
+
+
+class GroupLasso:
+    """The SSL regulariser: Σ_layers Σ_kinds λ · Σ_groups ‖w_g‖₂ over Conv2d and Linear weights.
+
+    ``spec`` maps group kinds (``filter``, ``channel``, ``shape``, ``depth``, ``filter2d``) to
+    λ for the whole model, and/or module-name patterns to such mappings (see
+    :func:`resolve_spec`). Biases and normalisation parameters are never regularised.
+    ``example_input`` is accepted for models whose groups need the graph (residual models).
+    """
+
+    def __init__(self, model: nn.Module, spec: Mapping, example_input: torch.Tensor | None = None):
+        self.model = model
+        self.spec = spec
+        self.example_input = example_input
+        modules = dict(model.named_modules())
+        self.terms = [_Term(name, modules[name], lambdas) for name, lambdas in resolve_spec(model, spec).items()]
+        self.active = True
+        self.masks: Masks | None = None
+
+    @property
+    def lambdas(self) -> dict[str, dict[str, float]]:
+        """``{layer: {kind: λ}}`` for every regularised layer."""
+        return {t.name: dict(t.lambdas) for t in self.terms}
+
+    def penalty(self) -> torch.Tensor:
+        """The differentiable group-Lasso term (zero once :meth:`freeze` turned it off)."""
+        total = None
+        if self.active:
+            for t in self.terms:
+                w, g = t.module.weight, _groups(t.module)
+                for kind, lam in t.lambdas.items():
+                    term = lam * group_norms(w, kind, g).sum()
+                    total = term if total is None else total + term
+        if total is None:
+            p = next(self.model.parameters(), None)
+            return torch.zeros((), device=p.device if p is not None else None)
+        return total
+
+    @torch.no_grad()
+    def norms(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Detached group norms ``{layer: {kind: norms}}`` of the regularised kinds."""
+        return {t.name: {k: group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
+
+    @torch.no_grad()
+    def prox_step(self, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Proximal map of the group term: w_g ← w_g · max(0, 1 − lr·λ/‖w_g‖₂), one kind after another.
+
+        Gives exact zeros. Pass the step's ``lr``, or the ``optimizer`` to use each
+        parameter's own learning rate.
+        """
+        if not self.active:
+            return
+        lrs = {}
+        if optimizer is not None:
+            lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        elif lr is None:
+            raise ValueError("prox_step needs lr or optimizer")
+        for t in self.terms:
+            w, g = t.module.weight, _groups(t.module)
+            step = lrs.get(id(w), lr)
+            if step is None:
+                continue
+            view = group_view(w, g)
+            for kind, lam in t.lambdas.items():
+                norms = group_norms(w, kind, g, keepdim=True)
+                scale = (1 - step * lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0)
+                view.mul_(scale)
+
+    @torch.no_grad()
+    def zero_small_(self, threshold: float = 1e-4) -> None:
+        """The paper's step after every update: regularised weights with |w| < threshold become 0."""
+        for t in self.terms:
+            w = t.module.weight
+            w.masked_fill_(w.abs() < threshold, 0.0)
+
+    @torch.no_grad()
+    def zero_groups_(self, threshold: float) -> int:
+        """Set every regularised group whose norm is below ``threshold`` exactly to zero; returns how many."""
+        count = 0
+        for t in self.terms:
+            w, g = t.module.weight, _groups(t.module)
+            view = group_view(w, g)
+            for kind in t.lambdas:
+                norms = group_norms(w, kind, g, keepdim=True)
+                small = (norms < threshold) & (norms > 0)
+                count += int(small.sum())
+                view.masked_fill_(small.expand_as(view), 0.0)
+        return count
+
+    def zero_masks(self) -> dict[str, torch.Tensor]:
+        """Per layer, True where the weight lies in no zero structure (filter, channel, shape, depth,
+        and filter2d where it is regularised)."""
+        out = {}
+        for t in self.terms:
+            w, g = t.module.weight, _groups(t.module)
+            kinds = _STRUCTURAL + (("filter2d",) if "filter2d" in t.lambdas else ())
+            mask = torch.ones_like(w, dtype=torch.bool)
+            for kind in kinds:
+                mask &= nonzero_groups(w, kind, g)
+            out[t.name] = mask
+        return out
+
+    def freeze(self) -> Masks:
+        """Turn the group term off and freeze every zeroed structure at zero (for fine-tuning)."""
+        self.active = False
+        if self.masks is not None:
+            self.masks.detach()
+        self.masks = Masks(self.model, self.zero_masks())
+        return self.masks
+
+    def state_dict(self) -> dict:
+        """λs, whether the term is on, and the masks (tensors), for checkpoints."""
+        return {"lambdas": self.lambdas, "active": self.active,
+                "masks": None if self.masks is None else self.masks.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if state["lambdas"] != self.lambdas:
+            raise ValueError(f"checkpoint λs {state['lambdas']} differ from this GroupLasso's {self.lambdas}")
+        self.active = bool(state["active"])
+        if self.masks is not None:
+            self.masks.detach()
+        self.masks = None if state.get("masks") is None else Masks(self.model, state["masks"])
