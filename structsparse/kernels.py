@@ -1,0 +1,111 @@
+"""The lowered convolution that removes filter-shape columns (shape-wise sparsity).
+
+Caffe computes a conv as a GEMM of the weight matrix (N filters × C·M·K columns) with the
+im2col buffer (C·M·K × output positions). When a column is zero in every filter, its row of
+the im2col buffer is never needed. :class:`LoweredConv2d` keeps only the K' nonzero columns
+and gathers only those K' rows straight from the (padded) input with one precomputed index,
+then runs one dense GEMM of N × K' by K' × positions. Unfolding everything and then indexing
+would copy all C·M·K rows first and throw most of the gain away.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+__all__ = ["LoweredConv2d"]
+
+
+class LoweredConv2d(nn.Module):
+    """A Conv2d restricted to the weight columns listed in ``columns``.
+
+    ``columns`` holds flat indices into the C·M·K columns of the original weight, ordered
+    as ``weight.reshape(N, -1)`` orders them. ``weight`` is N × K' (the kept columns).
+    The module computes exactly what the original conv computes when every other column is
+    zero. Only ``padding_mode='zeros'`` and ``groups=1`` are supported.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, columns: torch.Tensor,
+                 stride=1, padding=0, dilation=1, bias: bool = True):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.padding, self.dilation = _pair(padding), _pair(dilation)
+        columns = torch.as_tensor(columns, dtype=torch.long).flatten()
+        total = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        if columns.numel() == 0 or int(columns.min()) < 0 or int(columns.max()) >= total:
+            raise ValueError(f"columns must be a non-empty set of indices in [0, {total})")
+        if columns.unique().numel() != columns.numel():
+            raise ValueError("columns must not repeat")
+        self.register_buffer("columns", columns)
+        self.weight = nn.Parameter(torch.empty(out_channels, columns.numel()))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self._index_cache: dict = {}
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor | None = None) -> "LoweredConv2d":
+        """The lowered form of ``conv`` keeping the columns in boolean ``keep`` (default: nonzero ones)."""
+        if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("LoweredConv2d needs groups=1, padding_mode='zeros' and numeric padding")
+        w = conv.weight.detach().reshape(conv.out_channels, -1)
+        if keep is None:
+            keep = w.ne(0).any(dim=0)
+        columns = keep.nonzero().flatten()
+        if columns.numel() == 0:  # keep one column so that shapes stay valid
+            columns = torch.zeros(1, dtype=torch.long)
+        lowered = cls(conv.in_channels, conv.out_channels, conv.kernel_size, columns, conv.stride,
+                      conv.padding, conv.dilation, bias=conv.bias is not None)
+        with torch.no_grad():
+            lowered.weight.copy_(w[:, columns])
+            if conv.bias is not None:
+                lowered.bias.copy_(conv.bias.detach())
+        return lowered.to(conv.weight.device)
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def _gather_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """Flat index into the padded input (C·Hp·Wp) of every kept im2col row, K' × positions."""
+        key = (h, w, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            hp, wp = h + 2 * ph, w + 2 * pw
+            ho, wo = self.output_size(h, w)
+            cols = self.columns.to(device)
+            c, rest = cols // (kh * kw), cols % (kh * kw)
+            m, k = rest // kw, rest % kw
+            start = c * hp * wp + m * dh * wp + k * dw  # K'
+            oh = torch.arange(ho, device=device) * sh * wp
+            ow = torch.arange(wo, device=device) * sw
+            offsets = (oh[:, None] + ow[None, :]).flatten()  # positions
+            index = (start[:, None] + offsets[None, :]).flatten()
+            self._index_cache[key] = index
+        return index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
+        n, _, h, w = x.shape
+        ho, wo = self.output_size(h, w)
+        ph, pw = self.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        cols = x.reshape(n, -1).index_select(1, self._gather_index(h, w, x.device))
+        cols = cols.view(n, self.weight.shape[1], ho * wo)
+        out = torch.matmul(self.weight, cols)
+        if self.bias is not None:
+            out = out + self.bias[:, None]
+        return out.view(n, self.out_channels, ho, wo)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._index_cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        total = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, columns={self.columns.numel()}/{total}")

@@ -1,0 +1,176 @@
+"""Measured speedup of a compact model against its dense original, per layer and end to end.
+
+Timings are only ever compared as ratios measured in the same run: the two models (or the
+two versions of a layer) are timed in interleaved repetitions after a warm-up, with the
+thread count pinned, and medians are compared.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .compact import CompactNet, IndexSelect
+from .groups import covered_modules
+
+__all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]
+
+
+def machine_info() -> dict:
+    """Where a measurement ran: CPU model, cores, torch version, threads, date (UTC)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int = 30, warmup: int = 5,
+                     device: torch.device | str = "cpu", min_time: float = 2e-3) -> list[list[float]]:
+    """Seconds per call of each function, timed in interleaved rounds (order alternating).
+
+    Each sample times enough back-to-back calls to last at least ``min_time`` seconds
+    (calibrated during warm-up), so sub-millisecond calls are not swamped by timer noise.
+    """
+    device = torch.device(device)
+    inner = []
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        once = max(time.perf_counter() - t0, 1e-7)
+        inner.append(max(1, int(min_time / once)))
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner[i]):
+                fns[i]()
+            _sync(device)
+            samples[i].append((time.perf_counter() - t0) / inner[i])
+    return samples
+
+
+def _summary(samples: list[float]) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+
+
+@dataclass
+class SpeedReport:
+    """Rows of {scope, batch, original, compact (median/q1/q3 in ms), speedup}; scope is 'model' or a layer."""
+
+    rows: list[dict]
+    threads: int
+    repeats: int
+    machine: dict = field(default_factory=machine_info)
+
+    def speedup(self, scope: str = "model", batch: int | None = None) -> float:
+        for r in self.rows:
+            if r["scope"] == scope and (batch is None or r["batch"] == batch):
+                return r["speedup"]
+        raise KeyError(f"no timing for {scope!r} at batch {batch}")
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "threads": self.threads, "repeats": self.repeats, "machine": self.machine}
+
+    def to_markdown(self) -> str:
+        m = self.machine
+        lines = [f"Measured on {m['cpu']}, {self.threads} thread(s), torch {m['torch']}, {m['date']}; "
+                 f"median of {self.repeats} interleaved repetitions (q1–q3 in brackets).", "",
+                 "| scope | batch | dense ms | compact ms | speedup |", "|---|---|---|---|---|"]
+        for r in self.rows:
+            o, c = r["original"], r["compact"]
+            lines.append(f"| {r['scope']} | {r['batch']} | {o['median_ms']:.3f} [{o['q1_ms']:.3f}–{o['q3_ms']:.3f}] | "
+                         f"{c['median_ms']:.3f} [{c['q1_ms']:.3f}–{c['q3_ms']:.3f}] | {r['speedup']:.2f}× |")
+        return "\n".join(lines)
+
+
+def _layer_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+             for n in names if n in modules]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _compact_layer(compact: nn.Module, name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The compact version of layer ``name`` with any input gather placed before it, as one call."""
+    modules = dict(compact.named_modules())
+    if isinstance(compact, CompactNet):
+        steps = compact.steps()
+        for i, (n, m) in enumerate(steps):
+            if n == name and i > 0 and isinstance(steps[i - 1][1], IndexSelect):
+                gather = steps[i - 1][1]
+                return steps[i - 1][0], lambda x, g=gather, m=m: m(g(x))
+    return name, modules[name]
+
+
+def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torch.Tensor,
+                    batch_sizes: Sequence[int] = (1, 64), threads: int | None = None, repeats: int = 30,
+                    warmup: int = 5, layers: bool = True, seed: int = 0) -> SpeedReport:
+    """Time ``compact`` against ``original`` end to end and per Conv2d/Linear layer, in eval mode.
+
+    Inputs are uniform random tensors shaped like ``example_input`` at each batch size.
+    ``threads`` pins torch's intra-op threads for the measurement (default: as set now).
+    """
+    if any(int(b) < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
+    old_threads = torch.get_num_threads()
+    threads = threads or old_threads
+    torch.set_num_threads(threads)
+    device = next(original.parameters()).device
+    modes = original.training, compact.training
+    original.eval(), compact.eval()
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        with torch.inference_mode():
+            for b in batch_sizes:
+                x = torch.rand((int(b), *example_input.shape[1:]), generator=gen).to(device)
+                scopes = [("model", original, compact, x, x)]
+                if layers:
+                    names = list(covered_modules(original))
+                    ins_o = _layer_inputs(original, names, x)
+                    for name in names:
+                        if name not in ins_o or name not in dict(compact.named_modules()):
+                            continue
+                        first, layer_c = _compact_layer(compact, name)
+                        ins_c = _layer_inputs(compact, [first], x)
+                        scopes.append((name, dict(original.named_modules())[name], layer_c, ins_o[name], ins_c[first]))
+                for scope, fo, fc, xo, xc in scopes:
+                    so, sc = time_interleaved([lambda: fo(xo), lambda: fc(xc)], repeats, warmup, device)
+                    o, c = _summary(so), _summary(sc)
+                    rows.append({"scope": scope, "batch": int(b), "original": o, "compact": c,
+                                 "speedup": o["median_ms"] / c["median_ms"]})
+    finally:
+        torch.set_num_threads(old_threads)
+        original.train(modes[0]), compact.train(modes[1])
+    return SpeedReport(rows, threads, repeats)

@@ -1,0 +1,134 @@
+"""Per-layer sparsity report: filters, channels and filter-shape columns kept, FLOPs, parameters.
+
+The FLOP fraction of a layer is the paper's: (kept rows / rows) × (kept columns / columns)
+of its lowered weight matrix, e.g. LeNet 2's conv2 keeps 19/50 filters and 4/20 channels:
+19/50 × 100/500 = 7.6%. Whole-model multiply-adds are cross-checked against
+``torch.utils.flop_counter``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .groups import covered_modules, group_norms
+from .kernels import LoweredConv2d
+
+__all__ = ["SparsityReport", "sparsity_report", "count_macs"]
+
+
+def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass on ``example_input`` as torch.utils.flop_counter counts them."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(example_input)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def _kept(norms: torch.Tensor) -> int:
+    return int(norms.ne(0).sum())
+
+
+def _layer_row(name: str, m: nn.Module, out_shape: torch.Size) -> dict:
+    w = m.weight.detach()
+    groups = getattr(m, "groups", 1)
+    if isinstance(m, LoweredConv2d):  # columns were already removed: count against the full conv
+        kh, kw = m.kernel_size
+        channels_kept = int(torch.unique(m.columns[w.ne(0).any(dim=0)] // (kh * kw)).numel())
+        row = dict(type="LoweredConv2d", filters=m.out_channels, channels=m.in_channels,
+                   columns=m.in_channels * kh * kw, filters_kept=_kept(group_norms(w, "filter")),
+                   channels_kept=channels_kept, columns_kept=_kept(group_norms(w, "channel")),
+                   positions=out_shape[2] * out_shape[3], filter2d=None, filter2d_kept=None)
+    else:
+        conv = isinstance(m, nn.Conv2d)
+        row = dict(type=type(m).__name__, filters=w.shape[0], channels=w.shape[1] * (groups if conv else 1),
+                   columns=w[0].numel(), filters_kept=_kept(group_norms(w, "filter", groups)),
+                   channels_kept=_kept(group_norms(w, "channel", groups)),
+                   columns_kept=_kept(group_norms(w, "shape", groups)) // (groups if conv else 1),
+                   positions=out_shape[2] * out_shape[3] if conv else math.prod(out_shape[1:-1]),
+                   filter2d=w.shape[0] * w.shape[1], filter2d_kept=_kept(group_norms(w, "filter2d", groups)))
+    row["name"] = name
+    row["params"], row["params_kept"] = w.numel(), int(w.ne(0).sum())
+    row["flop_fraction"] = row["filters_kept"] / row["filters"] * row["columns_kept"] / row["columns"]
+    row["macs"] = row["filters"] * row["columns"] * row["positions"]
+    row["macs_kept"] = round(row["macs"] * row["flop_fraction"])
+    return row
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer structure counts and FLOPs. ``layers`` is a list of dicts (see :meth:`to_markdown`)."""
+
+    layers: list[dict]
+    macs: int
+    macs_kept: int
+    counter_macs: int
+    input_shape: list[int] = field(default_factory=list)
+
+    @property
+    def flop_fraction(self) -> float:
+        """Whole-model multiply-adds kept (Conv2d and Linear layers), as a fraction."""
+        return self.macs_kept / self.macs if self.macs else 1.0
+
+    @property
+    def counter_agrees(self) -> bool:
+        """Whether torch.utils.flop_counter counts the same dense multiply-adds as this report."""
+        return self.counter_macs == self.macs
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "macs": self.macs, "macs_kept": self.macs_kept,
+                "flop_fraction": self.flop_fraction, "flop_counter_macs": self.counter_macs,
+                "input_shape": self.input_shape}
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | params kept |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.layers:
+            lines.append(f"| {r['name']} | {r['type']} | {r['filters_kept']}/{r['filters']} | "
+                         f"{r['channels_kept']}/{r['channels']} | {r['columns_kept']}/{r['columns']} | "
+                         f"{100 * r['flop_fraction']:.1f}% | {r['params_kept']}/{r['params']} |")
+        check = "agrees" if self.counter_agrees else f"DISAGREES ({self.counter_macs:,})"
+        lines.append(f"\nWhole model: {self.macs_kept:,} of {self.macs:,} multiply-adds kept per input "
+                     f"({100 * self.flop_fraction:.1f}%); torch.utils.flop_counter {check}.")
+        return "\n".join(lines)
+
+
+def sparsity_report(model: nn.Module, example_input: torch.Tensor) -> SparsityReport:
+    """Report kept structures of every Conv2d and Linear (and LoweredConv2d) of ``model``.
+
+    ``example_input`` gives output sizes for the multiply-add counts; counts are per input
+    (per sample of the batch).
+    """
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
+        raise ValueError(f"example_input must be a batched tensor (N × ...), got "
+                         f"{type(example_input).__name__} {list(getattr(example_input, 'shape', []))}")
+    layers = dict(covered_modules(model))
+    layers.update({n: m for n, m in model.named_modules() if isinstance(m, LoweredConv2d)})
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no Conv2d or Linear layer to report on")
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o.shape))
+             for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example_input)
+    except Exception as e:
+        raise ValueError(f"running {type(model).__name__} on example_input of shape "
+                         f"{list(example_input.shape)} failed: {e}") from e
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    rows = [_layer_row(n, m, shapes[n]) for n, m in layers.items() if n in shapes]
+    batch = example_input.shape[0]
+    return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
+                          count_macs(model, example_input) // batch, list(example_input.shape))

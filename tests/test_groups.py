@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from structsparse import GroupLasso, group_norms
+from structsparse.models import LeNet, MLP
+from structsparse.penalty import resolve_spec
+
+
+def conv_weight():
+    # 2 filters × 2 channels × 1 × 2 with easy numbers
+    return torch.tensor([[[[3.0, 4.0]], [[0.0, 0.0]]],
+                         [[[0.0, 0.0]], [[1.0, 2.0]]]])
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("filter", [5.0, math.sqrt(5)]),
+    ("channel", [5.0, math.sqrt(5)]),
+    ("shape", [[3.0, 4.0], [1.0, 2.0]]),
+    ("filter2d", [[5.0, 0.0], [0.0, math.sqrt(5)]]),
+    ("depth", math.sqrt(30)),
+])
+def test_conv_group_norms_by_hand(kind, expected):
+    got = group_norms(conv_weight(), kind)
+    exp = torch.tensor(expected)
+    if kind == "shape":
+        exp = exp.view(2, 1, 2)
+    assert torch.allclose(got, exp)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("filter", [5.0, 13.0]),
+    ("channel", [math.sqrt(9 + 25), math.sqrt(16 + 144)]),
+    ("shape", [math.sqrt(9 + 25), math.sqrt(16 + 144)]),
+    ("filter2d", [[3.0, 4.0], [5.0, 12.0]]),
+    ("depth", math.sqrt(9 + 16 + 25 + 144)),
+])
+def test_linear_group_norms_by_hand(kind, expected):
+    w = torch.tensor([[3.0, -4.0], [5.0, 12.0]])
+    assert torch.allclose(group_norms(w, kind), torch.tensor(expected))
+
+
+def test_grouped_conv_channel_groups_are_per_conv_group():
+    w = torch.arange(4 * 1 * 1 * 1, dtype=torch.float).view(4, 1, 1, 1)  # groups=2: 2 filters per group
+    assert torch.allclose(group_norms(w, "channel", groups=2), torch.tensor([[1.0], [math.sqrt(4 + 9)]]))
+
+
+def test_unknown_kind_is_named():
+    with pytest.raises(ValueError, match="filtr"):
+        group_norms(torch.ones(2, 2), "filtr")
+
+
+def test_penalty_gradient_matches_formula_and_is_finite_at_zero():
+    torch.manual_seed(0)
+    model = LeNet()
+    with torch.no_grad():
+        model.conv2.weight[3] = 0          # zero filter
+        model.conv2.weight[:, 7] = 0       # zero channel
+        model.fc1.weight[:, 11] = 0        # zero column
+    spec = {"filter": 0.1, "channel": 0.2, "shape": 0.05, "filter2d": 0.01, "depth": 0.3}
+    gl = GroupLasso(model, spec)
+    gl.penalty().backward()
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        w = dict(model.named_modules())[name].weight
+        assert torch.isfinite(w.grad).all()
+        # formula: Σ λ w / ||w_g|| over kinds, with 0 for zero groups, written independently
+        expected = torch.zeros_like(w)
+        for kind, lam in spec.items():
+            if w.dim() == 4:
+                dims = {"filter": (1, 2, 3), "channel": (0, 2, 3), "shape": (0,), "filter2d": (2, 3),
+                        "depth": (0, 1, 2, 3)}[kind]
+            else:
+                dims = {"filter": (1,), "channel": (0,), "shape": (0,), "filter2d": None, "depth": (0, 1)}[kind]
+            wd = w.detach()
+            norm = wd.abs() if dims is None else wd.pow(2).sum(dims, keepdim=True).sqrt()
+            expected += lam * torch.where(norm > 0, wd / norm.clamp_min(1e-30), torch.zeros_like(wd))
+        assert torch.allclose(w.grad, expected, atol=1e-6), name
+    assert model.conv2.weight.grad[3].abs().sum() == 0  # all-zero filter: no shape/filter pull, no NaN
+
+
+def test_penalty_value_is_sum_of_unsquared_norms():
+    model = MLP()
+    gl = GroupLasso(model, {"filter": 0.5})
+    expected = sum(0.5 * m.weight.detach().norm(dim=1).sum() for m in (model.fc1, model.fc2, model.fc3))
+    assert torch.allclose(gl.penalty(), expected)
+
+
+def test_biases_and_norm_layers_never_regularised():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4, 2))
+    gl = GroupLasso(model, {"filter": 1.0, "channel": 1.0})
+    gl.penalty().backward()
+    assert model[0].bias.grad is None and model[1].weight.grad is None and model[3].bias.grad is None
+
+
+def test_prox_step_gives_exact_zeros_and_shrinks_others():
+    torch.manual_seed(0)
+    model = MLP()
+    with torch.no_grad():
+        model.fc2.weight[:10] *= 1e-3     # small rows: must become exactly zero
+    big_before = model.fc2.weight[10:].detach().norm(dim=1)
+    gl = GroupLasso(model, {"fc2": {"filter": 0.05}})
+    gl.prox_step(lr=1.0)
+    w = model.fc2.weight.detach()
+    assert (w[:10] == 0).all()
+    after = w[10:].norm(dim=1)
+    survived = after > 0
+    # surviving groups shrink by exactly lr·λ in norm
+    assert torch.allclose(after[survived], big_before[survived] - 0.05, atol=1e-5)
+    assert (model.fc1.weight != 0).all()  # untouched layer
+
+
+def test_prox_step_uses_each_params_lr():
+    model = MLP()
+    opt = torch.optim.SGD([{"params": [model.fc1.weight], "lr": 0.0},
+                           {"params": [p for n, p in model.named_parameters() if n != "fc1.weight"], "lr": 100.0}])
+    before = model.fc1.weight.detach().clone()
+    GroupLasso(model, {"filter": 1.0}).prox_step(optimizer=opt)
+    assert torch.equal(model.fc1.weight.detach(), before)
+    assert (model.fc2.weight == 0).all()
+
+
+def test_zero_small_matches_paper_threshold():
+    model = MLP()
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = 5e-5
+        model.fc1.weight[0, 1] = 2e-4
+    GroupLasso(model, {"filter": 1e-3}).zero_small_()
+    assert model.fc1.weight[0, 0] == 0 and model.fc1.weight[0, 1] == 2e-4
+
+
+def test_freeze_keeps_zero_groups_at_zero_during_training():
+    torch.manual_seed(0)
+    model = LeNet()
+    with torch.no_grad():
+        model.conv2.weight[:10] = 0
+        model.conv2.weight[:, :5] = 0
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3})
+    masks = gl.freeze()
+    assert gl.penalty().item() == 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.rand(4, 1, 28, 28)).square().mean()
+        loss.backward()
+        opt.step()
+        masks.apply_()
+    assert (model.conv2.weight[:10] == 0).all() and (model.conv2.weight[:, :5] == 0).all()
+    assert (model.conv2.weight[10:, 5:] != 0).any()
+    state = gl.state_dict()
+    gl2 = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3})
+    gl2.load_state_dict(state)
+    assert not gl2.active and torch.equal(gl2.masks.masks["conv2"], masks.masks["conv2"])
+
+
+def test_spec_patterns_override_defaults():
+    lam = resolve_spec(LeNet(), {"filter": 1e-3, "conv*": {"channel": 2e-3}, "fc2": {"filter": 0}})
+    assert lam == {"conv1": {"filter": 1e-3, "channel": 2e-3}, "conv2": {"filter": 1e-3, "channel": 2e-3},
+                   "fc1": {"filter": 1e-3}}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"filtr": 1e-3}, "filtr"),
+    ({"conv*": {"chanel": 1.0}}, "chanel"),
+    ({"filter": -1.0}, "filter"),
+    ({"filter": float("nan")}, "filter"),
+    ({"filter": "big"}, "filter"),
+    ({"nothing*": {"filter": 1.0}}, "nothing"),
+])
+def test_bad_specs_name_the_key(spec, message):
+    with pytest.raises(ValueError, match=message):
+        GroupLasso(LeNet(), spec)
