@@ -255,7 +255,7 @@ def _lower(step: Step, lowered_below: float) -> nn.Module:
     return LoweredConv2d.from_conv(m, keep)
 
 
-def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float = 0.8,
+def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float = 0.5,
             check: bool = True) -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 

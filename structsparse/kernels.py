@@ -68,7 +68,7 @@ class LoweredConv2d(nn.Module):
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _gather_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Flat index into the padded input (C·Hp·Wp) of every kept im2col row, K' × positions."""
+        """Flat index into the padded input (C·Hp·Wp) of every kept im2col entry, positions × K'."""
         key = (h, w, device)
         index = self._index_cache.get(key)
         if index is None:
@@ -82,11 +82,13 @@ class LoweredConv2d(nn.Module):
             oh = torch.arange(ho, device=device) * sh * wp
             ow = torch.arange(wo, device=device) * sw
             offsets = (oh[:, None] + ow[None, :]).flatten()  # positions
-            index = (start[:, None] + offsets[None, :]).flatten()
+            index = (offsets[:, None] + start[None, :]).flatten()
             self._index_cache[key] = index
         return index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One GEMM, (N·positions × K') by (K' × filters), written channels-last and returned as an
+        N × filters × Ho × Wo view (``torch.channels_last`` memory format)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
         n, _, h, w = x.shape
@@ -95,11 +97,12 @@ class LoweredConv2d(nn.Module):
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         cols = x.reshape(n, -1).index_select(1, self._gather_index(h, w, x.device))
-        cols = cols.view(n, self.weight.shape[1], ho * wo)
-        out = torch.matmul(self.weight, cols)
+        cols = cols.view(n * ho * wo, self.weight.shape[1])
         if self.bias is not None:
-            out = out + self.bias[:, None]
-        return out.view(n, self.out_channels, ho, wo)
+            out = torch.addmm(self.bias, cols, self.weight.t())
+        else:
+            out = torch.mm(cols, self.weight.t())
+        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
     def _apply(self, fn, *args, **kwargs):
         self._index_cache = {}
