@@ -27,7 +27,7 @@ from torch import nn
 from .graph import CONV, DROPOUT, ELEMENTWISE, FLATTEN, LINEAR, NORM, POOL, WEIGHTED, Step, trace_chain
 from .kernels import LoweredConv2d
 
-__all__ = ["compact", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
+__all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
 _CHANNELWISE = (NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT)
@@ -244,9 +244,10 @@ def _gather_inputs(cons: Step, at_input: bool) -> torch.Tensor | None:
     return keep
 
 
-def _lower(step: Step, lowered_below: float) -> nn.Module:
-    m = step.module
-    if step.role != CONV or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+def lower_conv(m: nn.Module, lowered_below: float = 0.5) -> nn.Module:
+    """``m`` as a :class:`LoweredConv2d` if it keeps at most ``lowered_below`` of its weight-matrix
+    columns (and is a plain zero-padded, ungrouped Conv2d); otherwise ``m`` itself."""
+    if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         return m
     keep = m.weight.detach().flatten(1).ne(0).any(dim=0)
     kept = int(keep.sum())
@@ -286,7 +287,7 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
                 name += "_"
             names.add(name)
             out.append((name, IndexSelect(1, gathers[i])))
-        out.append((s.name, _lower(s, lowered_below) if s.role in WEIGHTED else s.module))
+        out.append((s.name, lower_conv(s.module, lowered_below)))
     net = CompactNet(out).eval()
     if check:
         with torch.no_grad():
