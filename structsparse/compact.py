@@ -19,6 +19,7 @@ The result is checked against the original on ``example_input`` before it is ret
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -244,25 +245,45 @@ def _gather_inputs(cons: Step, at_input: bool) -> torch.Tensor | None:
     return keep
 
 
-def lower_conv(m: nn.Module, lowered_below: float = 0.5) -> nn.Module:
+def lower_conv(m: nn.Module, lowered_below: float | str = 0.5,
+               input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """``m`` as a :class:`LoweredConv2d` if it keeps at most ``lowered_below`` of its weight-matrix
-    columns (and is a plain zero-padded, ungrouped Conv2d); otherwise ``m`` itself."""
+    columns (and is a plain zero-padded, ungrouped Conv2d); otherwise ``m`` itself.
+
+    With ``lowered_below="measure"``, both forms are timed on a random input of
+    ``input_shape`` (interleaved, medians) and the faster one is returned.
+    """
     if not isinstance(m, nn.Conv2d) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
         return m
     keep = m.weight.detach().flatten(1).ne(0).any(dim=0)
     kept = int(keep.sum())
-    if kept == keep.numel() or kept > lowered_below * keep.numel():
+    if kept == keep.numel():
+        return m
+    if lowered_below == "measure":
+        if input_shape is None:
+            raise ValueError("lowered_below='measure' needs the layer's input_shape")
+        from .measure import time_interleaved  # measure imports this module
+        lowered = LoweredConv2d.from_conv(m, keep)
+        x = torch.rand(input_shape, device=m.weight.device)
+        with torch.inference_mode():
+            dense_t, lowered_t = time_interleaved([lambda: m(x), lambda: lowered(x)], repeats=7, warmup=2,
+                                                  device=m.weight.device)
+        return lowered if statistics.median(lowered_t) < statistics.median(dense_t) else m
+    if not isinstance(lowered_below, (int, float)) or isinstance(lowered_below, bool) or not 0 <= lowered_below <= 1:
+        raise ValueError(f"lowered_below must be a fraction in [0, 1] or 'measure', got {lowered_below!r}")
+    if kept > lowered_below * keep.numel():
         return m
     return LoweredConv2d.from_conv(m, keep)
 
 
-def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float = 0.5,
+def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = 0.5,
             check: bool = True) -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 
     ``example_input`` (a batch of real or random inputs of the right shape) is used to
     trace shapes and to check the result. Convs keeping at most ``lowered_below`` of their
-    weight-matrix columns become :class:`LoweredConv2d`. Modules keep their names.
+    weight-matrix columns become :class:`LoweredConv2d`; ``lowered_below="measure"`` instead
+    times both forms of each such conv at the example input's size and keeps the faster. Modules keep their names.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
@@ -287,7 +308,7 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
                 name += "_"
             names.add(name)
             out.append((name, IndexSelect(1, gathers[i])))
-        out.append((s.name, lower_conv(s.module, lowered_below)))
+        out.append((s.name, lower_conv(s.module, lowered_below, s.in_shape)))
     net = CompactNet(out).eval()
     if check:
         with torch.no_grad():

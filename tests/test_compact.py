@@ -245,3 +245,18 @@ def test_compact_of_dense_model_is_identity_shaped():
     model = MLP()
     c = compact(model, torch.rand(2, 1, 28, 28))
     assert isinstance(c, CompactNet) and c.fc1.in_features == 784 and c.fc2.out_features == 300
+
+
+def test_lowering_chosen_by_measurement_stays_exact():
+    torch.manual_seed(0)
+    model = LeNet().eval()
+    with torch.no_grad():
+        model.conv2.weight.view(50, -1)[:, torch.randperm(500)[:300]] = 0
+    x = torch.rand(4, 1, 28, 28)
+    c = compact(model, x, lowered_below="measure")
+    assert isinstance(c.conv2, (nn.Conv2d, LoweredConv2d))
+    assert_same_outputs(model, c, x)
+    assert isinstance(compact(model, x, lowered_below=1.0).conv2, LoweredConv2d)
+    assert isinstance(compact(model, x, lowered_below=0.0).conv2, nn.Conv2d)
+    with pytest.raises(ValueError, match="lowered_below"):
+        compact(model, x, lowered_below="fast")
