@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules"]
+__all__ = ["KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules", "group_lasso"]
 
 KINDS = ("filter", "channel", "shape", "depth", "filter2d")
 
@@ -68,7 +68,11 @@ def group_norms(weight: torch.Tensor, kind: str, groups: int = 1, keepdim: bool 
     dims = _dims(weight.dim(), kind, groups)
     if dims is None:  # filter2d of a Linear layer: single weights
         return weight.abs()
-    return torch.linalg.vector_norm(group_view(weight, groups), ord=2, dim=dims, keepdim=keepdim)
+    view = group_view(weight, groups)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return torch.linalg.vector_norm(view, ord=2, dim=dims, keepdim=keepdim)
+    # No gradient needed: square-then-sum is several times faster than vector_norm over dim 0.
+    return (view * view).sum(dims, keepdim=keepdim).sqrt_()
 
 
 def nonzero_groups(weight: torch.Tensor, kind: str, groups: int = 1) -> torch.Tensor:
@@ -76,3 +80,67 @@ def nonzero_groups(weight: torch.Tensor, kind: str, groups: int = 1) -> torch.Te
     with torch.no_grad():
         alive = group_norms(weight, kind, groups, keepdim=True) > 0
         return alive.expand_as(group_view(weight, groups)).reshape(weight.shape)
+
+
+class _GroupLasso(torch.autograd.Function):
+    """Σ_layers Σ_kinds λ_k Σ_g ‖w_g‖₂, fused into one autograd node: each weight is squared
+    once, reduced once per distinct set of dims, and its backward is w · Σ_k λ_k/‖w_g‖
+    (0 for an all-zero group) with one full-size allocation."""
+
+    @staticmethod
+    def forward(ctx, specs, *weights):
+        total = weights[0].new_zeros(())
+        saved = []
+        for (groups, terms), weight in zip(specs, weights):
+            view = group_view(weight, groups)
+            sq = view * view
+            for dims, lam in terms:
+                n = sq.sum(dims, keepdim=True).sqrt_() if dims is not None else view.abs()
+                total += lam * n.sum()
+                saved.append(n)
+        ctx.specs = specs
+        ctx.save_for_backward(*weights, *saved)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors
+        weights, norms = tensors[:len(ctx.specs)], iter(tensors[len(ctx.specs):])
+        grads = []
+        for (groups, terms), weight in zip(ctx.specs, weights):
+            view = group_view(weight, groups)
+            out = None
+            for _, lam in terms:  # small coefficients, one full-size allocation
+                n = next(norms)
+                c = (grad * lam / n).nan_to_num_(0.0, 0.0, 0.0)  # λ/0 → 0 for all-zero groups
+                out = view * c if out is None else out.addcmul_(view, c)
+            grads.append(out.reshape(weight.shape))
+        return (None, *grads)
+
+
+def _merged_terms(weight: torch.Tensor, lambdas: dict[str, float], groups: int) -> list:
+    merged: dict = {}
+    for kind, lam in lambdas.items():
+        if lam:
+            dims = _dims(weight.dim(), kind, groups)
+            merged[dims] = merged.get(dims, 0.0) + float(lam)
+    return list(merged.items())
+
+
+def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> torch.Tensor:
+    """Σ over ``(weight, {kind: λ}, groups)`` of Σ_kinds λ · Σ_groups ‖w_g‖₂, differentiable.
+
+    Equal to ``sum(λ * group_norms(weight, kind, groups).sum())``, with the same gradient
+    (exactly zero for an all-zero group), but computed as one fused autograd node: each
+    weight is squared once, kinds that reduce the same dims (channel and shape of a Linear
+    layer) are merged, and the backward is a single pass per weight.
+    """
+    specs, weights = [], []
+    for weight, lambdas, groups in layers:
+        terms = _merged_terms(weight, lambdas, groups)
+        if terms:
+            specs.append((groups, terms))
+            weights.append(weight)
+    if not weights:
+        return torch.zeros(())
+    return _GroupLasso.apply(specs, *weights)

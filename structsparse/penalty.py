@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .groups import KINDS, covered_modules, group_norms, group_view, nonzero_groups
+from .groups import KINDS, covered_modules, group_lasso, group_norms, group_view, nonzero_groups
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec"]
 
@@ -156,16 +156,10 @@ class GroupLasso:
 
     def penalty(self) -> torch.Tensor:
         """The differentiable group-Lasso term (zero once :meth:`freeze` turned it off)."""
-        total = None
-        if self.active:
-            for t in self.terms:
-                w, g = t.module.weight, _groups(t.module)
-                for kind, lam in t.lambdas.items():
-                    term = lam * group_norms(w, kind, g).sum()
-                    total = term if total is None else total + term
-        if total is None:
-            p = next(self.model.parameters(), None)
-            return torch.zeros((), device=p.device if p is not None else None)
+        if self.active and self.terms:
+            return group_lasso([(t.module.weight, t.lambdas, _groups(t.module)) for t in self.terms])
+        p = next(self.model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
         return total
 
     @torch.no_grad()
