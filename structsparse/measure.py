@@ -138,7 +138,8 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
                     warmup: int = 5, layers: bool = True, seed: int = 0) -> SpeedReport:
     """Time ``compact`` against ``original`` end to end and per Conv2d/Linear layer, in eval mode.
 
-    Inputs are uniform random tensors shaped like ``example_input`` at each batch size.
+    Inputs are uniform random tensors shaped like ``example_input`` (one sample or a batch:
+    only its shape past the batch dimension is used) at each batch size.
     ``threads`` pins torch's intra-op threads for the measurement (default: as set now).
     """
     if any(int(b) < 1 for b in batch_sizes):

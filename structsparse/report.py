@@ -20,8 +20,9 @@ from .kernels import LoweredConv2d
 __all__ = ["SparsityReport", "sparsity_report", "count_macs"]
 
 
-def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
-    """Multiply-adds of one forward pass on ``example_input`` as torch.utils.flop_counter counts them."""
+def count_macs(model: nn.Module, example_input: torch.Tensor, per_module: bool = False):
+    """Multiply-adds of one forward pass on ``example_input`` as torch.utils.flop_counter counts
+    them; with ``per_module``, a dict ``{module name: MACs}`` ("" for the whole model)."""
     was_training = model.training
     model.eval()
     try:
@@ -29,7 +30,14 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
             model(example_input)
     finally:
         model.train(was_training)
-    return counter.get_total_flops() // 2
+    if not per_module:
+        return counter.get_total_flops() // 2
+    root = type(model).__name__
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == root or name.startswith(root + "."):
+            out[name[len(root) + 1:]] = sum(ops.values()) // 2
+    return out
 
 
 def _kept(norms: torch.Tensor) -> int:
@@ -71,6 +79,12 @@ class SparsityReport:
     macs_kept: int
     counter_macs: int
     input_shape: list[int] = field(default_factory=list)
+    compact_macs: int | None = None
+
+    @property
+    def compact_flop_fraction(self) -> float | None:
+        """Whole-model multiply-adds of the compacted model (coupled removals included), as a fraction."""
+        return None if self.compact_macs is None else self.compact_macs / self.macs
 
     @property
     def flop_fraction(self) -> float:
@@ -85,26 +99,35 @@ class SparsityReport:
     def to_dict(self) -> dict:
         return {"layers": self.layers, "macs": self.macs, "macs_kept": self.macs_kept,
                 "flop_fraction": self.flop_fraction, "flop_counter_macs": self.counter_macs,
+                "compact_macs": self.compact_macs, "compact_flop_fraction": self.compact_flop_fraction,
                 "input_shape": self.input_shape}
 
     def to_markdown(self) -> str:
-        lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | params kept |",
-                 "|---|---|---|---|---|---|---|"]
+        lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | FLOP after compact | params kept |",
+                 "|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
+            after = "–" if r.get("compact_flop_fraction") is None else f"{100 * r['compact_flop_fraction']:.1f}%"
             lines.append(f"| {r['name']} | {r['type']} | {r['filters_kept']}/{r['filters']} | "
                          f"{r['channels_kept']}/{r['channels']} | {r['columns_kept']}/{r['columns']} | "
-                         f"{100 * r['flop_fraction']:.1f}% | {r['params_kept']}/{r['params']} |")
+                         f"{100 * r['flop_fraction']:.1f}% | {after} | {r['params_kept']}/{r['params']} |")
         check = "agrees" if self.counter_agrees else f"DISAGREES ({self.counter_macs:,})"
         lines.append(f"\nWhole model: {self.macs_kept:,} of {self.macs:,} multiply-adds kept per input "
-                     f"({100 * self.flop_fraction:.1f}%); torch.utils.flop_counter {check}.")
+                     f"({100 * self.flop_fraction:.1f}%, from each layer's own zeros); torch.utils.flop_counter {check}.")
+        if self.compact_macs is not None:
+            lines.append(f"After compact (zeros of one layer also remove work in its neighbours): {self.compact_macs:,} "
+                         f"multiply-adds per input ({100 * self.compact_flop_fraction:.1f}%), counted by "
+                         "torch.utils.flop_counter on the compacted model.")
         return "\n".join(lines)
 
 
-def sparsity_report(model: nn.Module, example_input: torch.Tensor) -> SparsityReport:
+def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact: bool = True) -> SparsityReport:
     """Report kept structures of every Conv2d and Linear (and LoweredConv2d) of ``model``.
 
     ``example_input`` gives output sizes for the multiply-add counts; counts are per input
-    (per sample of the batch).
+    (per sample of the batch). Per layer, ``flop_fraction`` is the paper's, from the layer's
+    own zeros. With ``with_compact`` (and a model :func:`~structsparse.compact` supports),
+    ``compact_flop_fraction`` adds what compaction really keeps, where a zero filter of
+    one layer also removes input channels of the next, and so on.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ValueError(f"example_input must be a batched tensor (N × ...), got "
@@ -130,5 +153,18 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor) -> SparsityRe
             h.remove()
     rows = [_layer_row(n, m, shapes[n]) for n, m in layers.items() if n in shapes]
     batch = example_input.shape[0]
+    compact_macs = None
+    if with_compact:
+        from .compact import compact  # compact imports nothing of this module; keep the core acyclic
+        from .graph import UnsupportedModelError
+        try:
+            per_module = count_macs(compact(model, example_input), example_input, per_module=True)
+        except UnsupportedModelError:
+            per_module = None
+        if per_module is not None:
+            compact_macs = per_module[""] // batch
+            for r in rows:
+                if r["name"] in per_module:
+                    r["compact_flop_fraction"] = per_module[r["name"]] / batch / r["macs"]
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
-                          count_macs(model, example_input) // batch, list(example_input.shape))
+                          count_macs(model, example_input) // batch, list(example_input.shape), compact_macs)

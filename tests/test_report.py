@@ -57,3 +57,14 @@ def test_shape_sparsity_columns_counted():
 def test_report_needs_batched_tensor():
     with pytest.raises(ValueError, match="batched"):
         sparsity_report(LeNet(), torch.rand(28))
+
+
+def test_report_counts_what_compaction_removes_in_neighbours():
+    report = sparsity_report(lenet2(), torch.rand(2, 1, 28, 28))
+    rows = {r["name"]: r for r in report.layers}
+    # conv2 reads 4 channels, so conv1 keeps 4 filters; its 19 filters leave fc1 19·16 of 800 inputs
+    assert rows["conv1"]["compact_flop_fraction"] == pytest.approx(4 / 20)
+    assert rows["conv2"]["compact_flop_fraction"] == pytest.approx(0.076)
+    assert rows["fc1"]["compact_flop_fraction"] == pytest.approx(19 * 16 / 800)
+    assert report.compact_flop_fraction < report.flop_fraction
+    assert "After compact" in report.to_markdown()

@@ -1,0 +1,296 @@
+"""The training loop behind ``structsparse run``: the phases of a recipe, checkpointed per epoch.
+
+Users with their own loop don't need this; it uses only the public API of
+:mod:`structsparse.penalty` (``GroupLasso``, ``Masks``).
+
+Per phase: SGD with momentum (a fresh optimizer per phase), cross-entropy loss. A phase
+with ``lambdas`` builds a :class:`GroupLasso` and either adds its penalty to the loss
+(``method: penalty``) or takes the proximal step after ``opt.step()`` (``method: prox``),
+then zeroes regularised weights below ``zero_below``; at the phase end, groups below
+``group_threshold`` are zeroed. A ``freeze`` phase first freezes every zero structure of
+the layers regularised earlier (group term off); frozen masks stay in force in all later
+phases. The shuffle order of every epoch comes from a generator seeded with
+(seed, phase, epoch), so a resumed run needs no generator state and ends bit-identical.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt
+from .data import load_dataset, make_loader
+from .groups import covered_modules, group_norms
+from .models import build_model
+from .penalty import GroupLasso, Masks
+from .recipe import Phase, Recipe
+
+__all__ = ["Trainer", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
+
+
+@dataclass
+class Split:
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_splits(recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, Split]:
+    """train/val/test of the recipe's data set, cut to the ``*_subset`` sizes, on ``device``."""
+    out = {}
+    for split in ("train", "val", "test"):
+        x, y = load_dataset(recipe.data, split, root=recipe.data_root)
+        n = getattr(recipe, f"{split}_subset")
+        if n is not None:
+            x, y = x[:n], y[:n]
+        out[split] = Split(x.to(device), y.to(device))
+    return out
+
+
+def epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    """The shuffle seed of one epoch, a function of (seed, phase, epoch) only."""
+    return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def lr_at(phase: Phase, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate of ``step`` (0-based, within ``epoch``) of ``phase``."""
+    s = phase.lr_schedule
+    if s.kind == "step":
+        return phase.lr * s.gamma ** sum(epoch >= m for m in s.milestones)
+    if s.kind == "cosine":
+        t = (epoch * steps_per_epoch + step) / max(phase.epochs * steps_per_epoch, 1)
+        return phase.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return phase.lr
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
+    """Classification error (fraction) of ``model`` on ``split``."""
+    was_training = model.training
+    model.eval()
+    wrong = torch.zeros((), dtype=torch.long, device=split.labels.device)
+    for i in range(0, len(split), batch_size):
+        logits = model(split.images[i:i + batch_size])
+        wrong += (logits.argmax(1) != split.labels[i:i + batch_size]).sum()
+    model.train(was_training)
+    return wrong.item() / max(len(split), 1)
+
+
+@torch.no_grad()
+def kept_structures(model: nn.Module) -> dict[str, list[int]]:
+    """``{layer: [filters kept, filters, channels kept, channels]}`` (non-zero groups)."""
+    out = {}
+    for name, m in covered_modules(model).items():
+        g = getattr(m, "groups", 1)
+        f, c = group_norms(m.weight, "filter", g), group_norms(m.weight, "channel", g)
+        out[name] = [int((f > 0).sum()), f.numel(), int((c > 0).sum()), c.numel()]
+    return out
+
+
+def _kept_summary(kept: dict[str, list[int]]) -> str:
+    return " ".join(f"{n}:{k[0]}/{k[1]}f,{k[2]}/{k[3]}c" for n, k in kept.items())
+
+
+class Trainer:
+    """Runs a recipe's phases on ``model``, checkpointing into ``checkpoint_dir`` after every epoch.
+
+    ``on_epoch_end(trainer, phase_index, epoch)`` is called after each epoch's checkpoint
+    (tests use it to simulate an interruption).
+    """
+
+    def __init__(self, recipe: Recipe, splits: dict[str, Split], device: str | torch.device = "cpu",
+                 checkpoint_dir: str | Path | None = None, progress: bool | None = None,
+                 log: Callable[[str], None] | None = None,
+                 on_epoch_end: Callable[["Trainer", int, int], None] | None = None):
+        self.recipe = recipe
+        self.splits = splits
+        self.device = torch.device(device)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.log = log or (lambda s: print(s, flush=True))
+        self.on_epoch_end = on_epoch_end
+        torch.manual_seed(recipe.seed)
+        self.model = build_model(recipe.model).to(self.device)
+        self.masks: Masks | None = None
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ phases
+
+    def _masks_for_freeze(self, p: int) -> dict[str, torch.Tensor]:
+        """Masks of the zero structures of the layers regularised by the latest phase before ``p``
+        with lambdas, combined with the masks already in force."""
+        source = next(q for q in reversed(self.recipe.phases[:p]) if q.sparsifying)
+        masks = GroupLasso(self.model, source.lambdas).zero_masks()
+        if self.masks is not None:
+            for name, old in self.masks.state_dict().items():
+                masks[name] = masks[name] & old if name in masks else old
+        return masks
+
+    def _set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:
+        if self.masks is not None:
+            self.masks.detach()
+        self.masks = None if masks is None else Masks(self.model, masks)
+        if self.masks is not None:
+            self.masks.apply_()
+
+    def _position(self, resume: bool) -> tuple[int, int, dict | None]:
+        """(phase, epoch) to start at, and the optimizer state to load (mid-phase resume)."""
+        if not resume or self.checkpoint_dir is None:
+            return 0, 0, None
+        if not ckpt.has_checkpoint(self.checkpoint_dir):
+            self.log(f"no checkpoint in {self.checkpoint_dir}; starting from the beginning")
+            return 0, 0, None
+        c = ckpt.load_checkpoint(self.checkpoint_dir, map_location=self.device)
+        info = c.info
+        if info.get("recipe") != self.recipe.to_dict():
+            raise ckpt.CheckpointError(
+                f"{self.checkpoint_dir}: the checkpoint was written by a different recipe; "
+                "resume with the recipe it was started with, or choose another output directory")
+        self.model.load_state_dict(c.model)
+        self._set_masks(c.masks)
+        self.history = list(info["history"])
+        ckpt.set_rng_state(c.rng)
+        p, e = info["phase"], info["epoch"] + 1
+        self.log(f"resuming after phase {self.recipe.phases[p].name!r} epoch {e}/{self.recipe.phases[p].epochs}")
+        if e >= self.recipe.phases[p].epochs:
+            return p + 1, 0, None
+        return p, e, c.optimizer
+
+    def run(self, resume: bool = False) -> dict:
+        """Train all phases (from the last checkpoint if ``resume``); returns the final metrics."""
+        start_p, start_e, opt_state = self._position(resume)
+        phases = self.recipe.phases
+        for p in range(start_p, len(phases)):
+            phase = phases[p]
+            mid = p == start_p and start_e > 0
+            if phase.freeze and not mid:
+                self._set_masks(self._masks_for_freeze(p))
+            gl = GroupLasso(self.model, phase.lambdas) if phase.sparsifying else None
+            opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
+                                  weight_decay=phase.weight_decay)
+            if mid:
+                opt.load_state_dict(opt_state)
+            for e in range(start_e if mid else 0, phase.epochs):
+                stats = self._train_epoch(p, e, opt, gl)
+                if e == phase.epochs - 1:
+                    self._end_phase(phase, gl)
+                self._finish_epoch(p, e, opt, stats)
+            if phase.epochs == 0:
+                self._end_phase(phase, gl)
+        return self.results()
+
+    def _end_phase(self, phase: Phase, gl: GroupLasso | None) -> None:
+        if gl is not None and phase.group_threshold is not None:
+            n = gl.zero_groups_(phase.group_threshold)
+            if self.masks is not None:
+                self.masks.apply_()
+            self.log(f"{phase.name}: zeroed {n} groups with norm < {phase.group_threshold:g}")
+
+    def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
+        phase = self.recipe.phases[p]
+        train = self.splits["train"]
+        gen = torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e))
+        loader = make_loader(train.images, train.labels, self.recipe.batch_size, shuffle=True, generator=gen)
+        steps = len(loader)
+        use_penalty = gl is not None and phase.method == "penalty"
+        use_prox = gl is not None and phase.method == "prox"
+        constant_in_epoch = phase.lr_schedule.kind != "cosine"
+        if constant_in_epoch:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(phase, e, 0, steps)
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=steps, desc=f"{phase.name} {e + 1}/{phase.epochs}", leave=False, dynamic_ncols=True)
+        for i, (x, y) in enumerate(loader):
+            if not constant_in_epoch:
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(phase, e, i, steps)
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss + gl.penalty() if use_penalty else loss
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            if use_prox:
+                gl.prox_step(optimizer=opt)
+            if gl is not None and phase.zero_below is not None:
+                gl.zero_small_(phase.zero_below)
+            if self.masks is not None:
+                self.masks.apply_()
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            if bar is not None:
+                bar.update(1)
+                if i % 25 == 0 or i == steps - 1:
+                    post = {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen:.4f}"}
+                    if gl is not None:
+                        post["pen"] = f"{self._penalty(gl):.4g}"
+                    bar.set_postfix(post, refresh=False)
+        if bar is not None:
+            bar.close()
+        return {"train_loss": loss_sum.item() / max(seen, 1), "train_error": 1 - correct.item() / max(seen, 1),
+                "penalty": None if gl is None else self._penalty(gl), "lr": opt.param_groups[0]["lr"],
+                "train_s": time.perf_counter() - t0}
+
+    @staticmethod
+    @torch.no_grad()
+    def _penalty(gl: GroupLasso) -> float:
+        return float(gl.penalty())
+
+    def _finish_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, stats: dict) -> None:
+        phase = self.recipe.phases[p]
+        val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
+        kept = kept_structures(self.model)
+        rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
+               "val_error": val_error, "kept": kept}
+        self.history.append(rec)
+        pen = "" if stats["penalty"] is None else f" penalty {stats['penalty']:.4g}"
+        self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
+                 f"train err {100 * stats['train_error']:.2f}% val err {100 * val_error:.2f}%{pen} "
+                 f"lr {stats['lr']:.3g} ({stats['train_s']:.1f}s) {_kept_summary(kept)}")
+        if self.checkpoint_dir is not None:
+            info = {"phase": p, "epoch": e, "phase_name": phase.name, "history": self.history,
+                    "recipe": self.recipe.to_dict(),
+                    "group_lasso": None if not phase.sparsifying else
+                    {"lambdas": GroupLasso(self.model, phase.lambdas).lambdas, "active": True,
+                     "method": phase.method},
+                    "frozen": self.masks is not None}
+            ckpt.save_checkpoint(self.checkpoint_dir, self.model, info, optimizer=opt,
+                                 masks=None if self.masks is None else self.masks.state_dict(),
+                                 tag=f"p{p}-e{e + 1}")
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(self, p, e)
+
+    # ------------------------------------------------------------------ results
+
+    def results(self) -> dict:
+        """Test error of the current model, last val error of every phase, the history."""
+        val = {}
+        for rec in self.history:
+            val[rec["phase"]] = rec["val_error"]
+        return {"test_error": evaluate(self.model, self.splits["test"], self.recipe.eval_batch_size),
+                "val_error": val, "history": self.history}
+
+    def finish(self) -> nn.Module:
+        """Detach the mask hooks and return the trained model in eval mode."""
+        if self.masks is not None:
+            self.masks.detach()
+        return self.model.eval()

@@ -1,0 +1,218 @@
+"""End-to-end `structsparse run` on a tiny generated data set: outputs, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from structsparse import checkpoint as ckpt
+from structsparse import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = {
+    "model": "lenet",
+    "data": "mnist",
+    "seed": 1,
+    "batch_size": 32,
+    "eval_batch_size": 50,
+    "phases": [
+        {"name": "dense", "epochs": 1, "lr": 0.05, "weight_decay": 1e-4},
+        {"name": "ssl", "epochs": 2, "lr": 0.05, "method": "prox", "weight_decay": 1e-4,
+         "lambdas": {"conv1": {"filter": 0.7}, "conv2": {"filter": 1.05, "channel": 0.35}, "fc1": {"filter": 0.07}},
+         "group_threshold": 1e-3},
+        {"name": "finetune", "epochs": 2, "lr": 0.02, "lr_schedule": "cosine", "freeze": True},
+    ],
+    "measure": {"batch_sizes": [1, 4], "repeats": 2, "warmup": 1, "threads": 1},
+}
+
+
+def _tiny_mnist(root: Path) -> None:
+    """A learnable stand-in for MNIST in data.py's cache format (uint8 N×28×28 images and labels)."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 256), ("val", 100), ("test", 100)):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(y):  # a bright bar whose position encodes the label
+            x[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 250
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "mnist.npz", **arrays)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    _tiny_mnist(base / "data")
+    recipe = base / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data")}))
+    return base, recipe
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    base, recipe = env
+    out = base / "full"
+    assert cli.main(["run", str(recipe), "--out", str(out)]) == 0
+    return out
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(out / "checkpoint").model
+
+
+def test_run_writes_outputs(full_run, capsys):
+    out = full_run
+    for name in ("report.md", "metrics.json", "compact", "checkpoint/checkpoint.json"):
+        assert (out / name).exists(), name
+    assert any((out / "compact").iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_error"]["original"] == metrics["test_error"]["compact"]
+    assert set(metrics["val_error"]) == {"dense", "ssl", "finetune"}
+    assert len(metrics["history"]) == 5
+    for key in ("recipe", "command", "machine", "date", "sparsity", "speed"):
+        assert metrics[key], key
+    assert metrics["machine"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "Test error" in report and "Sparsity" in report
+    # The group term really removed structures, and the compact model is smaller.
+    from structsparse.io import load_compact
+    small = load_compact(out / "compact")
+    n_small = sum(p.numel() for p in small.parameters())
+    n_full = sum(v.numel() for k, v in _final_weights(out).items())
+    assert n_small < n_full
+
+
+def test_checkpoint_is_safetensors_and_json(full_run):
+    d = full_run / "checkpoint"
+    info = json.loads((d / "checkpoint.json").read_text())
+    assert info["info"]["phase"] == 2 and info["info"]["epoch"] == 1
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["checkpoint.json", info["state_file"]]  # older tensor files were removed
+    from safetensors.torch import load_file
+    tensors = load_file(d / info["state_file"])
+    assert any(k.startswith("optimizer.") and k.endswith("momentum_buffer") for k in tensors)
+    assert any(k.startswith("masks.") for k in tensors) and "rng.cpu" in tensors
+
+
+def test_no_pickle_in_checkpoint_code():
+    for name in ("checkpoint.py", "train.py", "cli.py"):
+        text = (ROOT / "structsparse" / name).read_text()
+        for bad in ("torch.save", "torch.load", "import pickle"):
+            assert bad not in text, (name, bad)
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [(1, 0), (1, 1), (2, 0)], ids=["mid-ssl", "end-of-ssl", "mid-finetune"])
+def test_resume_is_bit_identical(env, full_run, stop_at):
+    base, recipe = env
+    out = base / f"resume-{stop_at[0]}-{stop_at[1]}"
+
+    def stop(trainer, p, e):
+        if (p, e) == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        cli.run_recipe(str(recipe), str(out), on_epoch_end=stop)
+    assert not (out / "metrics.json").exists()
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+
+    a, b = _final_weights(full_run), _final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = json.loads((full_run / "metrics.json").read_text())
+    mb = json.loads((out / "metrics.json").read_text())
+    assert ma["test_error"] == mb["test_error"] and ma["val_error"] == mb["val_error"]
+    assert [h["val_error"] for h in ma["history"]] == [h["val_error"] for h in mb["history"]]
+
+
+def test_existing_checkpoint_needs_resume(env, full_run, capsys):
+    _, recipe = env
+    assert cli.main(["run", str(recipe), "--out", str(full_run)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "checkpoint" in err
+
+
+def test_resume_with_other_recipe_is_refused(env, full_run, capsys):
+    base, _ = env
+    other = base / "other.yaml"
+    other.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data"), "seed": 2}))
+    assert cli.main(["run", str(other), "--out", str(full_run), "--resume"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+
+
+def test_bad_recipe_is_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**RECIPE, "phases": [{"name": "x", "epochs": 1, "lr": 0.1, "lamdas": {}}]}))
+    assert cli.main(["run", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert f"{bad}: phases[0].lamdas: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_is_clear_error(env, tmp_path, capsys):
+    _, recipe = env
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    ckpt.save_checkpoint(tmp_path, model, {"step": 1}, optimizer=opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1)
+
+    real = ckpt._atomic_write
+
+    def crash_on_index(path, data):
+        if path.name == ckpt.INDEX:
+            raise OSError("disk full")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "_atomic_write", crash_on_index)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path, model, {"step": 2}, optimizer=opt)
+    monkeypatch.undo()
+    c = ckpt.load_checkpoint(tmp_path)
+    assert c.info == {"step": 1}
+    assert all(torch.equal(c.model[k], before[k]) for k in before)
+    assert torch.equal(c.optimizer["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
+    # The next successful save cleans up the orphaned tensor file.
+    ckpt.save_checkpoint(tmp_path, model, {"step": 3}, optimizer=opt)
+    assert len(list(tmp_path.glob("state-*.safetensors"))) == 1
+
+
+def test_corrupt_checkpoint_is_detected(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    ckpt.save_checkpoint(tmp_path, model, {})
+    state = next(tmp_path.glob("state-*.safetensors"))
+    data = bytearray(state.read_bytes())
+    data[-1] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256"):
+        ckpt.load_checkpoint(tmp_path)
+
+
+def test_python_m_entry_point(env, tmp_path):
+    _, recipe = env
+    out = tmp_path / "sub"
+    envvars = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "structsparse", "run", str(recipe), "--out", str(out)],
+                          capture_output=True, text=True, env=envvars, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Test error" in proc.stdout and (out / "metrics.json").exists()
