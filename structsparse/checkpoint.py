@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from .files import atomic_write
+
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "has_checkpoint", "CheckpointError",
            "optimizer_state_to_flat", "optimizer_state_from_flat", "rng_state", "set_rng_state"]
 
@@ -39,35 +41,6 @@ class Checkpoint:
     masks: dict[str, torch.Tensor] | None
     rng: dict[str, Any]              # {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}
     info: dict                       # whatever JSON the trainer stored (progress, metrics, ...)
-
-
-# --------------------------------------------------------------------------- atomic files
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 # --------------------------------------------------------------------------- optimizer, RNG
@@ -142,9 +115,9 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, info: 
     # A new name every time, so the file the current JSON points to is never overwritten.
     digest = hashlib.sha256(data).hexdigest()
     state_name = f"state-{tag + '-' if tag else ''}{digest[:12]}.safetensors"
-    _atomic_write(directory / state_name, data)
+    atomic_write(directory / state_name, data)
     meta.update(state_file=state_name, sha256=digest, info=dict(info))
-    _atomic_write(directory / INDEX, json.dumps(meta, indent=1, sort_keys=True).encode())
+    atomic_write(directory / INDEX, json.dumps(meta, indent=1, sort_keys=True).encode())
     # Only now are older tensor files unreferenced.
     for old in directory.glob("state-*.safetensors"):
         if old.name != state_name:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
+from .files import atomic_write
+
 __all__ = [
     "DATASETS", "SPLITS", "load_dataset", "default_root", "make_loader",
     "read_mnist_pickle", "read_idx", "read_fashion_mnist", "sha256_file",
@@ -276,14 +278,11 @@ def read_fashion_mnist(directory: str | os.PathLike, sha256: Mapping[str, str] |
 
 def _write_cache(path: Path, splits: Splits) -> None:
     """Atomically write the npz cache; a failure only costs speed, so it just warns."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    arrays = {f"{s}_{k}": a for s, (x, y) in splits.items() for k, a in (("x", x), ("y", y))}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            np.savez(f, **{f"{s}_{k}": a for s, (x, y) in splits.items() for k, a in (("x", x), ("y", y))})
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write dataset cache {path}: {e}", RuntimeWarning, stacklevel=3)
 
 

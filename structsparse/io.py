@@ -11,15 +11,15 @@ import inspect
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from .compact import CompactNet, IndexSelect
+from .files import atomic_write
 from .graph import _MODULES, Op
 from .kernels import LoweredConv2d
 
@@ -62,17 +62,6 @@ def _config(m: nn.Module) -> dict:
     return cfg
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     """Write ``model`` (made by :func:`structsparse.compact`) to ``directory``; returns the path."""
     if not isinstance(model, CompactNet):
@@ -88,8 +77,8 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     arch = {"format": FORMAT, "version": VERSION, "input_shape": getattr(model, "input_shape", None),
             "steps": steps}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    _atomic_write(directory / ARCHITECTURE, lambda tmp: Path(tmp).write_text(json.dumps(arch, indent=1)))
+    atomic_write(directory / WEIGHTS, save(tensors, metadata={"format": FORMAT}))
+    atomic_write(directory / ARCHITECTURE, json.dumps(arch, indent=1).encode())
     return directory
 
 

@@ -177,14 +177,14 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with torch.no_grad():
         model.weight.add_(1)
 
-    real = ckpt._atomic_write
+    real = ckpt.atomic_write
 
     def crash_on_index(path, data):
         if path.name == ckpt.INDEX:
             raise OSError("disk full")
         real(path, data)
 
-    monkeypatch.setattr(ckpt, "_atomic_write", crash_on_index)
+    monkeypatch.setattr(ckpt, "atomic_write", crash_on_index)
     with pytest.raises(OSError):
         ckpt.save_checkpoint(tmp_path, model, {"step": 2}, optimizer=opt)
     monkeypatch.undo()
