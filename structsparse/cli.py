@@ -1,4 +1,5 @@
-"""Command line: ``structsparse run RECIPE.yaml --out DIR [--resume] [--device cpu|cuda]``.
+"""Command line: ``structsparse run RECIPE.yaml --out DIR [--resume] [--device cpu|cuda]`` and
+``structsparse bench {alexnet-table4,sweep,model} ...``.
 
 Trains the recipe's phases (checkpoint after every epoch in ``DIR/checkpoint/``), then
 compacts the model, checks the compact model's test error against the original's,
@@ -10,7 +11,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["main", "build_parser", "run_recipe", "machine_info"]
+__all__ = ["main", "build_parser", "run_recipe", "run_bench", "load_run", "machine_info"]
 
 
 class CLIError(Exception):
@@ -37,27 +37,124 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the last completed epoch in OUT/checkpoint/")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
+    bench = sub.add_parser("bench", help="speed benchmarks (AlexNet Table 4 layers, a sparsity sweep, a run's model)",
+                           description="Speed benchmarks. Timings are medians of interleaved repetitions; "
+                                       "compare them only as the ratios printed, measured in the same run.")
+    bsub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    t4 = bsub.add_parser("alexnet-table4", help="CaffeNet conv1-conv5 at the paper's Table 4 sparsities")
+    t4.add_argument("--rows", default="2,5,1,4", help="Table 4 rows (2, 5: SSL; 1, 4: l1), comma-separated")
+    t4.add_argument("--groups", default="1,caffe", help="1 (groups=1 everywhere) and/or caffe (groups=2 as CaffeNet)")
+    sw = bsub.add_parser("sweep", help="one AlexNet layer's speedup against column sparsity, structured vs CSR")
+    sw.add_argument("--layer", default="conv3", help="AlexNet layer (conv1..conv5; groups=1)")
+    md = bsub.add_parser("model", help="a run's compact model against its trained original, per layer and whole")
+    md.add_argument("run_dir", help="output directory of `structsparse run`")
+    for p, batches, threads, repeats in ((t4, "1,64", "1,0", 10), (sw, "1", "1", 10), (md, "1,64", "1", 30)):
+        p.add_argument("--batch", default=batches, help=f"batch sizes, comma-separated (default {batches})")
+        p.add_argument("--threads", default=threads, help=f"thread counts, comma-separated; 0 = all cores (default {threads})")
+        p.add_argument("--repeats", type=int, default=repeats, help=f"interleaved repetitions (default {repeats})")
+        p.add_argument("--warmup", type=int, default=2, help="warm-up calls per implementation (default 2)")
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+        p.add_argument("--out", default=None, help="directory for JSON, markdown and plots (default results/speed or RUN_DIR/bench)")
     return parser
 
 
-def _cpu_model() -> str:
+def _ints(text: str, what: str) -> list[int]:
     try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CLIError(f"--{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise CLIError(f"--{what}: expected non-negative integers, got {text!r}")
+    return values
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    """What ``structsparse bench ...`` does: run one benchmark, print markdown, write JSON/markdown/PNG."""
+    from . import bench
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: CUDA is not available on this machine")
+    batches, threads = _ints(args.batch, "batch"), _ints(args.threads, "threads")
+    if 0 in batches:
+        raise CLIError("--batch: batch sizes must be >= 1")
+    show = lambda r: print(json.dumps(r), file=sys.stderr, flush=True)  # noqa: E731  progress, one line a result
+    if args.bench == "alexnet-table4":
+        rows = _ints(args.rows, "rows")
+        bad = [r for r in rows if r not in bench.PAPER_TABLE4]
+        if bad:
+            raise CLIError(f"--rows: no Table 4 row {bad}; rows are {sorted(bench.PAPER_TABLE4)}")
+        groups = [g.strip() for g in args.groups.split(",")]
+        if any(g not in ("1", "caffe") for g in groups):
+            raise CLIError(f"--groups: expected 1 and/or caffe, got {args.groups!r}")
+        out = Path(args.out or "results/speed")
+        res = bench.alexnet_table4(rows, batches, threads, groups, args.repeats, args.warmup, args.device, show)
+        res["command"] = "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        md = bench.table4_markdown(res)
+        bench.write(res, out, "alexnet_table4", md)
+        for th in {r["threads"] for r in res["results"]}:
+            for b in batches:
+                for g in {r["groups"] for r in res["results"]}:
+                    bench.table4_plot(res, out / f"alexnet_table4_t{th}_b{b}_g{g}.png", th, b, g)
+    elif args.bench == "sweep":
+        shape = next((s for s in bench.ALEXNET if s.name == args.layer), None)
+        if shape is None:
+            raise CLIError(f"--layer: unknown layer {args.layer!r}; choose from {[s.name for s in bench.ALEXNET]}")
+        out = Path(args.out or "results/speed")
+        res = bench.column_sweep(shape, batch=batches[0], threads=threads[0], repeats=args.repeats,
+                                 warmup=args.warmup, device=args.device, progress=show)
+        res["command"] = "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        md = bench.sweep_markdown(res)
+        bench.write(res, out, f"sweep_{args.layer}", md)
+        bench.sweep_plot(res, out / f"sweep_{args.layer}.png")
+    else:
+        from .measure import measure_speedup
+        from .report import sparsity_report
+        original, small, metrics = load_run(args.run_dir)
+        out = Path(args.out or Path(args.run_dir) / "bench")
+        example = torch.rand(1, *small.input_shape)
+        original, small = original.to(args.device), small.to(args.device)
+        speed = measure_speedup(original, small, example.to(args.device), batch_sizes=batches,
+                                threads=threads[0], repeats=args.repeats, warmup=args.warmup)
+        report = sparsity_report(original.cpu(), example)
+        md = speed.to_markdown() + "\n\n" + report.to_markdown()
+        res = {"benchmark": "model", "run_dir": str(args.run_dir), "speed": speed.to_dict(),
+               "sparsity": report.to_dict(), "command": "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+        bench.write(res, out, "model", md)
+    print(md)
 
 
 def machine_info(measure_threads: int | None = None) -> dict:
-    info = {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "measure_threads": measure_threads}
-    if torch.cuda.is_available():
-        info["cuda_device"] = torch.cuda.get_device_name()
-    return info
+    """:func:`structsparse.measure.machine_info` plus the thread count used for measuring."""
+    from .measure import machine_info as info
+    return {**info(), "measure_threads": measure_threads}
+
+
+TRAINED = "trained.safetensors"  # the trained model before compaction, same shapes as the recipe's model
+
+
+def save_trained(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save
+
+    from .files import atomic_write
+    atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """The trained model, its compact model and metrics of a ``structsparse run`` output directory."""
+    from safetensors.torch import load_file
+
+    from .io import load_compact
+    from .models import build_model
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise CLIError(f"{run_dir}: no metrics.json; is it an output directory of `structsparse run`?")
+    metrics = json.loads(metrics_path.read_text())
+    model = build_model(metrics["model"])
+    try:
+        model.load_state_dict(load_file(run_dir / TRAINED))
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CLIError(f"{run_dir / TRAINED}: cannot load the trained model: {e}") from e
+    return model.eval(), load_compact(run_dir / "compact"), metrics
 
 
 def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "cpu",
@@ -101,6 +198,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     speed = measure_speedup(model, small, example, batch_sizes=m.batch_sizes, threads=m.threads,
                             repeats=m.repeats, warmup=m.warmup)
     save_compact(small, out_dir / "compact")
+    save_trained(model, out_dir / TRAINED)
 
     n_test = len(splits["test"])
     mismatch = test_original != test_compact
@@ -117,7 +215,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     report_md = "\n\n".join([
         f"# {Path(recipe_path).name}: {recipe.model} on {recipe.data}",
         f"Command: `{command}`  \nMachine: {machine['cpu']}, {machine['platform']}, torch {machine['torch']}, "
-        f"{machine['torch_threads']} threads (measure threads: {m.threads or 'default'})  \nDate: {date}",
+        f"{machine['threads']} threads (measure threads: {m.threads or 'default'})  \nDate: {date}",
         "## Test error\n\n" + errors_md + ("\n\n**The compact model's test error differs from the original's.**"
                                            if mismatch else ""),
         "## Validation error at the end of each phase\n\n" + val_md,
@@ -125,7 +223,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
         "## Measured speed\n\n" + speed.to_markdown(),
     ]) + "\n"
     metrics = {
-        "recipe": str(recipe_path), "command": command, "machine": machine, "date": date,
+        "recipe": str(recipe_path), "model": recipe.model, "data": recipe.data, "command": command, "machine": machine, "date": date,
         "device": device, "train_seconds": train_s,
         "test_error": {"original": test_original, "compact": test_compact},
         "val_error": results["val_error"], "history": results["history"],
@@ -150,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_recipe(args.recipe, args.out, resume=args.resume, device=args.device,
                        progress=False if args.no_progress else None,
                        argv=list(argv) if argv is not None else None)
+        elif args.command == "bench":
+            run_bench(args)
     except (CLIError, RecipeError, CheckpointError) as e:
         print(f"structsparse: error: {e}", file=sys.stderr)
         return 2

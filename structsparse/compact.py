@@ -61,8 +61,9 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 class CompactNet(nn.Module):
     """A chain of named steps, run in order. Shrunk modules keep their original names."""
 
-    def __init__(self, steps: list[tuple[str, nn.Module]]):
+    def __init__(self, steps: list[tuple[str, nn.Module]], input_shape: list[int] | None = None):
         super().__init__()
+        self.input_shape = input_shape
         self.order = [name for name, _ in steps]
         registered = {}
         for name, module in steps:
@@ -310,6 +311,7 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
             out.append((name, IndexSelect(1, gathers[i])))
         out.append((s.name, lower_conv(s.module, lowered_below, s.in_shape)))
     net = CompactNet(out).eval()
+    net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension
     if check:
         with torch.no_grad():
             got = net(example_input)

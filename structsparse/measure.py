@@ -24,16 +24,19 @@ __all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]
 
 
 def machine_info() -> dict:
-    """Where a measurement ran: CPU model, cores, torch version, threads, date (UTC)."""
+    """Where a measurement ran: CPU model, cores, platform, torch version, threads, GPU, date (UTC)."""
     cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
 
 
 def _sync(device: torch.device) -> None:

@@ -216,3 +216,28 @@ def test_python_m_entry_point(env, tmp_path):
                           capture_output=True, text=True, env=envvars, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Test error" in proc.stdout and (out / "metrics.json").exists()
+
+
+def test_bench_model_times_a_run(full_run, tmp_path, capsys):
+    original, small, metrics = cli.load_run(full_run)
+    assert metrics["model"] == "lenet"
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(small(x), original(x), rtol=1e-4, atol=1e-5)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "model", str(full_run), "--batch", "1,2", "--repeats", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "model.json").read_text())
+    assert {(r["scope"], r["batch"]) for r in res["speed"]["rows"]} >= {("model", 1), ("model", 2), ("conv2", 2)}
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "alexnet-table4", "--rows", "3"], "no Table 4 row"),
+    (["bench", "alexnet-table4", "--groups", "4"], "--groups"),
+    (["bench", "sweep", "--layer", "conv9"], "unknown layer"),
+    (["bench", "sweep", "--batch", "x"], "--batch"),
+    (["bench", "model", "/nonexistent-run"], "metrics.json"),
+])
+def test_bench_bad_arguments_are_named(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err

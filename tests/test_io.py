@@ -28,6 +28,7 @@ def test_round_trip_is_exact(tmp_path, compacted):
     with torch.no_grad():
         assert torch.equal(loaded(x), c(x))
     assert [n for n, _ in loaded.named_modules()] == [n for n, _ in c.named_modules()]
+    assert loaded.input_shape == c.input_shape == [1, 28, 28]
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["architecture.json", "model.safetensors"]
 
 
