@@ -185,6 +185,7 @@ def alexnet_table4(rows: Sequence[int] = (1, 2, 4, 5), batch_sizes: Sequence[int
                             sparse_impl = "compact" if paper["method"] == "ssl" else "csr"
                             results.append({
                                 "row": row, "method": paper["method"], "layer": shape.name, "groups": gr,
+                                "groups_mode": gmode,
                                 "batch": b, "threads": torch.get_num_threads(),
                                 "seconds": t, "vs_conv2d": t["conv2d"] / t[sparse_impl],
                                 "vs_gemm": t["gemm"] / t[sparse_impl],
@@ -248,6 +249,9 @@ def table4_markdown(res: dict) -> str:
              "conv2d and against the paper's lowered GEMM baseline; the paper's figure is against lowered GEMM.", "",
              "| row | method | groups | threads | batch | layer | FLOP kept | × conv2d | × GEMM | paper CPU × | paper GPU × |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary = table4_summary(res)
+    if summary:
+        lines[1:1] = ["", *summary]
     for r in res["results"]:
         lines.append(f"| {r['row']} | {r['method']} | {r['groups']} | {r['threads']} | {r['batch']} | {r['layer']} | "
                      f"{100 * r['flop_fraction']:.1f}% | {r['vs_conv2d']:.2f} | {r['vs_gemm']:.2f} | "
@@ -255,13 +259,35 @@ def table4_markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def table4_plot(res: dict, path: Path, threads: int, batch: int, groups_mode: int = 1) -> None:
+def table4_summary(res: dict) -> list[str]:
+    """Per thread count, batch and groups mode: mean speedup over conv2–conv5 of SSL row 2 (compact)
+    and ℓ1 row 1 (CSR) against conv2d, and on how many of those layers compact beats CSR."""
+    out = []
+    keys = sorted({(r["threads"], r["batch"], r.get("groups_mode", "1")) for r in res["results"]})
+    for th, b, g in keys:
+        sel = {(r["row"], r["layer"]): r["vs_conv2d"] for r in res["results"]
+               if (r["threads"], r["batch"], r.get("groups_mode", "1")) == (th, b, g) and r["layer"] != "conv1"}
+        layers = sorted({layer for _, layer in sel})
+        if not all((2, l) in sel for l in layers) or not layers:
+            continue
+        ssl = [sel[2, l] for l in layers]
+        text = (f"- {th} thread(s), batch {b}, groups {'1' if g == '1' else 'as CaffeNet'}: SSL row 2 compact "
+                f"{sum(ssl) / len(ssl):.2f}× dense conv2d on average over {layers[0]}–{layers[-1]}")
+        if all((1, l) in sel for l in layers):
+            csr = [sel[1, l] for l in layers]
+            wins = sum(a > c for a, c in zip(ssl, csr))
+            text += f"; ℓ1 row 1 CSR {sum(csr) / len(csr):.2f}×; compact faster than CSR on {wins} of {len(layers)}"
+        out.append(text)
+    return out
+
+
+def table4_plot(res: dict, path: Path, threads: int, batch: int, groups_mode: str = "1") -> None:
     """Bar chart: per layer, speedup vs conv2d of each Table 4 row, beside the paper's CPU figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     sel = [r for r in res["results"] if r["threads"] == threads and r["batch"] == batch
-           and (r["groups"] == 1) == (groups_mode == 1)]
+           and r["groups_mode"] == groups_mode]
     rows = sorted({r["row"] for r in sel})
     layers = [s.name for s in ALEXNET]
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -275,7 +301,7 @@ def table4_plot(res: dict, path: Path, threads: int, batch: int, groups_mode: in
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers)
     ax.set_ylabel("speedup (×)")
-    ax.set_title(f"AlexNet Table 4 layers, {threads} thread(s), batch {batch}, groups={'1' if groups_mode == 1 else 'CaffeNet'}")
+    ax.set_title(f"AlexNet Table 4 layers, {threads} thread(s), batch {batch}, groups={'1' if groups_mode == '1' else 'as CaffeNet'}")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -92,8 +92,8 @@ def run_bench(args: argparse.Namespace) -> None:
         bench.write(res, out, "alexnet_table4", md)
         for th in {r["threads"] for r in res["results"]}:
             for b in batches:
-                for g in {r["groups"] for r in res["results"]}:
-                    bench.table4_plot(res, out / f"alexnet_table4_t{th}_b{b}_g{g}.png", th, b, g)
+                for g in groups:
+                    bench.table4_plot(res, out / f"alexnet_table4_t{th}_b{b}_groups-{g}.png", th, b, g)
     elif args.bench == "sweep":
         shape = next((s for s in bench.ALEXNET if s.name == args.layer), None)
         if shape is None:
