@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structsparse.bench import ALEXNET, ConvShape, _GroupedCompact, _lowered, alexnet_table4, column_sweep, sparse_conv_weight
+from structsparse.bench import (ALEXNET, ConvShape, _GroupedCompact, _lowered, alexnet_table4, column_sweep,
+                                sparse_conv_weight, table4_markdown)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -32,5 +33,7 @@ def test_sparse_weights_have_exact_sparsity():
 def test_table4_and_sweep_run_on_a_tiny_budget():
     res = alexnet_table4(rows=(2, 1), batch_sizes=(1,), threads=(1,), groups=("caffe",), repeats=1, warmup=0)
     assert len(res["results"]) == 10 and all(r["vs_conv2d"] > 0 for r in res["results"])
+    assert {r["groups_mode"] for r in res["results"]} == {"caffe"}
+    assert "compact faster than CSR on" in table4_markdown(res)
     sweep = column_sweep(ConvShape("c", 16, 16, 3, 1, 1, 1, 8), sparsities=(0.0, 0.5), repeats=1, warmup=0)
     assert [r["sparsity"] for r in sweep["results"]] == [0.0, 0.5]
