@@ -139,8 +139,8 @@ def _lowered(weight, bias, shape: ConvShape, groups: int, sparse: bool):
 
 def time_conv_layer(shape: ConvShape, weight: torch.Tensor, groups: int, batch: int, repeats: int,
                     warmup: int, device: str = "cpu", impls: Sequence[str] = ("conv2d", "gemm", "compact", "csr"),
-                    seed: int = 0) -> dict[str, float]:
-    """Median seconds of each implementation on one random input batch."""
+                    seed: int = 0, spread: dict | None = None) -> dict[str, float]:
+    """Median seconds of each implementation on one random input batch; quartiles go into ``spread``."""
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, shape.in_channels, shape.in_size, shape.in_size, generator=g).to(device)
     bias = torch.randn(shape.out_channels, generator=g).to(device)
@@ -156,7 +156,12 @@ def time_conv_layer(shape: ConvShape, weight: torch.Tensor, groups: int, batch: 
     names = [n for n in impls if n in fns]
     with torch.inference_mode():
         samples = time_interleaved([fns[n] for n in names], repeats, warmup, device)
-    return {n: statistics.median(s) for n, s in zip(names, samples)}
+    out = {n: statistics.median(s) for n, s in zip(names, samples)}
+    if spread is not None:
+        for n, s in zip(names, samples):
+            q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
+            spread[n] = [q[0], q[2]]
+    return out
 
 
 def alexnet_table4(rows: Sequence[int] = (1, 2, 4, 5), batch_sizes: Sequence[int] = (1, 64),
@@ -181,13 +186,14 @@ def alexnet_table4(rows: Sequence[int] = (1, 2, 4, 5), batch_sizes: Sequence[int
                             w = sparse_conv_weight(shape, gr, unstructured=paper["sparsity"][li], seed=li)
                             impls = ("conv2d", "gemm", "csr")
                         for b in batch_sizes:
-                            t = time_conv_layer(shape, w, gr, b, repeats, warmup, device, impls)
+                            q: dict = {}
+                            t = time_conv_layer(shape, w, gr, b, repeats, warmup, device, impls, spread=q)
                             sparse_impl = "compact" if paper["method"] == "ssl" else "csr"
                             results.append({
                                 "row": row, "method": paper["method"], "layer": shape.name, "groups": gr,
                                 "groups_mode": gmode,
                                 "batch": b, "threads": torch.get_num_threads(),
-                                "seconds": t, "vs_conv2d": t["conv2d"] / t[sparse_impl],
+                                "seconds": t, "seconds_q1_q3": q, "vs_conv2d": t["conv2d"] / t[sparse_impl],
                                 "vs_gemm": t["gemm"] / t[sparse_impl],
                                 "flop_fraction": _flop_fraction(w, gr, paper["method"] == "l1"),
                                 "paper_cpu": paper["cpu"][li], "paper_gpu": paper["gpu"][li]})
@@ -227,9 +233,11 @@ def column_sweep(shape: ConvShape = ALEXNET[2], sparsities: Sequence[float] = tu
         for s in sparsities:
             ws = sparse_conv_weight(shape, 1, column=s, seed=1)
             wu = sparse_conv_weight(shape, 1, unstructured=s, seed=1)
-            ts = time_conv_layer(shape, ws, 1, batch, repeats, warmup, device, ("conv2d", "gemm", "compact"))
-            tu = time_conv_layer(shape, wu, 1, batch, repeats, warmup, device, ("conv2d", "gemm", "csr"))
+            qs, qu = {}, {}
+            ts = time_conv_layer(shape, ws, 1, batch, repeats, warmup, device, ("conv2d", "gemm", "compact"), spread=qs)
+            tu = time_conv_layer(shape, wu, 1, batch, repeats, warmup, device, ("conv2d", "gemm", "csr"), spread=qu)
             results.append({"sparsity": s, "structured": ts, "unstructured": tu,
+                            "structured_q1_q3": qs, "unstructured_q1_q3": qu,
                             "compact_vs_conv2d": ts["conv2d"] / ts["compact"], "csr_vs_conv2d": tu["conv2d"] / tu["csr"],
                             "compact_vs_gemm": ts["gemm"] / ts["compact"], "csr_vs_gemm": tu["gemm"] / tu["csr"]})
             if progress is not None:
