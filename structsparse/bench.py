@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compact import lower_conv
-from .measure import machine_info, time_interleaved
+from .timing import machine_info, time_interleaved
 
 __all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "sparse_conv_weight", "time_conv_layer", "alexnet_table4",
            "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write"]

@@ -27,6 +27,7 @@ from torch import nn
 
 from .graph import CONV, DROPOUT, ELEMENTWISE, FLATTEN, LINEAR, NORM, POOL, WEIGHTED, Step, trace_chain
 from .kernels import LoweredConv2d
+from .timing import time_interleaved
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 
@@ -263,7 +264,6 @@ def lower_conv(m: nn.Module, lowered_below: float | str = 0.5,
     if lowered_below == "measure":
         if input_shape is None:
             raise ValueError("lowered_below='measure' needs the layer's input_shape")
-        from .measure import time_interleaved  # measure imports this module
         lowered = LoweredConv2d.from_conv(m, keep)
         x = torch.rand(input_shape, device=m.weight.device)
         with torch.inference_mode():

@@ -6,12 +6,8 @@ thread count pinned, and medians are compared.
 """
 from __future__ import annotations
 
-import os
-import platform
 import statistics
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import torch
@@ -19,68 +15,9 @@ from torch import nn
 
 from .compact import CompactNet, IndexSelect
 from .groups import covered_modules
+from .timing import machine_info, time_interleaved
 
-__all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]
-
-
-def machine_info() -> dict:
-    """Where a measurement ran: CPU model, cores, platform, torch version, threads, GPU, date (UTC)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int = 30, warmup: int = 5,
-                     device: torch.device | str = "cpu", min_time: float = 2e-3) -> list[list[float]]:
-    """Seconds per call of each function, timed in interleaved rounds (order alternating).
-
-    Each sample times enough back-to-back calls to last at least ``min_time`` seconds
-    (calibrated during warm-up), so sub-millisecond calls are not swamped by timer noise.
-    On CUDA, samples are measured with CUDA events.
-    """
-    device = torch.device(device)
-    inner = []
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        once = max(time.perf_counter() - t0, 1e-7)
-        inner.append(max(1, int(min_time / once)))
-    samples: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            if device.type == "cuda":  # CUDA events time the GPU's work, not the launch
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(inner[i]):
-                    fns[i]()
-                end.record()
-                end.synchronize()
-                samples[i].append(start.elapsed_time(end) / 1e3 / inner[i])
-                continue
-            t0 = time.perf_counter()
-            for _ in range(inner[i]):
-                fns[i]()
-            samples[i].append((time.perf_counter() - t0) / inner[i])
-    return samples
+__all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]  # the last two re-exported
 
 
 def _summary(samples: list[float]) -> dict:

@@ -160,7 +160,6 @@ class GroupLasso:
             return group_lasso([(t.module.weight, t.lambdas, _groups(t.module)) for t in self.terms])
         p = next(self.model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else None)
-        return total
 
     @torch.no_grad()
     def norms(self) -> dict[str, dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structsparse import LoweredConv2d, compact, load_compact, save_compact, sparsity_report
+from structsparse import LoweredConv2d, compact, sparsity_report
 from structsparse.compact import ATOL, RTOL, CompactNet, IndexSelect
 from structsparse.graph import UnsupportedModelError
 from structsparse.models import LeNet, MLP
