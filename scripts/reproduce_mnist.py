@@ -1,0 +1,460 @@
+#!/usr/bin/env python
+"""Reproduce the paper's MNIST rows (LeNet 1-5, MLP 1-3) as verifiable compact models.
+
+Run a row's recipe into ``runs/mnist/`` and assemble ``results/mnist/<name>/``::
+
+    python scripts/reproduce_mnist.py lenet2                      # structsparse run recipes/mnist/lenet2.yaml ...
+    python scripts/reproduce_mnist.py lenet2 --recipe recipes/mnist/lenet2.yaml --run-dir runs/mnist/lenet2
+    python scripts/reproduce_mnist.py lenet3 --from-run runs/mnist/lenet3_b --candidates runs/mnist/lenet3 runs/mnist/lenet3_b
+
+``--from-run`` assembles from a finished run without training. ``--candidates`` lists every
+run tried for the row (the chosen one included); the chosen run is recorded with all
+candidates' validation errors and kept structures, so the choice can be checked.
+
+Check every committed result (load the compact model, evaluate on the 10k MNIST test
+images, compare with the recorded ``test_error``)::
+
+    python scripts/reproduce_mnist.py --verify
+
+Rewrite the tables of ``results/mnist/README.md`` (between the ``<!-- table -->`` markers)::
+
+    python scripts/reproduce_mnist.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "mnist"
+
+# The paper's rows (Wen et al. 2016, MNIST tables; see the project's reference notes).
+PAPER = {
+    "lenet1": {"paper_row": "LeNet 1", "model": "lenet", "error": 0.009, "filters": [20, 50], "channels": [1, 20],
+               "filter_size": [25, 500], "flop": [1.0, 1.0]},
+    "lenet2": {"paper_row": "LeNet 2", "model": "lenet", "error": 0.008, "filters": [5, 19], "channels": [1, 4],
+               "flop": [0.25, 0.076]},
+    "lenet3": {"paper_row": "LeNet 3", "model": "lenet", "error": 0.010, "filters": [3, 12], "channels": [1, 3],
+               "flop": [0.15, 0.036]},
+    "lenet4": {"paper_row": "LeNet 4", "model": "lenet", "error": 0.008, "filter_size": [21, 41], "channels": [1, 2],
+               "flop": [0.084, 0.082]},
+    "lenet5": {"paper_row": "LeNet 5", "model": "lenet", "error": 0.010, "filter_size": [7, 14], "channels": [1, 1],
+               "flop": [0.014, 0.028]},
+    "mlp1": {"paper_row": "MLP 1", "model": "mlp", "error": 0.0143, "neurons": [784, 500, 300, 10],
+             "flop": [1.0, 1.0, 1.0]},
+    "mlp2": {"paper_row": "MLP 2", "model": "mlp", "error": 0.0134, "neurons": [469, 294, 166, 10],
+             "flop": [0.3518, 0.3254, 0.5533]},
+    "mlp3": {"paper_row": "MLP 3", "model": "mlp", "error": 0.0153, "neurons": [434, 174, 78, 10],
+             "flop": [0.1926, 0.0905, 0.2600]},
+}
+ORDER = list(PAPER)
+LAYER_KEYS = ("name", "type", "filters", "filters_kept", "channels", "channels_kept", "columns", "columns_kept",
+              "params", "params_kept", "macs", "macs_kept", "flop_fraction", "compact_flop_fraction")
+
+
+def _structsparse_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("structsparse")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "structsparse"]
+
+
+# --------------------------------------------------------------------------- assembling
+
+def _final_val(metrics: dict) -> float:
+    return list(metrics["val_error"].values())[-1]
+
+
+def _kept_summary(metrics: dict) -> dict:
+    return {r["name"]: {k: r[k] for k in ("filters_kept", "filters", "channels_kept", "channels", "columns_kept",
+                                          "columns", "flop_fraction")}
+            for r in metrics["sparsity"]["layers"]}
+
+
+def compact_shapes(model) -> dict:
+    """Shapes of the weighted steps of a compact model (what really runs), and MLP neuron counts."""
+    from torch import nn
+
+    from structsparse.compact import IndexSelect
+    from structsparse.kernels import LoweredConv2d
+    out, gathers = {}, {}
+    for name, m in model.steps():
+        if isinstance(m, IndexSelect):
+            gathers[name] = int(m.index.numel())
+        elif isinstance(m, LoweredConv2d):
+            out[name] = {"type": "LoweredConv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                         "columns": int(m.columns.numel())}
+        elif isinstance(m, nn.Conv2d):
+            out[name] = {"type": "Conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
+                         "columns": m.in_channels * m.kernel_size[0] * m.kernel_size[1]}
+        elif isinstance(m, nn.Linear):
+            out[name] = {"type": "Linear", "in_features": m.in_features, "out_features": m.out_features}
+    for g, n in gathers.items():
+        layer = g[: -len("_inputs")] if g.endswith("_inputs") else g
+        if layer in out:
+            out[layer]["inputs_read"] = n
+    return out
+
+
+def _neurons(shapes: dict) -> list[int] | None:
+    lin = [v for v in shapes.values() if v["type"] == "Linear"]
+    if len(lin) != len(shapes):
+        return None
+    first = lin[0].get("inputs_read", lin[0]["in_features"])
+    return [first] + [v["out_features"] for v in lin]
+
+
+def _figures(name: str, run_dir: Path, out_dir: Path, model_name: str) -> list[str]:
+    """PNGs of the trained (uncompacted) weights: conv1's filters and the lowered weight matrices
+    with removed rows/columns (LeNet), or the kept input pixels and weight matrices (MLP)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+        from safetensors.torch import load_file
+    except ImportError:
+        return []
+    trained = run_dir / "trained.safetensors"
+    if not trained.is_file():
+        return []
+    sd = load_file(trained)
+    made = []
+    if model_name == "lenet":
+        w1 = sd["conv1.weight"].numpy()[:, 0]
+        fig, axes = plt.subplots(2, 10, figsize=(10, 3.0))
+        vmax = float(np.abs(w1).max()) or 1.0
+        for i, ax in enumerate(axes.flat):
+            ax.imshow(w1[i], cmap="bwr", vmin=-vmax, vmax=vmax)
+            ax.set_xticks([]), ax.set_yticks([])
+            zero = not np.any(w1[i])
+            ax.set_title(f"{i}" + (" (0)" if zero else ""), fontsize=7, color="grey" if zero else "black", pad=2)
+        fig.suptitle(f"{PAPER[name]['paper_row']}: conv1 filters after SSL + fine-tuning (all-zero filters marked (0))",
+                     fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out_dir / "conv1_filters.png", dpi=120)
+        plt.close(fig)
+        made.append("conv1_filters.png")
+        mats = [("conv1", sd["conv1.weight"].numpy().reshape(20, -1)), ("conv2", sd["conv2.weight"].numpy().reshape(50, -1))]
+    else:
+        w1 = sd["fc1.weight"].numpy()
+        fig, ax = plt.subplots(figsize=(3, 3))
+        ax.imshow(np.any(w1 != 0, axis=0).reshape(28, 28), cmap="gray")
+        ax.set_title(f"{PAPER[name]['paper_row']}: input pixels read by fc1", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+        fig.tight_layout()
+        fig.savefig(out_dir / "input_pixels.png", dpi=120)
+        plt.close(fig)
+        made.append("input_pixels.png")
+        mats = [(n, sd[f"{n}.weight"].numpy()) for n in ("fc1", "fc2", "fc3")]
+    fig, axes = plt.subplots(1, len(mats), figsize=(5 * len(mats), 3.2))
+    for ax, (n, m) in zip(np.atleast_1d(axes), mats):
+        nz = m != 0
+        rows, cols = nz.any(axis=1), nz.any(axis=0)
+        img = np.where(nz, 1.0, 0.0)
+        img[~rows, :] = 0.35   # removed rows (filters / output neurons)
+        img[:, ~cols] = 0.35   # removed columns (shapes / channels / input neurons)
+        ax.imshow(img, cmap="gray_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{n}: {int(rows.sum())}/{m.shape[0]} rows, {int(cols.sum())}/{m.shape[1]} columns kept\n"
+                     "(black: nonzero, grey: removed row/column, white: zero inside)", fontsize=8)
+        ax.set_xlabel("column (input channel x kernel position)" if model_name == "lenet" else "column (input neuron)",
+                      fontsize=7)
+        ax.set_ylabel("row (filter)" if model_name == "lenet" else "row (output neuron)", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "weight_matrices.png", dpi=120)
+    plt.close(fig)
+    made.append("weight_matrices.png")
+    return made
+
+
+VAL_SLACK = 0.002  # candidates within 0.2 percentage points of the best validation error count as tied
+
+SELECTION_RULE = ("among the candidate runs, those whose final validation error is within 0.2 points of the "
+                  "best candidate's; of these, the one whose per-layer FLOP fractions (paper's definition) are "
+                  "nearest the paper row's (sum over layers of |log(ours / paper)|), ties broken by validation "
+                  "error. The test error is not used.")
+
+
+def structure_distance(name: str, metrics: dict) -> float:
+    """Σ over the paper's layers of |log(our FLOP fraction / the paper's)| (0 for a perfect match)."""
+    import math
+    layers = [l for l in metrics["sparsity"]["layers"]][: len(PAPER[name]["flop"])]
+    return sum(abs(math.log(max(l["flop_fraction"], 1e-6) / f)) for l, f in zip(layers, PAPER[name]["flop"]))
+
+
+def select(name: str, candidates: list[Path]) -> Path:
+    """The run :data:`SELECTION_RULE` picks among ``candidates`` (validation error and structure only)."""
+    ms = {c: json.loads((Path(c) / "metrics.json").read_text()) for c in candidates}
+    best = min(_final_val(m) for m in ms.values())
+    ok = [c for c, m in ms.items() if _final_val(m) <= best + VAL_SLACK + 1e-12]
+    for c, m in ms.items():
+        print(f"  {c}: val {100 * _final_val(m):.2f}%, structure distance {structure_distance(name, m):.3f}"
+              f"{'' if c in ok else ' (val too high)'}")
+    return min(ok, key=lambda c: (round(structure_distance(name, ms[c]), 6), _final_val(ms[c])))
+
+
+def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None) -> dict:
+    """Write results/mnist/<name>/ from a finished ``structsparse run`` directory."""
+    import torch
+
+    from structsparse import load_compact
+    from structsparse.data import load_dataset
+    from structsparse.train import Split, evaluate
+
+    run_dir = Path(run_dir)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    paper = PAPER[name]
+    if m["model"] != paper["model"] or m["data"] != "mnist":
+        raise SystemExit(f"{run_dir}: a {m['model']} run on {m['data']}, but {name} is {paper['model']} on mnist")
+    out = RESULTS / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(run_dir / "compact", out / "model")
+    shutil.copyfile(run_dir / "report.md", out / "report.md")
+    recipe = Path(m["recipe"])
+    if not recipe.is_absolute():
+        recipe = ROOT / recipe
+    shutil.copyfile(recipe, out / "recipe.yaml")
+
+    model = load_compact(out / "model").eval()
+    x, y = load_dataset("mnist", "test")
+    test = Split(x, y)
+    err = evaluate(model, test, 1000)
+    if err != m["test_error"]["compact"]:
+        raise SystemExit(f"{out}/model: reloaded test error {err} differs from the run's {m['test_error']['compact']}")
+    shapes = compact_shapes(model)
+    layers = [{k: r.get(k) for k in LAYER_KEYS} for r in m["sparsity"]["layers"]]
+    cands = []
+    for c in candidates or [run_dir]:
+        cm = json.loads((Path(c) / "metrics.json").read_text())
+        cands.append({"run": str(Path(c)), "recipe": cm["recipe"], "val_error": _final_val(cm),
+                      "structure_distance": structure_distance(name, cm),
+                      "val_error_by_phase": cm["val_error"], "kept": _kept_summary(cm),
+                      "compact_flop_fraction": cm["sparsity"]["compact_flop_fraction"],
+                      "chosen": Path(c).resolve() == run_dir.resolve()})
+    result = {
+        "paper_row": paper["paper_row"],
+        "name": name,
+        "test_error": err,
+        "test_wrong": round(err * len(test)),
+        "test_images": len(test),
+        "test_error_original": m["test_error"]["original"],
+        "val_error": _final_val(m),
+        "val_error_by_phase": m["val_error"],
+        "layers": layers,
+        "flop_fraction": m["sparsity"]["flop_fraction"],
+        "compact_flop_fraction": m["sparsity"]["compact_flop_fraction"],
+        "compact_shapes": shapes,
+        "neurons": _neurons(shapes),
+        "paper": paper,
+        "recipe": m["recipe"],
+        "command": m["command"],
+        "machine": m["machine"],
+        "date": m["date"],
+        "train_seconds": m["train_seconds"],
+        "speed": m.get("speed"),
+        "selection": {"rule": rule or "single run, λs fixed before training (no selection)", "candidates": cands},
+        "assembled_by": "python scripts/reproduce_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
+    result["figures"] = _figures(name, run_dir, out, m["model"])
+    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    print(f"{out}: {paper['paper_row']} test error {100 * err:.2f}% ({result['test_wrong']}/{len(test)}), "
+          f"val {100 * result['val_error']:.2f}%, {_describe(result)}")
+    return result
+
+
+# --------------------------------------------------------------------------- verify
+
+def verify(results: Path = RESULTS) -> list[str]:
+    """Load every results/mnist/*/model, evaluate on MNIST test, compare with metrics.json; returns problems."""
+    from structsparse import load_compact
+    from structsparse.data import load_dataset
+    from structsparse.train import Split, evaluate
+
+    x, y = load_dataset("mnist", "test")
+    test = Split(x, y)
+    problems, seen = [], 0
+    for metrics_path in sorted(results.glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        where = metrics_path.parent
+        for key in ("paper_row", "test_error", "command", "machine", "date", "layers"):
+            if key not in m:
+                problems.append(f"{metrics_path}: missing {key!r}")
+        if m.get("paper_row") not in {p["paper_row"] for p in PAPER.values()}:
+            problems.append(f"{metrics_path}: unknown paper_row {m.get('paper_row')!r}")
+        try:
+            model = load_compact(where / "model").eval()
+        except Exception as e:  # noqa: BLE001  report and go on with the other rows
+            problems.append(f"{where}/model: cannot load: {e}")
+            continue
+        err = evaluate(model, test, 1000)
+        seen += 1
+        ok = err == m.get("test_error")
+        print(f"{where.name:8s} {m.get('paper_row', '?'):8s} recorded {100 * m.get('test_error', float('nan')):.2f}% "
+              f"reproduced {100 * err:.2f}% ({round(err * len(test))}/{len(test)}) {'ok' if ok else 'MISMATCH'}")
+        if not ok:
+            problems.append(f"{where}: test error {err} != recorded {m.get('test_error')}")
+    if seen == 0:
+        problems.append(f"{results}: no results to verify")
+    return problems
+
+
+# --------------------------------------------------------------------------- tables
+
+def _pct(v, digits=1):
+    return "–" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _describe(r: dict) -> str:
+    L = {l["name"]: l for l in r["layers"]}
+    if r["paper"]["model"] == "lenet":
+        c1, c2 = L["conv1"], L["conv2"]
+        return (f"filters {c1['filters_kept']}—{c2['filters_kept']}, channels {c1['channels_kept']}—{c2['channels_kept']}{_after(r)}, "
+                f"filter size {c1['columns_kept']}—{c2['columns_kept']}, FLOP {_pct(c1['flop_fraction'])}—{_pct(c2['flop_fraction'])}")
+    return (f"neurons {'—'.join(map(str, r['neurons'] or []))}, FLOP "
+            + "—".join(_pct(L[n]["flop_fraction"], 2) for n in ("fc1", "fc2", "fc3")))
+
+
+def _after(r: dict) -> str:
+    """Channels the compact model's convs really read, when they differ from the layers' own nonzero channels."""
+    L, S = {l["name"]: l for l in r["layers"]}, r["compact_shapes"]
+    own = [L[n]["channels_kept"] for n in ("conv1", "conv2")]
+    real = [S[n]["in_channels"] for n in ("conv1", "conv2")]
+    return "" if own == real else f" (compact: {real[0]}—{real[1]})"
+
+
+def tables(results: Path = RESULTS) -> str:
+    rows = {}
+    for p in sorted(results.glob("*/metrics.json")):
+        r = json.loads(p.read_text())
+        rows[r["name"]] = r
+
+    def prov(r):
+        return f"[{r['name']}]({r['name']}/metrics.json)"
+
+    out = ["### LeNet, filter-wise + channel-wise (conv1—conv2)", "",
+           "| row | | test error | filters kept | channels kept | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for name in ("lenet1", "lenet2", "lenet3"):
+        p = PAPER[name]
+        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'])} | {p['filters'][0]}—{p['filters'][1]} | "
+                   f"{p['channels'][0]}—{p['channels'][1]} | {_pct(p['flop'][0])}—{_pct(p['flop'][1])} | | | |")
+        r = rows.get(name)
+        if r is None:
+            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | | |")
+            continue
+        L = {l["name"]: l for l in r["layers"]}
+        c1, c2 = L["conv1"], L["conv2"]
+        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {c1['filters_kept']}—{c2['filters_kept']} | "
+                   f"{c1['channels_kept']}—{c2['channels_kept']}{_after(r)} | {_pct(c1['flop_fraction'])}—{_pct(c2['flop_fraction'])} | "
+                   f"{_pct(c1['compact_flop_fraction'])}—{_pct(c2['compact_flop_fraction'])} | {_pct(r['val_error'], 2)} | {prov(r)} |")
+    out += ["", "### LeNet, filter shapes (filter size = kept weights per filter; conv1—conv2)", "",
+            "| row | | test error | filter size | filters kept | channels kept | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("lenet1", "lenet4", "lenet5"):
+        p = PAPER[name]
+        fs = p["filter_size"]
+        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'])} | {fs[0]}—{fs[1]} | | {p['channels'][0]}—{p['channels'][1]} | "
+                   f"{_pct(p['flop'][0])}—{_pct(p['flop'][1])} | | | |")
+        r = rows.get(name)
+        if r is None:
+            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | | | |")
+            continue
+        L = {l["name"]: l for l in r["layers"]}
+        c1, c2 = L["conv1"], L["conv2"]
+        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {c1['columns_kept']}—{c2['columns_kept']} | "
+                   f"{c1['filters_kept']}—{c2['filters_kept']} | {c1['channels_kept']}—{c2['channels_kept']}{_after(r)} | "
+                   f"{_pct(c1['flop_fraction'])}—{_pct(c2['flop_fraction'])} | "
+                   f"{_pct(c1['compact_flop_fraction'])}—{_pct(c2['compact_flop_fraction'])} | {_pct(r['val_error'], 2)} | {prov(r)} |")
+    out += ["", "### MLP 784-500-300-10 (neurons: input pixels—hidden 1—hidden 2—output; FLOP fc1—fc2—fc3)", "",
+            "| row | | test error | neurons | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name in ("mlp1", "mlp2", "mlp3"):
+        p = PAPER[name]
+        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'], 2)} | {'—'.join(map(str, p['neurons']))} | "
+                   f"{'—'.join(_pct(f, 2) for f in p['flop'])} | | | |")
+        r = rows.get(name)
+        if r is None:
+            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | |")
+            continue
+        L = {l["name"]: l for l in r["layers"]}
+        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {'—'.join(map(str, r['neurons'] or []))} | "
+                   f"{'—'.join(_pct(L[n]['flop_fraction'], 2) for n in ('fc1', 'fc2', 'fc3'))} | "
+                   f"{'—'.join(_pct(L[n]['compact_flop_fraction'], 2) for n in ('fc1', 'fc2', 'fc3'))} | "
+                   f"{_pct(r['val_error'], 2)} | {prov(r)} |")
+    out += ["", "### Provenance of each of our rows", "",
+            "| row | command | machine | date (UTC) | training time | selection |", "|---|---|---|---|---|---|"]
+    for name in ORDER:
+        r = rows.get(name)
+        if r is None:
+            continue
+        mc = r["machine"]
+        machine = f"{mc.get('cpu')}, {mc.get('threads')} threads, torch {mc.get('torch')}"
+        n = len(r["selection"]["candidates"])
+        sel = ("1 run, no selection" if n == 1 else
+               f"chosen among {n} runs by validation error and structure (rule below; metrics.json `selection`)")
+        out.append(f"| {r['paper_row']} | `{r['command']}` | {machine} | {r['date']} | {r['train_seconds']:.0f} s | {sel} |")
+    return "\n".join(out) + "\n"
+
+
+def write_tables(readme: Path = RESULTS / "README.md") -> None:
+    text = readme.read_text(encoding="utf-8")
+    start, end = "<!-- table -->", "<!-- /table -->"
+    i, j = text.index(start) + len(start), text.index(end)
+    readme.write_text(text[:i] + "\n" + tables() + text[j:], encoding="utf-8")
+    print(f"wrote the tables of {readme}")
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("name", nargs="?", choices=ORDER, help="the row to run and assemble")
+    ap.add_argument("--recipe", help="recipe (default recipes/mnist/NAME.yaml)")
+    ap.add_argument("--run-dir", help="structsparse run output directory (default runs/mnist/<recipe stem>)")
+    ap.add_argument("--from-run", help="assemble from this finished run directory instead of training")
+    ap.add_argument("--candidates", nargs="+", help="all runs tried for this row (recorded with their val errors); "
+                    "without --from-run or --recipe, the selection rule picks the run to assemble among them")
+    ap.add_argument("--rule", help="how the chosen run was selected (recorded in metrics.json)")
+    ap.add_argument("--verify", action="store_true", help="check every results/mnist/*/model against its test_error")
+    ap.add_argument("--table", action="store_true", help="rewrite the tables of results/mnist/README.md")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    if args.verify:
+        problems = verify()
+        for p in problems:
+            print("FAIL:", p, file=sys.stderr)
+        return 1 if problems else 0
+    if args.table:
+        write_tables()
+        return 0
+    if args.name is None:
+        ap.error("name a row, or pass --verify or --table")
+    if args.from_run:
+        run_dir = Path(args.from_run)
+    elif args.candidates and not args.recipe:
+        run_dir = select(args.name, [Path(c) for c in args.candidates])
+        args.rule = args.rule or SELECTION_RULE
+        print(f"{args.name}: selected {run_dir}")
+    else:
+        recipe = args.recipe or f"recipes/mnist/{args.name}.yaml"
+        run_dir = Path(args.run_dir or f"runs/mnist/{Path(recipe).stem}")
+        cmd = _structsparse_cmd() + ["run", recipe, "--out", str(run_dir), "--no-progress"]
+        if (run_dir / "checkpoint").exists():
+            cmd.append("--resume")
+        print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    cands = [Path(c) for c in args.candidates] if args.candidates else None
+    if cands and run_dir.resolve() not in {c.resolve() for c in cands}:
+        cands.append(run_dir)
+    assemble(args.name, run_dir, cands, args.rule)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
