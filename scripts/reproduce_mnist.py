@@ -337,56 +337,49 @@ def tables(results: Path = RESULTS) -> str:
     def prov(r):
         return f"[{r['name']}]({r['name']}/metrics.json)"
 
-    out = ["### LeNet, filter-wise + channel-wise (conv1—conv2)", "",
-           "| row | | test error | filters kept | channels kept | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    for name in ("lenet1", "lenet2", "lenet3"):
-        p = PAPER[name]
-        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'])} | {p['filters'][0]}—{p['filters'][1]} | "
-                   f"{p['channels'][0]}—{p['channels'][1]} | {_pct(p['flop'][0])}—{_pct(p['flop'][1])} | | | |")
-        r = rows.get(name)
-        if r is None:
-            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | | |")
-            continue
-        L = {l["name"]: l for l in r["layers"]}
-        c1, c2 = L["conv1"], L["conv2"]
-        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {c1['filters_kept']}—{c2['filters_kept']} | "
-                   f"{c1['channels_kept']}—{c2['channels_kept']}{_after(r)} | {_pct(c1['flop_fraction'])}—{_pct(c2['flop_fraction'])} | "
-                   f"{_pct(c1['compact_flop_fraction'])}—{_pct(c2['compact_flop_fraction'])} | {_pct(r['val_error'], 2)} | {prov(r)} |")
-    out += ["", "### LeNet, filter shapes (filter size = kept weights per filter; conv1—conv2)", "",
-            "| row | | test error | filter size | filters kept | channels kept | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("lenet1", "lenet4", "lenet5"):
-        p = PAPER[name]
-        fs = p["filter_size"]
-        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'])} | {fs[0]}—{fs[1]} | | {p['channels'][0]}—{p['channels'][1]} | "
-                   f"{_pct(p['flop'][0])}—{_pct(p['flop'][1])} | | | |")
-        r = rows.get(name)
-        if r is None:
-            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | | | |")
-            continue
-        L = {l["name"]: l for l in r["layers"]}
-        c1, c2 = L["conv1"], L["conv2"]
-        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {c1['columns_kept']}—{c2['columns_kept']} | "
-                   f"{c1['filters_kept']}—{c2['filters_kept']} | {c1['channels_kept']}—{c2['channels_kept']}{_after(r)} | "
-                   f"{_pct(c1['flop_fraction'])}—{_pct(c2['flop_fraction'])} | "
-                   f"{_pct(c1['compact_flop_fraction'])}—{_pct(c2['compact_flop_fraction'])} | {_pct(r['val_error'], 2)} | {prov(r)} |")
-    out += ["", "### MLP 784-500-300-10 (neurons: input pixels—hidden 1—hidden 2—output; FLOP fc1—fc2—fc3)", "",
-            "| row | | test error | neurons | FLOP (paper's, per layer) | FLOP after compact | val error | source |",
-            "|---|---|---|---|---|---|---|---|"]
-    for name in ("mlp1", "mlp2", "mlp3"):
-        p = PAPER[name]
-        out.append(f"| {p['paper_row']} | paper | {_pct(p['error'], 2)} | {'—'.join(map(str, p['neurons']))} | "
-                   f"{'—'.join(_pct(f, 2) for f in p['flop'])} | | | |")
-        r = rows.get(name)
-        if r is None:
-            out.append(f"| {p['paper_row']} | **ours** | not done | | | | | |")
-            continue
-        L = {l["name"]: l for l in r["layers"]}
-        out.append(f"| {p['paper_row']} | **ours** | **{_pct(r['test_error'], 2)}** | {'—'.join(map(str, r['neurons'] or []))} | "
-                   f"{'—'.join(_pct(L[n]['flop_fraction'], 2) for n in ('fc1', 'fc2', 'fc3'))} | "
-                   f"{'—'.join(_pct(L[n]['compact_flop_fraction'], 2) for n in ('fc1', 'fc2', 'fc3'))} | "
-                   f"{_pct(r['val_error'], 2)} | {prov(r)} |")
+    def two(layers, key, fmt=str):
+        return "—".join(fmt(layers[n][key]) for n in ("conv1", "conv2"))
+
+    def fc(layers, key):
+        return "—".join(_pct(layers[n][key], 2) for n in ("fc1", "fc2", "fc3"))
+
+    # (title, columns after "test error", names, the paper's cells, our cells from (metrics, layers by name))
+    specs = [
+        ("LeNet, filter-wise + channel-wise (conv1—conv2)",
+         ["filters kept", "channels kept", "FLOP (paper's, per layer)", "FLOP after compact"], ("lenet1", "lenet2", "lenet3"),
+         lambda p: [f"{p['filters'][0]}—{p['filters'][1]}", f"{p['channels'][0]}—{p['channels'][1]}",
+                    f"{_pct(p['flop'][0])}—{_pct(p['flop'][1])}", ""],
+         lambda r, L: [two(L, "filters_kept"), two(L, "channels_kept") + _after(r), two(L, "flop_fraction", _pct),
+                       two(L, "compact_flop_fraction", _pct)]),
+        ("LeNet, filter shapes (filter size = kept weights per filter; conv1—conv2)",
+         ["filter size", "filters kept", "channels kept", "FLOP (paper's, per layer)", "FLOP after compact"],
+         ("lenet1", "lenet4", "lenet5"),
+         lambda p: [f"{p['filter_size'][0]}—{p['filter_size'][1]}", "", f"{p['channels'][0]}—{p['channels'][1]}",
+                    f"{_pct(p['flop'][0])}—{_pct(p['flop'][1])}", ""],
+         lambda r, L: [two(L, "columns_kept"), two(L, "filters_kept"), two(L, "channels_kept") + _after(r),
+                       two(L, "flop_fraction", _pct), two(L, "compact_flop_fraction", _pct)]),
+        ("MLP 784-500-300-10 (neurons: input pixels—hidden 1—hidden 2—output; FLOP fc1—fc2—fc3)",
+         ["neurons", "FLOP (paper's, per layer)", "FLOP after compact"], ("mlp1", "mlp2", "mlp3"),
+         lambda p: ["—".join(map(str, p["neurons"])), "—".join(_pct(f, 2) for f in p["flop"]), ""],
+         lambda r, L: ["—".join(map(str, r["neurons"] or [])), fc(L, "flop_fraction"), fc(L, "compact_flop_fraction")]),
+    ]
+    out = []
+    for title, columns, names, paper_cells, our_cells in specs:
+        header = ["row", "", "test error", *columns, "val error", "source"]
+        out += ["" if out else None, f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name in names:
+            p = PAPER[name]
+            cells = [p["paper_row"], "paper", _pct(p["error"], 2 if name.startswith("mlp") else 1), *paper_cells(p), "", ""]
+            out.append("| " + " | ".join(cells) + " |")
+            r = rows.get(name)
+            if r is None:
+                cells = [p["paper_row"], "**ours**", "not done"] + [""] * (len(header) - 3)
+            else:
+                L = {l["name"]: l for l in r["layers"]}
+                cells = [p["paper_row"], "**ours**", f"**{_pct(r['test_error'], 2)}**", *our_cells(r, L),
+                         _pct(r["val_error"], 2), prov(r)]
+            out.append("| " + " | ".join(cells) + " |")
+    out = [line for line in out if line is not None]
     out += ["", "### Provenance of each of our rows", "",
             "| row | command | machine | date (UTC) | training time | selection |", "|---|---|---|---|---|---|"]
     for name in ORDER:
