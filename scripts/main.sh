@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out="${1:-runs/lenet_mnist}"
 extra=()
-[ -f "$out/checkpoint/progress.json" ] && extra+=(--resume)
+[ -f "$out/checkpoint/checkpoint.json" ] && extra+=(--resume)  # interrupted (or finished) before: continue
 exec "${STRUCTSPARSE_VENV:-.venv}/bin/structsparse" run recipes/lenet_mnist.yaml --out "$out" "${extra[@]}"
