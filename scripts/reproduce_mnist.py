@@ -199,8 +199,6 @@ def select(name: str, candidates: list[Path]) -> Path:
 
 def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None) -> dict:
     """Write results/mnist/<name>/ from a finished ``structsparse run`` directory."""
-    import torch
-
     from structsparse import load_compact
     from structsparse.data import load_dataset
     from structsparse.train import Split, evaluate

@@ -114,7 +114,7 @@ def run_bench(args: argparse.Namespace) -> None:
         original, small = original.to(args.device), small.to(args.device)
         speed = measure_speedup(original, small, example.to(args.device), batch_sizes=batches,
                                 threads=threads[0], repeats=args.repeats, warmup=args.warmup)
-        report = sparsity_report(original.cpu(), example)
+        report = sparsity_report(original.cpu(), example, compacted=small.cpu())
         md = speed.to_markdown() + "\n\n" + report.to_markdown()
         res = {"benchmark": "model", "run_dir": str(args.run_dir), "speed": speed.to_dict(),
                "sparsity": report.to_dict(), "command": "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
@@ -191,7 +191,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     example = splits["test"].images[:1]
     with torch.no_grad():
         small = compact(model, example)
-    report = sparsity_report(model, example)
+    report = sparsity_report(model, example, compacted=small)
     test_original = results["test_error"]
     test_compact = evaluate(small, splits["test"], recipe.eval_batch_size)
     m = recipe.measure

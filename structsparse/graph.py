@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -100,7 +100,6 @@ class Step:
     module: nn.Module
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    extra: dict = field(default_factory=dict)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)

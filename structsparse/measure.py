@@ -107,13 +107,14 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
                 scopes = [("model", original, compact, x, x)]
                 if layers:
                     names = list(covered_modules(original))
+                    mods_o, mods_c = dict(original.named_modules()), dict(compact.named_modules())
                     ins_o = _layer_inputs(original, names, x)
                     for name in names:
-                        if name not in ins_o or name not in dict(compact.named_modules()):
+                        if name not in ins_o or name not in mods_c:
                             continue
                         first, layer_c = _compact_layer(compact, name)
                         ins_c = _layer_inputs(compact, [first], x)
-                        scopes.append((name, dict(original.named_modules())[name], layer_c, ins_o[name], ins_c[first]))
+                        scopes.append((name, mods_o[name], layer_c, ins_o[name], ins_c[first]))
                 for scope, fo, fc, xo, xc in scopes:
                     so, sc = time_interleaved([lambda: fo(xo), lambda: fc(xc)], repeats, warmup, device)
                     o, c = _summary(so), _summary(sc)

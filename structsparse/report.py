@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .compact import compact
+from .graph import UnsupportedModelError
 from .groups import covered_modules, group_norms
 from .kernels import LoweredConv2d
 
@@ -120,14 +122,16 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact: bool = True) -> SparsityReport:
+def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact: bool = True,
+                    compacted: nn.Module | None = None) -> SparsityReport:
     """Report kept structures of every Conv2d and Linear (and LoweredConv2d) of ``model``.
 
     ``example_input`` gives output sizes for the multiply-add counts; counts are per input
     (per sample of the batch). Per layer, ``flop_fraction`` is the paper's, from the layer's
     own zeros. With ``with_compact`` (and a model :func:`~structsparse.compact` supports),
     ``compact_flop_fraction`` adds what compaction really keeps, where a zero filter of
-    one layer also removes input channels of the next, and so on.
+    one layer also removes input channels of the next, and so on. Pass ``compacted`` (the
+    result of ``compact(model, ...)``) when you already have it, so it is not built again.
     """
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 2:
         raise ValueError(f"example_input must be a batched tensor (N × ...), got "
@@ -155,10 +159,10 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
     batch = example_input.shape[0]
     compact_macs = None
     if with_compact:
-        from .compact import compact  # compact imports nothing of this module; keep the core acyclic
-        from .graph import UnsupportedModelError
         try:
-            per_module = count_macs(compact(model, example_input), example_input, per_module=True)
+            if compacted is None:
+                compacted = compact(model, example_input)
+            per_module = count_macs(compacted, example_input, per_module=True)
         except UnsupportedModelError:
             per_module = None
         if per_module is not None:

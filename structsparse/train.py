@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .data import load_dataset, make_loader
 from .groups import covered_modules, group_norms
 from .models import build_model
-from .penalty import GroupLasso, Masks
+from .penalty import GroupLasso, Masks, resolve_spec
 from .recipe import Phase, Recipe
 
 __all__ = ["Trainer", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
@@ -270,7 +270,7 @@ class Trainer:
             info = {"phase": p, "epoch": e, "phase_name": phase.name, "history": self.history,
                     "recipe": self.recipe.to_dict(),
                     "group_lasso": None if not phase.sparsifying else
-                    {"lambdas": GroupLasso(self.model, phase.lambdas).lambdas, "active": True,
+                    {"lambdas": resolve_spec(self.model, phase.lambdas), "active": True,
                      "method": phase.method},
                     "frozen": self.masks is not None}
             ckpt.save_checkpoint(self.checkpoint_dir, self.model, info, optimizer=opt,
