@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import CONV, DROPOUT, ELEMENTWISE, FLATTEN, LINEAR, NORM, POOL, WEIGHTED, Step, trace_chain
+from .graph import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED, Graph, Node,
+                    channel_units, trace_graph)
 from .kernels import LoweredConv2d
+from .layers import Add, Constant
 from .timing import time_interleaved
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
-_CHANNELWISE = (NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT)
 
 
 class IndexSelect(nn.Module):
@@ -60,29 +61,52 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class CompactNet(nn.Module):
-    """A chain of named steps, run in order. Shrunk modules keep their original names."""
+    """Named steps run in order. Shrunk modules keep their original names.
 
-    def __init__(self, steps: list[tuple[str, nn.Module]], input_shape: list[int] | None = None):
+    ``steps`` holds ``(name, module)`` (the step reads the previous step's output, or the
+    model input for the first) or ``(name, module, inputs)`` with ``inputs`` a list of
+    earlier step names or :attr:`INPUT` (residual adds and concatenations read several).
+    The model returns the last step's output.
+    """
+
+    INPUT = "input"
+
+    def __init__(self, steps: list[tuple], input_shape: list[int] | None = None):
         super().__init__()
         self.input_shape = input_shape
-        self.order = [name for name, _ in steps]
-        registered = {}
-        for name, module in steps:
-            if name in registered:
-                if registered[name] is not module:
-                    raise ValueError(f"two different modules named {name!r}")
-                continue
+        self.order, self.inputs, modules = [], [], []
+        for i, step in enumerate(steps):
+            name, module = step[0], step[1]
+            previous = self.order[-1] if self.order else self.INPUT
+            inputs = list(step[2]) if len(step) > 2 and step[2] is not None else [previous]
+            if name == self.INPUT or name in self.order:
+                raise ValueError(f"step {i}: name {name!r} is reserved or used twice")
+            unknown = [n for n in inputs if n != self.INPUT and n not in self.order]
+            if unknown or not inputs:
+                raise ValueError(f"step {i} ({name}): inputs {inputs} must name earlier steps or {self.INPUT!r}")
             _set_submodule(self, name, module)
-            registered[name] = module
-        self._steps = [registered[name] for name in self.order]
+            self.order.append(name)
+            self.inputs.append(inputs)
+            modules.append(module)
+        self._steps = modules
+        self._chain = all(ins == [prev] for ins, prev in zip(self.inputs, [self.INPUT] + self.order))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for step in self._steps:
-            x = step(x)
-        return x
+        if self._chain:
+            for step in self._steps:
+                x = step(x)
+            return x
+        values = {self.INPUT: x}
+        for name, step, inputs in zip(self.order, self._steps, self.inputs):
+            values[name] = step(*[values[i] for i in inputs])
+        return values[self.order[-1]]
 
     def steps(self) -> list[tuple[str, nn.Module]]:
         return list(zip(self.order, self._steps))
+
+    def step_inputs(self, name: str) -> list[str]:
+        """The names of the steps (or :attr:`INPUT`) that step ``name`` reads."""
+        return self.inputs[self.order.index(name)]
 
 
 # ---- slicing modules in place -------------------------------------------------------------
@@ -131,15 +155,7 @@ def _add_bias(m: nn.Module, delta: torch.Tensor) -> None:
             m.bias.add_(delta)
 
 
-# ---- one segment -------------------------------------------------------------------------
-
-def _column_usage(cons: nn.Module, channels: int, block: int) -> torch.Tensor:
-    """True for every input channel (of ``block`` features each) that ``cons`` reads."""
-    w = cons.weight.detach()
-    if isinstance(cons, nn.Conv2d):
-        return w.ne(0).any(dim=3).any(dim=2).any(dim=0)
-    return w.ne(0).any(dim=0).view(channels, block).any(dim=1)
-
+# ---- folding constant channels ----------------------------------------------------------
 
 def _fold_conv(cons: nn.Conv2d, u: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Which candidate channels contribute a position-independent amount to ``cons``, and its sum."""
@@ -162,89 +178,6 @@ def _mask(like: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.
     out = torch.zeros_like(like)
     out[idx[values]] = True
     return out
-
-
-def _expand(channels: torch.Tensor, block: int) -> torch.Tensor:
-    """Feature indices of ``channels`` after flattening ``block`` features per channel."""
-    return (channels[:, None] * block + torch.arange(block, device=channels.device)[None, :]).flatten()
-
-
-def _constant_input(prod: Step) -> torch.Tensor:
-    """The producer's output when every filter is zero: its bias at every position (batch 1)."""
-    m = prod.module
-    c = prod.out_shape[1]
-    b = m.bias.detach() if m.bias is not None else torch.zeros(c, device=m.weight.device)
-    return b.view(1, c, *([1] * (len(prod.out_shape) - 2))).expand(1, *prod.out_shape[1:]).clone()
-
-
-def _remove_channels(steps: list[Step], p: int, q: int) -> None:
-    """Remove the producer's channels that the consumer ignores or that fold into its bias."""
-    prod, cons, ops = steps[p], steps[q], steps[p + 1:q]
-    if any(op.role not in _CHANNELWISE for op in ops):
-        return
-    if any(getattr(s.module, "groups", 1) != 1 for s in (prod, cons)):
-        return
-    if prod.role == CONV and len(prod.out_shape) != 4 or prod.role == LINEAR and len(prod.out_shape) != 2:
-        return
-    if cons.role == CONV and len(cons.in_shape) != 4 or cons.role == LINEAR and len(cons.in_shape) != 2:
-        return
-    channels = prod.out_shape[1]
-    features = cons.in_shape[1]
-    block = features // channels
-    flat_at = next((i for i, op in enumerate(ops) if op.role == FLATTEN), None)
-    if cons.role == CONV and flat_at is not None or block * channels != features:
-        return
-    with torch.no_grad():
-        read = _column_usage(cons.module, channels, block)
-        zero_filter = prod.module.weight.detach().flatten(1).eq(0).all(dim=1)
-        cand = zero_filter & read
-        u = _constant_input(prod)
-        for op in ops:
-            u = op(u)
-        if cons.role == LINEAR:
-            foldable = cand
-        else:
-            foldable, _ = _fold_conv(cons.module, u, cand) if bool(cand.any()) else (cand, None)
-        remove = ~read | foldable
-        if bool(remove.all()):  # keep one channel so that every shape stays non-empty
-            remove[0] = False
-            foldable[0] = False
-        if not bool(remove.any()):
-            return
-        keep = (~remove).nonzero().flatten()
-        feat_keep = _expand(keep, block)
-        # Fold the removed constant channels into the consumer's bias.
-        if bool(foldable.any()):
-            if cons.role == LINEAR:
-                cols = _expand(foldable.nonzero().flatten(), block)
-                delta = cons.module.weight.detach()[:, cols] @ u.reshape(-1)[cols]
-            else:
-                _, delta = _fold_conv(cons.module, u, foldable)
-            _add_bias(cons.module, delta)
-        _slice_rows(prod.module, keep)
-        for i, op in enumerate(ops):
-            if op.role == NORM:
-                _slice_norm(op.module, keep if flat_at is None or i < flat_at else feat_keep)
-        _slice_cols(cons.module, feat_keep if cons.role == LINEAR else keep)
-
-
-def _gather_inputs(cons: Step, at_input: bool) -> torch.Tensor | None:
-    """Features (Linear) or, at the model input, channels (conv) that ``cons`` never reads."""
-    m = cons.module
-    if cons.role == LINEAR and len(cons.in_shape) == 2:
-        read = m.weight.detach().ne(0).any(dim=0)
-    elif cons.role == CONV and at_input and m.groups == 1 and len(cons.in_shape) == 4:
-        read = _column_usage(m, m.in_channels, 1)
-    else:
-        return None
-    if bool(read.all()):
-        return None
-    if not bool(read.any()):
-        read[0] = True
-    keep = read.nonzero().flatten()
-    with torch.no_grad():
-        _slice_cols(m, keep)
-    return keep
 
 
 def lower_conv(m: nn.Module, lowered_below: float | str = 0.5,
@@ -277,40 +210,250 @@ def lower_conv(m: nn.Module, lowered_below: float | str = 0.5,
     return LoweredConv2d.from_conv(m, keep)
 
 
+
+
+# ---- the graph pass ----------------------------------------------------------------------
+
+def _run(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's output on ``x``."""
+    values = {graph.input: x}
+    for node in list(graph.nodes.values())[1:]:
+        values[node.name] = node.module(*[values[i] for i in node.inputs])
+    return values
+
+
+def _width(node: Node) -> int:
+    return node.out_shape[1] if len(node.out_shape) > 1 else 1
+
+
+def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
+    """Per node, True for each dim-1 entry whose value does not depend on the model input:
+    written by zero weights (or read only from such entries), a constant, or zero padding."""
+    const: dict[str, torch.Tensor] = {}
+    for node in graph.nodes.values():
+        width = _width(node)
+        ins = [const[i] for i in node.inputs]
+        if node.role == INPUT:
+            out = torch.zeros(width, dtype=torch.bool)
+        elif node.role == CONST:
+            out = torch.ones(width, dtype=torch.bool)
+        elif node.role == CONV and len(node.in_shapes[0]) == 4:
+            g = node.module.groups
+            reads = node.module.weight.detach().ne(0).flatten(2).any(2)  # N × C/G
+            reads = reads.view(g, -1, reads.shape[1])
+            out = ~(reads & ~ins[0].view(g, 1, -1)).any(2).flatten()
+        elif node.role == LINEAR and len(node.in_shapes[0]) == 2:
+            out = ~(node.module.weight.detach().ne(0) & ~ins[0][None, :]).any(1)
+        elif node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
+            out = ins[0]
+        elif node.role == FLATTEN:
+            out = ins[0].repeat_interleave(width // ins[0].numel()) if len(node.in_shapes[0]) > 2 else ins[0]
+        elif node.role == ADD:
+            out = torch.stack(ins).all(0)
+        elif node.role == CAT:
+            out = torch.cat(ins)
+        elif node.role == CHPAD:
+            out = torch.ones(width, dtype=torch.bool)
+            out[node.module.index] = ins[0]
+        else:
+            out = torch.full((width,), bool(all(bool(c.all()) for c in ins)))
+        const[node.name] = out
+    return const
+
+
+def _replace_constants(graph: Graph, const: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> Graph:
+    """Nodes whose whole output is input-independent become :class:`Constant` s (a residual branch
+    whose convs are zero leaves its BatchNorm shift, say); zero constants vanish from adds;
+    steps that no longer lead to the output are dropped."""
+    nodes = dict(graph.nodes)
+    users = graph.consumers()
+    renamed: dict[str, str] = {}
+    for node in list(nodes.values()):
+        node.inputs = [renamed.get(i, i) for i in node.inputs]
+        if node.role == ADD:
+            zero = [i for i in node.inputs if nodes[i].role == CONST and not bool(nodes[i].module.value.any())]
+            node.inputs = [i for i in node.inputs if i not in zero] or node.inputs[:1]
+            if len(node.inputs) == 1:  # x + 0: consumers read x itself
+                renamed[node.name] = node.inputs[0]
+                del nodes[node.name]
+                continue
+        if node.role in (INPUT, CONST) or not bool(const[node.name].all()):
+            continue
+        if node.name != graph.output and all(bool(const[u].all()) for u in users[node.name]):
+            continue  # only constant steps read it: they are replaced instead
+        value = values[node.name]
+        if not torch.equal(value, value[:1].expand_as(value)):
+            continue  # not exactly one value for every sample: keep the step (safe)
+        constant = Constant(value.shape[1:]).to(value.device)
+        constant.value.copy_(value[0])
+        nodes[node.name] = Node(node.name, CONST, constant, [graph.input], node.out_shape, [nodes[graph.input].out_shape])
+    output = renamed.get(graph.output, graph.output)
+    live, stack = set(), [output]
+    while stack:
+        n = stack.pop()
+        if n not in live:
+            live.add(n)
+            stack.extend(nodes[n].inputs)
+    live.add(graph.input)
+    return Graph({n: node for n, node in nodes.items() if n in live}, output)
+
+
+def _reads(node: Node) -> torch.Tensor:
+    """True for each dim-1 entry of a weighted node's input that some nonzero weight reads."""
+    w = node.module.weight.detach()
+    if node.role == LINEAR:
+        return w.ne(0).any(0) if len(node.in_shapes[0]) == 2 else torch.ones(node.in_shapes[0][1], dtype=torch.bool)
+    if node.module.groups != 1:
+        return torch.ones(node.in_shapes[0][1], dtype=torch.bool)
+    return w.ne(0).any(3).any(2).any(0)
+
+
+def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
+    """Units to remove: those nobody reads, and constant ones whose value every reader can fold
+    into its bias. Returns the units and the removal mask."""
+    units = channel_units(graph)
+    const = _input_independent(graph)
+    varying = torch.zeros(units.count, dtype=torch.bool)
+    for name, c in const.items():
+        varying[units.of[name][~c]] = True
+    read = torch.zeros(units.count, dtype=torch.bool)
+    reads = {r: _reads(graph.nodes[r]) for r in units.readers}
+    for r, mask in reads.items():
+        read[units.of_input[r][mask]] = True
+    blocked = units.pinned | (read & varying)
+    for r, mask in reads.items():  # constant, read units: every reader must be able to fold them
+        node = graph.nodes[r]
+        ids = units.of_input[r]
+        cand = mask & ~blocked[ids]
+        if node.role == CONV and bool(cand.any()):
+            foldable, _ = _fold_conv(node.module, values[node.inputs[0]][:1], cand)
+            blocked[ids[cand & ~foldable]] = True
+    remove = ~blocked
+    changed = True
+    while changed:  # keep one entry of every tensor, so that no shape becomes empty
+        changed = False
+        for name, ids in units.of.items():
+            if ids.numel() and bool(remove[ids].all()):
+                remove[ids[0]] = False
+                changed = True
+    return units, remove, reads
+
+
+def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[str, torch.Tensor]) -> None:
+    """Add the contribution of removed constant entries to each reader's bias."""
+    for r, mask in reads.items():
+        node = graph.nodes[r]
+        gone = remove[units.of_input[r]] & mask
+        if not bool(gone.any()):
+            continue
+        u = values[node.inputs[0]][:1]
+        if node.role == LINEAR:
+            cols = gone.nonzero().flatten()
+            delta = node.module.weight.detach()[:, cols] @ u.reshape(-1)[cols]
+        else:
+            _, delta = _fold_conv(node.module, u, gone)
+        _add_bias(node.module, delta)
+
+
+def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
+    """Slice every module to the kept entries of its input and output."""
+    for node in graph.nodes.values():
+        keep_out = ~remove[units.of[node.name]]
+        keep_in = ~remove[units.of[node.inputs[0]]] if node.inputs else None
+        if bool(keep_out.all()) and (keep_in is None or bool(keep_in.all())):
+            continue
+        m = node.module
+        if node.role in WEIGHTED:
+            _slice_rows(m, keep_out.nonzero().flatten())
+            _slice_cols(m, keep_in.nonzero().flatten())
+        elif node.role == NORM:
+            _slice_norm(m, keep_out.nonzero().flatten())
+        elif node.role == CHPAD:
+            position = keep_out.long().cumsum(0) - 1  # new place of each kept output channel
+            m.index = position[m.index[keep_in]]
+            m.out_channels = int(keep_out.sum())
+        elif node.role == CONST:
+            m.value = m.value[keep_out].clone()
+
+
+def _gather(graph: Graph, units, remove: torch.Tensor) -> list[tuple[str, IndexSelect, list[str]]]:
+    """Gathers to insert: the model input's kept channels, and the features each Linear reads."""
+    out = []
+    keep = ~remove[units.of[graph.input]]
+    if not bool(keep.all()):
+        out.append((graph.input, IndexSelect(1, keep.nonzero().flatten()), None))
+    for node in graph.nodes.values():
+        if node.role == LINEAR and len(node.in_shapes[0]) == 2:
+            read = node.module.weight.detach().ne(0).any(0)
+            if not bool(read.all()):
+                if not bool(read.any()):
+                    read[0] = True
+                index = read.nonzero().flatten()
+                with torch.no_grad():
+                    _slice_cols(node.module, index)
+                out.append((node.inputs[0], IndexSelect(1, index), [node.name]))
+    return out
+
+
+def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) -> list[tuple]:
+    """The graph as CompactNet steps, gathers placed right after their source, convs lowered."""
+    taken = set(graph.nodes) | {CompactNet.INPUT}
+    after: dict[str, list[tuple[str, IndexSelect]]] = {}
+    redirect: dict[tuple[str | None, str], str] = {}  # (reader or None for all, source) → gather step
+    for source, gather, users in gathers:
+        name = "input_gather" if users is None else f"{users[0]}_inputs"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        after.setdefault(source, []).append((name, gather))
+        for user in users or [None]:
+            redirect[user, source] = name
+
+    def ref(reader: str | None, source: str) -> str:
+        name = redirect.get((reader, source)) or redirect.get((None, source)) or source
+        return CompactNet.INPUT if name == graph.input else name
+
+    steps: list[tuple] = []
+    for node in graph.nodes.values():
+        if node.role != INPUT:
+            module = node.module
+            if node.role == CONV:
+                module = lower_conv(module, lowered_below, (batch, module.in_channels, *node.in_shapes[0][2:]))
+            steps.append((node.name, module, [ref(node.name, i) for i in node.inputs]))
+        for name, gather in after.get(node.name, []):
+            steps.append((name, gather, [CompactNet.INPUT if node.name == graph.input else node.name]))
+    if steps[-1][0] != graph.output:
+        raise RuntimeError("internal error: the output step is not the last")
+    return steps
+
+
 def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = 0.5,
             check: bool = True) -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 
     ``example_input`` (a batch of real or random inputs of the right shape) is used to
-    trace shapes and to check the result. Convs keeping at most ``lowered_below`` of their
-    weight-matrix columns become :class:`LoweredConv2d`; ``lowered_below="measure"`` instead
-    times both forms of each such conv at the example input's size and keeps the faster. Modules keep their names.
+    trace shapes and to check the result. Works on chains and on residual/branching graphs
+    (adds, concatenation, option-A shortcuts): whole channel units are removed from every
+    layer that writes or reads them, and steps whose output no longer depends on the input
+    (a residual branch with zero convs) become constants. Convs keeping at most
+    ``lowered_below`` of their weight-matrix columns become :class:`LoweredConv2d`;
+    ``lowered_below="measure"`` instead times both forms of each such conv at the example
+    input's size and keeps the faster. Modules keep their names.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
     work = copy.deepcopy(model).eval()
-    steps = trace_chain(work, example_input)
+    graph = trace_graph(work, example_input)
     with torch.no_grad():
         reference = work(example_input)
-    weighted = [i for i, s in enumerate(steps) if s.role in WEIGHTED]
-    for p, q in zip(weighted, weighted[1:]):
-        _remove_channels(steps, p, q)
-    gathers = {}
-    for j, q in enumerate(weighted):
-        keep = _gather_inputs(steps[q], at_input=(j == 0))
-        if keep is not None:
-            gathers[q] = keep
-    names = {s.name for s in steps}
-    out: list[tuple[str, nn.Module]] = []
-    for i, s in enumerate(steps):
-        if i in gathers:
-            name = f"{s.name}_inputs"
-            while name in names:
-                name += "_"
-            names.add(name)
-            out.append((name, IndexSelect(1, gathers[i])))
-        out.append((s.name, lower_conv(s.module, lowered_below, s.in_shape)))
-    net = CompactNet(out).eval()
+        values = _run(graph, example_input)
+        graph = _replace_constants(graph, _input_independent(graph), values)
+        units, remove, reads = _removable_units(graph, values)
+        _fold(graph, units, remove, reads, values)
+        _shrink(graph, units, remove)
+        gathers = _gather(graph, units, remove)
+    steps = _steps(graph, gathers, example_input.shape[0], lowered_below)
+    net = CompactNet(steps).eval()
     net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension
     if check:
         with torch.no_grad():

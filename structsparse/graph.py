@@ -1,16 +1,22 @@
-"""Reading a feed-forward model as a chain of steps (torch.fx), with shapes.
+"""Reading a model as a graph of steps (torch.fx), with shapes, and its channel units.
 
-Each step is a module call (``conv1``), or a function or method from a short allow-list
-(``F.relu``, ``torch.flatten``, ``x.view(n, -1)`` ...). Every step has a *role* that tells
-compaction how channels pass through it. Anything else is an error that names the node.
-Residual and branching graphs are not chains: they get an error naming the node that
-reads two tensors.
+Each step is a module call (``conv1``), a function or method from a short allow-list
+(``F.relu``, ``torch.flatten``, ``x.view(n, -1)``, ``a + b``, ``torch.cat`` ...), or one of
+:mod:`structsparse.layers` (``Add``, ``Cat``, ``ChannelPad``, ``Constant``). Every step has
+a *role* that tells compaction how channels pass through it. Anything else is an error that
+names the node.
+
+:func:`channel_units` is the dependency graph of the channels: it follows every channel
+(dim 1) through channel-wise steps, residual adds, concatenation and flatten, so that all
+the places where one channel lives share one *unit*. A unit can be removed only as a whole:
+from every layer that writes it (filters) and every layer that reads it (input columns).
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -19,12 +25,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["Step", "trace_chain", "Op", "FUNCTIONS", "UnsupportedModelError"]
+from .layers import Add, Cat, ChannelPad, Constant
+
+__all__ = ["Node", "Graph", "trace_graph", "ChannelUnits", "channel_units", "Op", "FUNCTIONS",
+           "UnsupportedModelError"]
 
 # Roles: how a step treats the channel dimension (dim 1).
 CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING = (
     "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing")
+INPUT, ADD, CAT, CHPAD, CONST = "input", "add", "cat", "chpad", "const"
 WEIGHTED = (CONV, LINEAR)
+CHANNELWISE = (NORM, ELEMENTWISE, POOL, DROPOUT)
 
 
 class UnsupportedModelError(ValueError):
@@ -71,6 +82,7 @@ _MODULES: list[tuple[tuple[type, ...], str]] = [
     ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), POOL),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout), DROPOUT),
     ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax), MIXING),
+    ((Add,), ADD), ((Cat,), CAT), ((ChannelPad,), CHPAD), ((Constant,), CONST),
 ]
 
 
@@ -89,20 +101,6 @@ class Op(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.fn}, {self.kwargs}" if self.kwargs else self.fn
-
-
-@dataclass
-class Step:
-    """One step of a chain: a module (``module`` set) or an :class:`Op`."""
-
-    name: str
-    role: str
-    module: nn.Module
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
 
 
 def _module_role(module: nn.Module) -> str | None:
@@ -163,16 +161,88 @@ def _function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op:
     return Op(name, kwargs)
 
 
-def trace_chain(model: nn.Module, example_input: torch.Tensor) -> list[Step]:
-    """The model as a list of :class:`Step` s with input/output shapes from ``example_input``.
+
+
+@dataclass
+class Node:
+    """One step of a traced model: ``module(*inputs)``, with its output shape (for the example input)."""
+
+    name: str
+    role: str
+    module: nn.Module | None
+    inputs: list[str]
+    out_shape: tuple[int, ...]
+    in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+@dataclass
+class Graph:
+    """The steps of a model in execution order; ``nodes[0]`` is the input, ``output`` the returned node."""
+
+    nodes: dict[str, Node]
+    output: str
+
+    @property
+    def input(self) -> str:
+        return next(iter(self.nodes))
+
+    def consumers(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for node in self.nodes.values():
+            for i in node.inputs:
+                out[i].append(node.name)
+        return out
+
+
+def _tensor_args(node: fx.Node) -> list[fx.Node]:
+    return [a for a in node.all_input_nodes if _is_tensor(a)]
+
+
+def _multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
+    """``a + b`` and ``torch.cat([a, b], 1)`` as :class:`Add` / :class:`Cat`; None for other nodes."""
+    target = node.target
+    if node.op == "call_function" and target in (operator.add, torch.add) or \
+            node.op == "call_method" and target == "add":
+        if len(inputs) == 2 and not node.kwargs:
+            shapes = [tuple(a.meta["tensor_meta"].shape) for a in inputs]
+            if shapes[0] != shapes[1]:
+                raise UnsupportedModelError(f"{_describe(node)} adds tensors of shapes {shapes}: only equal shapes")
+            return Add()
+    if node.op == "call_function" and target is torch.cat:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        rank = len(node.meta["tensor_meta"].shape)
+        if not isinstance(dim, int) or dim % rank != 1:
+            raise UnsupportedModelError(f"{_describe(node)}: only concatenation along dim 1 (channels) is supported")
+        return Cat(1)
+    return None
+
+
+def _is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """nn.Identity, dropout (compact models are inference models), ``x.contiguous()``."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                                                            nn.AlphaDropout))
+    if node.op == "call_function":
+        return node.target is F.dropout
+    return node.op == "call_method" and node.target == "contiguous"
+
+
+def trace_graph(model: nn.Module, example_input: torch.Tensor) -> Graph:
+    """The model as a :class:`Graph` of steps with shapes from ``example_input``.
 
     The model is traced with torch.fx and run once on ``example_input`` (in eval mode; pass
     a copy if its state must not be touched). Errors name the unsupported node or module.
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    leaves = (Add, Cat, ChannelPad, Constant)
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualname)
+
     try:
-        gm = fx.symbolic_trace(model)
+        gm = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as e:  # fx raises many types for untraceable code
         raise UnsupportedModelError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
     was_training = model.training
@@ -186,44 +256,175 @@ def trace_chain(model: nn.Module, example_input: torch.Tensor) -> list[Step]:
     finally:
         model.train(was_training)
 
-    steps: list[Step] = []
-    current: fx.Node | None = None
+    taken = {n for n, _ in model.named_modules()}
+    names: dict[fx.Node, str] = {}
+    nodes: dict[str, Node] = {}
     seen_modules: set[str] = set()
+
+    def fresh(base: str) -> str:
+        name = base
+        while name in taken or name in nodes:
+            name += "_"
+        return name
+
+    def add(node: fx.Node, name: str, role: str, module: nn.Module, inputs: list[fx.Node]) -> None:
+        names[node] = name
+        nodes[name] = Node(name, role, module, [names[a] for a in inputs],
+                           tuple(node.meta["tensor_meta"].shape), [tuple(a.meta["tensor_meta"].shape) for a in inputs])
+
+    output = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            if current is not None:
+            if nodes:
                 raise UnsupportedModelError(f"{_describe(node)}: models with several inputs are not supported")
-            current = node
+            name = fresh("input")
+            names[node] = name
+            nodes[name] = Node(name, INPUT, None, [], tuple(node.meta["tensor_meta"].shape))
             continue
         if node.op == "output":
-            if node.args[0] is not current:
-                raise UnsupportedModelError(f"{_describe(node)}: the model must return one tensor, the chain's last")
+            result = node.args[0]
+            if not isinstance(result, fx.Node) or result not in names:
+                raise UnsupportedModelError(f"{_describe(node)}: the model must return one tensor")
+            output = names[result]
             break
         if not _is_tensor(node):  # shape queries such as x.size(0)
             continue
-        inputs = [a for a in node.all_input_nodes if _is_tensor(a)]
-        if inputs != [current]:
-            raise UnsupportedModelError(
-                f"{_describe(node)} reads {[a.name for a in inputs]}: branching graphs (residual adds, "
-                f"concatenation) are not supported yet; feed-forward chains are")
-        in_shape = tuple(current.meta["tensor_meta"].shape)
-        out_shape = tuple(node.meta["tensor_meta"].shape)
+        inputs = _tensor_args(node)
+        if any(a not in names for a in inputs):
+            raise UnsupportedModelError(f"{_describe(node)} reads a value that is not a traced tensor")
+        if len(inputs) == 1 and _is_identity(node, gm):  # no step: readers read its input
+            names[node] = names[inputs[0]]
+            continue
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
             role = _module_role(module)
             if role is None:
-                raise UnsupportedModelError(
-                    f"module {node.target!r} ({type(module).__name__}) is not supported in a chain")
-            if role in WEIGHTED + (NORM,) and node.target in seen_modules:
-                raise UnsupportedModelError(f"module {node.target!r} is called more than once")
-            if role == FLATTEN and out_shape != (in_shape[0], math.prod(in_shape[1:])):
+                raise UnsupportedModelError(f"module {node.target!r} ({type(module).__name__}) is not supported")
+            if len(inputs) != 1 and role not in (ADD, CAT):
+                raise UnsupportedModelError(f"module {node.target!r} is called on {len(inputs)} tensors; expected one")
+            if role == FLATTEN and tuple(node.meta["tensor_meta"].shape)[1:] != (math.prod(inputs[0].meta["tensor_meta"].shape[1:]),):
                 raise UnsupportedModelError(f"module {node.target!r} must flatten to (N, features)")
-            seen_modules.add(node.target)
-            steps.append(Step(node.target, role, module, in_shape, out_shape))
+            if node.target in seen_modules:
+                if role in WEIGHTED + (NORM, CONST):
+                    raise UnsupportedModelError(f"module {node.target!r} is called more than once (shared weights)")
+                add(node, fresh(node.target), role, copy.deepcopy(module), inputs)  # a stateless step used twice
+            else:
+                seen_modules.add(node.target)
+                add(node, node.target, role, module, inputs)
         elif node.op in ("call_function", "call_method"):
-            op = _function_step(node, gm, current)
-            steps.append(Step(node.name, FUNCTIONS[op.fn][1], op, in_shape, out_shape))
+            if len(inputs) > 1:
+                module = _multi_input_step(node, inputs)
+                if module is None:
+                    raise UnsupportedModelError(
+                        f"{_describe(node)} reads {[a.name for a in inputs]}: only additions of equal shapes and "
+                        "concatenation along channels can combine tensors")
+                add(node, fresh(node.name), ADD if isinstance(module, Add) else CAT, module, inputs)
+            elif len(inputs) == 1:
+                op = _function_step(node, gm, inputs[0])
+                add(node, fresh(node.name), FUNCTIONS[op.fn][1], op, inputs)
+            else:
+                raise UnsupportedModelError(f"{_describe(node)} creates a tensor from no input")
         else:
             raise UnsupportedModelError(f"{_describe(node)} is not supported")
-        current = node
-    return steps
+    if output is None or output == next(iter(nodes), None):
+        raise UnsupportedModelError(f"{type(model).__name__}: the model must compute its output from its input")
+    return Graph(nodes, output)
+
+
+# ---- channel units -------------------------------------------------------------------------
+
+@dataclass
+class ChannelUnits:
+    """Which channels (dim-1 entries) of all tensors are one and the same channel.
+
+    ``of[node]`` holds the unit of each dim-1 entry of the node's output (for a flattened
+    tensor, each feature has the unit of the channel it came from). ``pinned[u]`` is True
+    for units that cannot be removed (they reach the model output, feed a step that mixes
+    channels, or touch a grouped conv). ``readers`` lists the Conv2d/Linear nodes, each of
+    which reads the units ``of[its input]``; ``writers`` those whose rows write ``of[node]``.
+    """
+
+    of: dict[str, torch.Tensor]
+    count: int
+    pinned: torch.Tensor
+    readers: list[str]
+    writers: list[str]
+
+    def reader_count(self) -> torch.Tensor:
+        """How many layers read each unit (a unit read by two or more layers is *coupled*)."""
+        counts = torch.zeros(self.count, dtype=torch.long)
+        for r in self.readers:
+            counts[self.of_input[r].unique()] += 1
+        return counts
+
+    of_input: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _pin_all(node: Node, graph: Graph) -> bool:
+    """Whether a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features))."""
+    if node.role == CONV:
+        return node.module.groups != 1 or len(node.out_shape) != 4
+    if node.role == LINEAR:
+        return len(node.out_shape) != 2 or len(node.in_shapes[0]) != 2
+    return False
+
+
+def channel_units(graph: Graph) -> ChannelUnits:
+    """Follow every channel through the graph; see :class:`ChannelUnits`."""
+    parent: list[int] = []
+
+    def new(n: int) -> torch.Tensor:
+        start = len(parent)
+        parent.extend(range(start, start + n))
+        return torch.arange(start, start + n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    of: dict[str, torch.Tensor] = {}
+    pinned_ids: list[torch.Tensor] = []
+    readers, writers = [], []
+    for node in graph.nodes.values():
+        width = node.out_shape[1] if len(node.out_shape) > 1 else 1
+        ins = [of[i] for i in node.inputs]
+        if node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
+            of[node.name] = ins[0]
+        elif node.role == FLATTEN:
+            src = ins[0]
+            of[node.name] = src.repeat_interleave(width // src.numel()) if len(node.in_shapes[0]) > 2 else src
+        elif node.role == ADD:
+            for other in ins[1:]:
+                for a, b in zip(ins[0].tolist(), other.tolist()):
+                    ra, rb = find(a), find(b)
+                    if ra != rb:
+                        parent[rb] = ra
+            of[node.name] = ins[0]
+        elif node.role == CAT:
+            of[node.name] = torch.cat(ins)
+        elif node.role == CHPAD:
+            out = new(width)
+            out[node.module.index] = ins[0]
+            of[node.name] = out
+        else:  # input, const, conv, linear, mixing, and anything that makes new channels
+            of[node.name] = new(width)
+            if node.role in WEIGHTED:
+                readers.append(node.name)
+                writers.append(node.name)
+                if _pin_all(node, graph):
+                    pinned_ids += [ins[0], of[node.name]]
+            elif node.role != INPUT and node.role != CONST:
+                pinned_ids += ins + [of[node.name]]
+    pinned_ids.append(of[graph.output])
+    roots = torch.tensor([find(i) for i in range(len(parent))], dtype=torch.long)
+    _, compact_ids = torch.unique(roots, return_inverse=True)
+    count = int(compact_ids.max()) + 1 if len(parent) else 0
+    of = {k: compact_ids[v] for k, v in of.items()}
+    pinned = torch.zeros(count, dtype=torch.bool)
+    for ids in pinned_ids:
+        pinned[compact_ids[ids]] = True
+    units = ChannelUnits(of, count, pinned, readers, writers)
+    units.of_input = {r: of[graph.nodes[r].inputs[0]] for r in readers}
+    return units

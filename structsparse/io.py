@@ -22,6 +22,7 @@ from .compact import CompactNet, IndexSelect
 from .files import atomic_write
 from .graph import _MODULES, Op
 from .kernels import LoweredConv2d
+from .layers import ChannelPad, Constant
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
 
@@ -43,7 +44,8 @@ def _jsonable(v):
 
 
 def _ctor_params(cls: type) -> list[str]:
-    return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "device", "dtype")]
+    return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "device", "dtype") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def _config(m: nn.Module) -> dict:
@@ -51,6 +53,10 @@ def _config(m: nn.Module) -> dict:
         return {"fn": m.fn, "kwargs": _jsonable(m.kwargs)}
     if isinstance(m, IndexSelect):
         return {"dim": m.dim, "index": m.index.numel()}
+    if isinstance(m, ChannelPad):
+        return {"out_channels": m.out_channels, "index": m.index.numel(), "stride": m.stride}
+    if isinstance(m, Constant):
+        return {"shape": list(m.value.shape)}
     if isinstance(m, LoweredConv2d):
         return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
                 "columns": m.columns.numel(), "stride": list(m.stride), "padding": list(m.padding),
@@ -70,10 +76,16 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     steps = []
+    previous = CompactNet.INPUT
     for name, m in model.steps():
         if type(m).__name__ not in _TYPES or _TYPES[type(m).__name__] is not type(m):
             raise TypeError(f"step {name!r}: {type(m).__name__} cannot be saved (not in the allow-list)")
-        steps.append({"name": name, "type": type(m).__name__, "config": _config(m)})
+        step = {"name": name, "type": type(m).__name__, "config": _config(m)}
+        inputs = model.step_inputs(name)
+        if inputs != [previous]:  # chains need no "inputs"
+            step["inputs"] = inputs
+        steps.append(step)
+        previous = name
     arch = {"format": FORMAT, "version": VERSION, "input_shape": getattr(model, "input_shape", None),
             "steps": steps}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -82,12 +94,19 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _build(step: dict, where: str) -> tuple[str, nn.Module]:
-    if not isinstance(step, dict) or set(step) != {"name", "type", "config"}:
-        raise ValueError(f"{where}: a step must be an object with exactly 'name', 'type' and 'config'")
-    name, kind, cfg = step["name"], step["type"], step["config"]
+def _build(step: dict, where: str) -> tuple[str, nn.Module, list[str] | None]:
+    if not isinstance(step, dict) or not {"name", "type", "config"} <= set(step) <= {"name", "type", "config", "inputs"}:
+        raise ValueError(f"{where}: a step must be an object with 'name', 'type', 'config' and optionally 'inputs'")
+    name, kind, cfg, inputs = step["name"], step["type"], step["config"], step.get("inputs")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"{where}: bad step name {name!r}")
+    if inputs is not None and (not isinstance(inputs, list) or not inputs
+                               or not all(isinstance(i, str) and _NAME.match(i) for i in inputs)):
+        raise ValueError(f"{where} ({name}): 'inputs' must be a non-empty list of step names")
+    return (name, _module(name, kind, cfg, where), inputs)
+
+
+def _module(name: str, kind, cfg, where: str) -> nn.Module:
     if kind not in _TYPES:
         raise ValueError(f"{where} ({name}): module type {kind!r} is not allowed; allowed: {', '.join(sorted(_TYPES))}")
     if not isinstance(cfg, dict):
@@ -95,16 +114,19 @@ def _build(step: dict, where: str) -> tuple[str, nn.Module]:
     cls = _TYPES[kind]
     try:
         if cls is IndexSelect:
-            return name, IndexSelect(int(cfg["dim"]), torch.zeros(int(cfg["index"]), dtype=torch.long))
+            return IndexSelect(int(cfg["dim"]), torch.zeros(int(cfg["index"]), dtype=torch.long))
+        if cls is ChannelPad:  # the weights file holds the index
+            return ChannelPad(int(cfg["out_channels"]), torch.zeros(int(cfg["index"]), dtype=torch.long),
+                              int(cfg["stride"]))
         if cls is LoweredConv2d:
             cfg = dict(cfg)
             cfg["columns"] = torch.arange(int(cfg["columns"]))  # placeholder; the weights file holds them
-            return name, LoweredConv2d(**cfg)
+            return LoweredConv2d(**cfg)
         unknown = set(cfg) - set(_ctor_params(cls))
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
-        return name, cls(**cfg)
-    except (TypeError, ValueError, KeyError) as e:
+        return cls(**cfg)
+    except (TypeError, ValueError, KeyError, RuntimeError, OverflowError) as e:
         raise ValueError(f"{where} ({name}): bad config for {kind}: {e}") from e
 
 
@@ -155,6 +177,9 @@ def load_compact(directory: str | os.PathLike) -> CompactNet:
                 raise ValueError(f"{weights_path}: {name}.columns must be distinct indices in [0, {total})")
         if isinstance(m, IndexSelect) and m.index.numel() and int(m.index.min()) < 0:
             raise ValueError(f"{weights_path}: {name}.index holds negative indices")
+        if isinstance(m, ChannelPad) and m.index.numel() and (
+                int(m.index.min()) < 0 or int(m.index.max()) >= m.out_channels or m.index.unique().numel() != m.index.numel()):
+            raise ValueError(f"{weights_path}: {name}.index must be distinct channels in [0, {m.out_channels})")
     net.input_shape = arch.get("input_shape")
     if net.input_shape is not None:
         try:

@@ -75,7 +75,8 @@ def _compact_layer(compact: nn.Module, name: str) -> tuple[str, Callable[[torch.
     if isinstance(compact, CompactNet):
         steps = compact.steps()
         for i, (n, m) in enumerate(steps):
-            if n == name and i > 0 and isinstance(steps[i - 1][1], IndexSelect):
+            if n == name and i > 0 and isinstance(steps[i - 1][1], IndexSelect) \
+                    and compact.step_inputs(n) == [steps[i - 1][0]]:
                 gather = steps[i - 1][1]
                 return steps[i - 1][0], lambda x, g=gather, m=m: m(g(x))
     return name, modules[name]

@@ -215,17 +215,17 @@ def test_compact_does_not_modify_original():
     assert model.training
 
 
-def test_residual_models_get_a_clear_error():
-    class Res(nn.Module):
+def test_unsupported_combination_names_the_node():
+    class Gate(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 3, 3, padding=1)
 
         def forward(self, x):
-            return x + self.conv(x)
+            return x * self.conv(x)
 
-    with pytest.raises(UnsupportedModelError, match="add"):
-        compact(Res(), torch.rand(1, 3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="'mul'"):
+        compact(Gate(), torch.rand(1, 3, 8, 8))
 
 
 def test_unsupported_module_is_named():
