@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules", "group_lasso"]
+__all__ = ["KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules", "group_lasso",
+           "CoupledChannels", "coupled_channels"]
 
 KINDS = ("filter", "channel", "shape", "depth", "filter2d")
 
@@ -94,9 +95,9 @@ class _GroupLasso(torch.autograd.Function):
         for (groups, terms), weight in zip(specs, weights):
             view = group_view(weight, groups)
             sq = view * view
-            for dims, lam in terms:
+            for dims, lam in terms:  # λ is a number, or a tensor that broadcasts against the norms
                 n = sq.sum(dims, keepdim=True).sqrt_() if dims is not None else view.abs()
-                total += lam * n.sum()
+                total += (lam * n).sum() if isinstance(lam, torch.Tensor) else lam * n.sum()
                 saved.append(n)
         ctx.specs = specs
         ctx.save_for_backward(*weights, *saved)
@@ -118,17 +119,19 @@ class _GroupLasso(torch.autograd.Function):
         return (None, *grads)
 
 
-def _merged_terms(weight: torch.Tensor, lambdas: dict[str, float], groups: int) -> list:
+def _merged_terms(weight: torch.Tensor, lambdas: dict, groups: int) -> list:
     merged: dict = {}
     for kind, lam in lambdas.items():
-        if lam:
+        if isinstance(lam, torch.Tensor) or lam:
             dims = _dims(weight.dim(), kind, groups)
-            merged[dims] = merged.get(dims, 0.0) + float(lam)
+            merged[dims] = merged.get(dims, 0.0) + (lam if isinstance(lam, torch.Tensor) else float(lam))
     return list(merged.items())
 
 
 def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> torch.Tensor:
     """Σ over ``(weight, {kind: λ}, groups)`` of Σ_kinds λ · Σ_groups ‖w_g‖₂, differentiable.
+
+    A λ may also be a tensor of one λ per group, shaped like ``group_norms(..., keepdim=True)``.
 
     Equal to ``sum(λ * group_norms(weight, kind, groups).sum())``, with the same gradient
     (exactly zero for an all-zero group), but computed as one fused autograd node: each
@@ -144,3 +147,72 @@ def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> tor
     if not weights:
         return torch.zeros(())
     return _GroupLasso.apply(specs, *weights)
+
+
+class CoupledChannels:
+    """Channel groups that span layers: one group per channel *unit* read by two or more layers.
+
+    A channel of a residual stream is read by every block's first conv (and the classifier)
+    and can only be removed when none of them reads it; its group is the input columns of
+    all those readers (for a Linear after flatten, the columns of the channel's features).
+    Built from :func:`structsparse.graph.channel_units`; ``lambdas[u]`` is the group's λ.
+    """
+
+    def __init__(self, members: list[tuple[str, nn.Module, torch.Tensor]], lambdas: torch.Tensor):
+        self.members = members      # (layer name, module, unit index per input entry, -1 = not in a group)
+        self.lambdas = lambdas
+
+    def __len__(self) -> int:
+        return self.lambdas.numel()
+
+    @staticmethod
+    def _column_sq(module: nn.Module) -> torch.Tensor:
+        w = module.weight
+        return (w * w).sum((0, 2, 3) if w.dim() == 4 else 0)
+
+    def norms(self) -> torch.Tensor:
+        """The groups' Euclidean norms; differentiable, with gradient 0 (not NaN) at all-zero groups."""
+        device = self.lambdas.device
+        sq = torch.zeros(len(self), device=device, dtype=self.members[0][1].weight.dtype if self.members else None)
+        for _, module, ids in self.members:
+            inside = ids >= 0
+            sq = sq.index_add(0, ids[inside], self._column_sq(module)[inside])
+        return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+
+    def penalty(self) -> torch.Tensor:
+        return (self.lambdas * self.norms()).sum()
+
+    @torch.no_grad()
+    def scale_(self, scale: torch.Tensor) -> None:
+        """Multiply every group's columns by its entry of ``scale``."""
+        for _, module, ids in self.members:
+            s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
+            w = module.weight
+            w.mul_(s.view(1, -1, 1, 1) if w.dim() == 4 else s.view(1, -1))
+
+
+def coupled_channels(model: nn.Module, example_input: torch.Tensor,
+                     channel_lambdas: dict[str, float]) -> CoupledChannels | None:
+    """The coupled channel groups of ``model`` (None if it has none with λ > 0).
+
+    ``channel_lambdas`` maps layer names to their ``channel`` λ; a group's λ is the largest
+    λ among the layers that read it.
+    """
+    from .graph import channel_units, trace_graph  # graph imports nothing from here
+
+    graph = trace_graph(model, example_input)
+    units = channel_units(graph)
+    coupled = (units.reader_count() >= 2) & ~units.pinned
+    lam = torch.zeros(units.count)
+    for r in units.readers:
+        ids = units.of_input[r][coupled[units.of_input[r]]]
+        lam[ids] = torch.maximum(lam[ids], torch.tensor(float(channel_lambdas.get(r, 0.0))))
+    keep = coupled & (lam > 0)
+    if not bool(keep.any()):
+        return None
+    new_id = torch.full((units.count,), -1, dtype=torch.long)
+    new_id[keep] = torch.arange(int(keep.sum()))
+    members = [(r, graph.nodes[r].module, new_id[units.of_input[r]]) for r in units.readers
+               if bool((new_id[units.of_input[r]] >= 0).any())]
+    device = members[0][1].weight.device
+    return CoupledChannels([(n, m, ids.to(device)) for n, m, ids in members], lam[keep].to(device))

@@ -16,7 +16,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .groups import KINDS, covered_modules, group_lasso, group_norms, group_view, nonzero_groups
+from .groups import (KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso, group_norms,
+                     group_view, nonzero_groups)
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec"]
 
@@ -82,6 +83,13 @@ class _Term:
     name: str
     module: nn.Module
     lambdas: dict[str, float]
+    channel_scale: torch.Tensor | None = None  # 0 for the columns that a coupled group covers instead
+
+    def effective(self) -> dict:
+        """λ per kind; the channel λ as one value per column when some columns are coupled."""
+        if self.channel_scale is None or "channel" not in self.lambdas:
+            return self.lambdas
+        return {**self.lambdas, "channel": self.lambdas["channel"] * self.channel_scale}
 
 
 class Masks:
@@ -137,15 +145,31 @@ class GroupLasso:
     ``spec`` maps group kinds (``filter``, ``channel``, ``shape``, ``depth``, ``filter2d``) to
     λ for the whole model, and/or module-name patterns to such mappings (see
     :func:`resolve_spec`). Biases and normalisation parameters are never regularised.
-    ``example_input`` is accepted for models whose groups need the graph (residual models).
+
+    With ``example_input`` the model is traced (torch.fx) and ``channel`` groups follow the
+    graph: a channel read by several layers (a residual stream, a fork) is one *coupled*
+    group made of the input columns of all its readers, with the largest of their channel
+    λs, since it can only be removed when none of them reads it (see
+    :class:`~structsparse.groups.CoupledChannels`). Channels read by one layer keep the
+    paper's per-layer groups, so chains behave the same with or without ``example_input``.
     """
 
     def __init__(self, model: nn.Module, spec: Mapping, example_input: torch.Tensor | None = None):
         self.model = model
         self.spec = spec
-        self.example_input = example_input
         modules = dict(model.named_modules())
         self.terms = [_Term(name, modules[name], lambdas) for name, lambdas in resolve_spec(model, spec).items()]
+        self.coupled: CoupledChannels | None = None
+        if example_input is not None:
+            self.coupled = coupled_channels(model, example_input,
+                                            {t.name: t.lambdas.get("channel", 0.0) for t in self.terms})
+        if self.coupled is not None:
+            by_name = {t.name: t for t in self.terms}
+            for name, module, ids in self.coupled.members:
+                t = by_name.get(name)
+                if t is not None and "channel" in t.lambdas and _groups(module) == 1:
+                    scale = (ids < 0).to(module.weight.dtype)
+                    t.channel_scale = scale.view(1, -1, 1, 1) if module.weight.dim() == 4 else scale.view(1, -1)
         self.active = True
         self.masks: Masks | None = None
 
@@ -156,15 +180,22 @@ class GroupLasso:
 
     def penalty(self) -> torch.Tensor:
         """The differentiable group-Lasso term (zero once :meth:`freeze` turned it off)."""
-        if self.active and self.terms:
-            return group_lasso([(t.module.weight, t.lambdas, _groups(t.module)) for t in self.terms])
         p = next(self.model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else None)
+        total = torch.zeros((), device=p.device if p is not None else None)
+        if self.active and self.terms:
+            total = group_lasso([(t.module.weight, t.effective(), _groups(t.module)) for t in self.terms])
+        if self.active and self.coupled is not None:
+            total = total + self.coupled.penalty()
+        return total
 
     @torch.no_grad()
     def norms(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Detached group norms ``{layer: {kind: norms}}`` of the regularised kinds."""
-        return {t.name: {k: group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
+        """Detached group norms ``{layer: {kind: norms}}`` of the regularised kinds (the coupled
+        groups' norms under the key ``"coupled"``, as ``{"channel": norms}``)."""
+        out = {t.name: {k: group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
+        if self.coupled is not None:
+            out["coupled"] = {"channel": self.coupled.norms()}
+        return out
 
     @torch.no_grad()
     def prox_step(self, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -186,10 +217,17 @@ class GroupLasso:
             if step is None:
                 continue
             view = group_view(w, g)
-            for kind, lam in t.lambdas.items():
+            for kind, lam in t.effective().items():
                 norms = group_norms(w, kind, g, keepdim=True)
                 scale = (1 - step * lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0)
                 view.mul_(scale)
+        if self.coupled is not None:
+            steps = [lrs.get(id(m.weight), lr) for _, m, _ in self.coupled.members]
+            steps = [s for s in steps if s is not None]
+            if steps:  # one step size per group: the smallest of its layers'
+                norms = self.coupled.norms()
+                self.coupled.scale_((1 - min(steps) * self.coupled.lambdas
+                                     / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0))
 
     @torch.no_grad()
     def zero_small_(self, threshold: float = 1e-4) -> None:
@@ -210,6 +248,11 @@ class GroupLasso:
                 small = (norms < threshold) & (norms > 0)
                 count += int(small.sum())
                 view.masked_fill_(small.expand_as(view), 0.0)
+        if self.coupled is not None:
+            norms = self.coupled.norms()
+            small = (norms < threshold) & (norms > 0)
+            count += int(small.sum())
+            self.coupled.scale_((~small).to(norms.dtype))
         return count
 
     def zero_masks(self) -> dict[str, torch.Tensor]:

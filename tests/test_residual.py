@@ -265,3 +265,53 @@ def test_residual_compact_model_round_trips(tmp_path):
     loaded = load_compact(tmp_path / "m")
     check_exact(model, loaded, x)
     assert any(isinstance(m, ChannelPad) for m in loaded.modules())
+
+
+# ---- coupled channel groups ------------------------------------------------------------------
+
+from structsparse import GroupLasso  # noqa: E402
+from structsparse.groups import group_norms  # noqa: E402
+from structsparse.models import LeNet  # noqa: E402
+
+
+def test_chains_have_no_coupled_groups_and_the_same_penalty():
+    model = LeNet()
+    spec = {"filter": 0.01, "channel": 0.02, "shape": 0.003}
+    plain = GroupLasso(model, spec)
+    traced = GroupLasso(model, spec, example_input=torch.rand(2, 1, 28, 28))
+    assert traced.coupled is None
+    assert torch.equal(plain.penalty(), traced.penalty())
+
+
+def test_coupled_penalty_is_the_norm_of_all_readers_columns():
+    model = randomize(TinyResNet("B"))
+    lam = 0.1
+    gl = GroupLasso(model, {"channel": lam}, example_input=torch.rand(2, 3, 16, 16))
+    # stage-1 stream: read by layer1.{0,1}.conv1, layer2.0.conv1, layer2.0.shortcut.0; stage 2: layer2.1.conv1, fc
+    assert len(gl.coupled) == 8 + 16
+    readers1 = [model.layer1[0].conv1, model.layer1[1].conv1, model.layer2[0].conv1, model.layer2[0].shortcut[0]]
+    readers2 = [model.layer2[1].conv1, model.fc]
+    coupled = sum(torch.stack([group_norms(m.weight, "channel") ** 2 for m in rs]).sum(0).sqrt().sum()
+                  for rs in (readers1, readers2))
+    coupled_layers = {id(m) for m in readers1 + readers2}
+    per_layer = sum(group_norms(m.weight, "channel").sum() for m in model.modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in coupled_layers)
+    torch.testing.assert_close(gl.penalty(), lam * (coupled + per_layer))
+
+
+def test_coupled_gradient_is_finite_at_zero_groups_and_prox_zeroes_whole_units():
+    model = randomize(TinyResNet("A"))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        for m in (model.layer1[0].conv1, model.layer1[1].conv1, model.layer2[0].conv1):
+            m.weight[:, 0] = 0
+    gl = GroupLasso(model, {"channel": 0.05}, example_input=x)
+    gl.penalty().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    before = compact(model, x).conv1.out_channels
+    norms = gl.norms()["coupled"]["channel"]
+    gl.prox_step(lr=float(norms.sort().values[3]) / 0.05)  # large enough to zero the 4 weakest units
+    assert int((gl.coupled.norms() == 0).sum()) >= 4
+    c = compact(model, x)
+    check_exact(model, c, x)
+    assert c.fc.in_features < 16 and c.conv1.out_channels <= before
