@@ -28,7 +28,7 @@ from torch import nn
 from .graph import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED, Graph, Node,
                     channel_units, trace_graph)
 from .kernels import LoweredConv2d
-from .layers import Add, Constant
+from .layers import Constant
 from .timing import time_interleaved
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .layers import Add, Cat, ChannelPad, Constant
+from .layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
 
 __all__ = ["Node", "Graph", "trace_graph", "ChannelUnits", "channel_units", "Op", "FUNCTIONS",
            "UnsupportedModelError"]
@@ -81,7 +81,8 @@ _MODULES: list[tuple[tuple[type, ...], str]] = [
       nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Mish, nn.Identity), ELEMENTWISE),
     ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), POOL),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout), DROPOUT),
-    ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax), MIXING),
+    ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm), MIXING),
+    ((WithinChannelLRN,), POOL),
     ((Add,), ADD), ((Cat,), CAT), ((ChannelPad,), CHPAD), ((Constant,), CONST),
 ]
 
@@ -235,7 +236,7 @@ def trace_graph(model: nn.Module, example_input: torch.Tensor) -> Graph:
     """
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    leaves = (Add, Cat, ChannelPad, Constant)
+    leaves = (Add, Cat, ChannelPad, Constant, WithinChannelLRN)
 
     class _Tracer(fx.Tracer):
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:

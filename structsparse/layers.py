@@ -7,9 +7,10 @@ folded constants of compact graphs. All are plain modules that torch.fx treats a
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelPad", "Add", "Cat", "Constant"]
+__all__ = ["ChannelPad", "Add", "Cat", "Constant", "WithinChannelLRN"]
 
 
 class ChannelPad(nn.Module):
@@ -35,7 +36,7 @@ class ChannelPad(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, ::self.stride, ::self.stride]
-        out = x.new_zeros(x.shape[0], self.out_channels, *x.shape[2:])
+        out = x.new_zeros(x.shape[0], self.out_channels, x.shape[2], x.shape[3])
         return out.index_copy(1, self.index, x)
 
     def extra_repr(self) -> str:
@@ -78,3 +79,26 @@ class Constant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={list(self.value.shape)}"
+
+
+class WithinChannelLRN(nn.Module):
+    """Caffe's ``LRN`` with ``norm_region: WITHIN_CHANNEL``: ``x / (1 + α·mean(x²))^β``.
+
+    The mean is over the ``size × size`` spatial window around each position in the same
+    channel, zero-padded, always divided by ``size²`` (Caffe computes it with an average
+    pooling whose padding counts). Unlike ``nn.LocalResponseNorm`` (Caffe's
+    ``ACROSS_CHANNELS``), it never mixes channels.
+    """
+
+    def __init__(self, size: int = 3, alpha: float = 5e-5, beta: float = 0.75):
+        super().__init__()
+        if size < 1 or size % 2 == 0:
+            raise ValueError(f"WithinChannelLRN needs an odd size >= 1, got {size}")
+        self.size, self.alpha, self.beta = int(size), float(alpha), float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sq = F.avg_pool2d(x * x, self.size, 1, self.size // 2, count_include_pad=True)
+        return x * (1 + self.alpha * mean_sq).pow(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, alpha={self.alpha:g}, beta={self.beta:g}"

@@ -167,8 +167,7 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
             per_module = None
         if per_module is not None:
             compact_macs = per_module[""] // batch
-            for r in rows:
-                if r["name"] in per_module:
-                    r["compact_flop_fraction"] = per_module[r["name"]] / batch / r["macs"]
+            for r in rows:  # a layer compaction removed (a branch that became a constant) does no work
+                r["compact_flop_fraction"] = per_module.get(r["name"], 0) / batch / r["macs"]
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
                           count_macs(model, example_input) // batch, list(example_input.shape), compact_macs)

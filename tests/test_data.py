@@ -99,11 +99,11 @@ def check_tensors(images, labels, n):
 
 
 def test_public_names():
-    assert tuple(data.DATASETS) == ("mnist", "fashion-mnist")
+    assert tuple(data.DATASETS) == ("mnist", "fashion-mnist", "cifar10")
     assert tuple(data.SPLITS) == ("train", "val", "test")
 
 
-@pytest.mark.parametrize("name,split,bad", [("cifar10", "train", "cifar10"), ("mnist", "valid", "valid")])
+@pytest.mark.parametrize("name,split,bad", [("cifar100", "train", "cifar100"), ("mnist", "valid", "valid")])
 def test_unknown_name_or_split(name, split, bad, tmp_path):
     with pytest.raises(ValueError) as e:
         data.load_dataset(name, split, root=tmp_path)

@@ -315,3 +315,17 @@ def test_coupled_gradient_is_finite_at_zero_groups_and_prox_zeroes_whole_units()
     c = compact(model, x)
     check_exact(model, c, x)
     assert c.fc.in_features < 16 and c.conv1.out_channels <= before
+
+
+def test_report_counts_removed_branches_as_no_work():
+    from structsparse import sparsity_report
+
+    model = randomize(TinyResNet())
+    with torch.no_grad():
+        model.layer1[1].conv2.weight.zero_()
+    rep = sparsity_report(model, torch.rand(2, 3, 16, 16))
+    rows = {r["name"]: r for r in rep.layers}
+    assert rows["layer1.1.conv1"]["compact_flop_fraction"] == 0 and rows["layer1.1.conv2"]["compact_flop_fraction"] == 0
+    assert rows["layer1.1.conv1"]["flop_fraction"] == 1  # its own weights are not zero
+    assert rows["layer1.0.conv1"]["compact_flop_fraction"] == pytest.approx(1.0)
+    assert rep.compact_flop_fraction < rep.flop_fraction < 1
