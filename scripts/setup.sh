@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (or $STRUCTSPARSE_VENV) and install structsparse with its test tools.
+# Create .venv (or $STRUCTSPARSE_VENV) and install structsparse with its test tools and the ONNX export extra.
 # It installs a pinned torch first, so that the package's open torch requirement installs nothing more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +15,6 @@ if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "setup: installing $torch_spec" >&2
   "${pip[@]}" install "$torch_spec"
 fi
-"${pip[@]}" install -e ".[test]"
+# test: pytest, hypothesis; export: onnx, onnxruntime, onnxscript, so that tests/test_export.py runs rather than skips.
+"${pip[@]}" install -e ".[test,export]"
 "$venv/bin/python" -c "import structsparse, torch; print('setup: structsparse', structsparse.__version__, 'torch', torch.__version__)" >&2

@@ -11,10 +11,12 @@ from .compact import compact
 from .kernels import LoweredConv2d
 from .io import load_compact, save_compact
 from .measure import measure_speedup
+from .export import export_onnx
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS", "group_norms", "GroupLasso", "Masks", "SparsityReport", "sparsity_report",
     "compact", "LoweredConv2d", "load_compact", "save_compact", "measure_speedup",
+    "export_onnx",
 ]

@@ -27,7 +27,8 @@ from .compact import lower_conv
 from .timing import machine_info, time_interleaved
 
 __all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "sparse_conv_weight", "time_conv_layer", "alexnet_table4",
-           "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write"]
+           "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",
+           "onnx_model_timing", "onnx_markdown"]
 
 
 @dataclass(frozen=True)
@@ -353,3 +354,66 @@ def write(res: dict, out: Path, name: str, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(res, indent=1))
     (out / f"{name}.md").write_text(markdown + "\n")
+
+
+# ---- bench model --onnx: ONNX Runtime beside PyTorch ------------------------------------
+
+def _ms(samples: list[float]) -> dict:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+
+
+ONNX_IMPLS = ("torch_original", "torch_compact", "ort_original", "ort_compact")
+
+
+def onnx_model_timing(original: nn.Module, compact: nn.Module, example: torch.Tensor, out: Path,
+                      batch_sizes: Sequence[int] = (1, 64), threads: int = 1, repeats: int = 30, warmup: int = 2,
+                      seed: int = 0) -> dict:
+    """Export both models to ``out/{original,compact}.onnx`` (checked against PyTorch) and time them
+    in ONNX Runtime beside PyTorch, all four in the same interleaved repetitions, on the CPU.
+    ``threads`` (0: all cores) is used by torch and by ONNX Runtime's intra-op pool alike."""
+    import onnxruntime
+
+    from .export import export_onnx, ort_session
+    out.mkdir(parents=True, exist_ok=True)
+    original, compact, example = original.cpu().eval(), compact.cpu().eval(), example.cpu()
+    files = {n: export_onnx(m, example, out / f"{n}.onnx") for n, m in (("original", original), ("compact", compact))}
+    threads = threads or _all_threads()
+    sessions = {n: ort_session(f, threads=threads) for n, f in files.items()}
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    try:
+        for b in batch_sizes:
+            x = torch.rand((int(b), *example.shape[1:]), generator=gen)
+            feed = {n: {s.get_inputs()[0].name: x.numpy()} for n, s in sessions.items()}
+            fns = [lambda: original(x), lambda: compact(x),
+                   lambda: sessions["original"].run(None, feed["original"]),
+                   lambda: sessions["compact"].run(None, feed["compact"])]
+            with torch.inference_mode():
+                samples = time_interleaved(fns, repeats, warmup)
+            t = {n: _ms(s) for n, s in zip(ONNX_IMPLS, samples)}
+            med = {n: v["median_ms"] for n, v in t.items()}
+            rows.append({"batch": int(b), **t,
+                         "speedup_torch": med["torch_original"] / med["torch_compact"],
+                         "speedup_ort": med["ort_original"] / med["ort_compact"],
+                         "ort_vs_torch_compact": med["torch_compact"] / med["ort_compact"],
+                         "ort_compact_vs_torch_original": med["torch_original"] / med["ort_compact"]})
+    finally:
+        torch.set_num_threads(old)
+    return {"rows": rows, "threads": threads, "repeats": repeats, "onnxruntime": onnxruntime.__version__,
+            "files": {n: str(f) for n, f in files.items()}}
+
+
+def onnx_markdown(res: dict) -> str:
+    lines = [f"ONNX Runtime {res['onnxruntime']} (CPU) beside PyTorch, {res['threads']} thread(s), median of "
+             f"{res['repeats']} interleaved repetitions of all four; ratios are speedups (× faster).", "",
+             "| batch | torch dense ms | torch compact ms | ORT dense ms | ORT compact ms | compact × dense (torch) | "
+             "compact × dense (ORT) | ORT compact × torch compact | ORT compact × torch dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ms = " | ".join(f"{r[n]['median_ms']:.3f}" for n in ONNX_IMPLS)
+        lines.append(f"| {r['batch']} | {ms} | {r['speedup_torch']:.2f}× | {r['speedup_ort']:.2f}× | "
+                     f"{r['ort_vs_torch_compact']:.2f}× | {r['ort_compact_vs_torch_original']:.2f}× |")
+    return "\n".join(lines)

@@ -16,6 +16,11 @@ from torch.nn.modules.utils import _pair
 
 __all__ = ["LoweredConv2d"]
 
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
 
 class LoweredConv2d(nn.Module):
     """A Conv2d restricted to the weight columns listed in ``columns``.
@@ -68,9 +73,15 @@ class LoweredConv2d(nn.Module):
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def _gather_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Flat index into the padded input (C·Hp·Wp) of every kept im2col entry, positions × K'."""
+        """Flat index into the padded input (C·Hp·Wp) of every kept im2col entry, positions × K'.
+
+        Cached per input size in eager mode. While tracing (torch.export, torch.compile, the
+        ONNX exporters) it is computed from the ``columns`` buffer in the graph and not cached,
+        so that no traced value is kept and the exported graph does not depend on earlier calls.
+        """
+        tracing = _is_compiling() or torch.jit.is_tracing()
         key = (h, w, device)
-        index = self._index_cache.get(key)
+        index = None if tracing else self._index_cache.get(key)
         if index is None:
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
             hp, wp = h + 2 * ph, w + 2 * pw
@@ -83,7 +94,8 @@ class LoweredConv2d(nn.Module):
             ow = torch.arange(wo, device=device) * sw
             offsets = (oh[:, None] + ow[None, :]).flatten()  # positions
             index = (offsets[:, None] + start[None, :]).flatten()
-            self._index_cache[key] = index
+            if not tracing:
+                self._index_cache[key] = index
         return index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
