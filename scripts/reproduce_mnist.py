@@ -268,23 +268,26 @@ def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rul
 
 # --------------------------------------------------------------------------- verify
 
-def verify(results: Path = RESULTS) -> list[str]:
-    """Load every results/mnist/*/model, evaluate on MNIST test, compare with metrics.json; returns problems."""
+def verify(results: Path = RESULTS, data: str = "mnist", rows: set[str] | None = None,
+           row_key: str = "paper_row") -> list[str]:
+    """Load every ``results/*/model``, evaluate on the ``data`` test images, compare with metrics.json
+    (whose ``row_key`` must be one of ``rows``, default the paper's MNIST rows); returns problems."""
     from structsparse import load_compact
     from structsparse.data import load_dataset
     from structsparse.train import Split, evaluate
 
-    x, y = load_dataset("mnist", "test")
+    rows = rows if rows is not None else {p["paper_row"] for p in PAPER.values()}
+    x, y = load_dataset(data, "test")
     test = Split(x, y)
     problems, seen = [], 0
     for metrics_path in sorted(results.glob("*/metrics.json")):
         m = json.loads(metrics_path.read_text())
         where = metrics_path.parent
-        for key in ("paper_row", "test_error", "command", "machine", "date", "layers"):
+        for key in (row_key, "test_error", "command", "machine", "date", "layers"):
             if key not in m:
                 problems.append(f"{metrics_path}: missing {key!r}")
-        if m.get("paper_row") not in {p["paper_row"] for p in PAPER.values()}:
-            problems.append(f"{metrics_path}: unknown paper_row {m.get('paper_row')!r}")
+        if m.get(row_key) not in rows:
+            problems.append(f"{metrics_path}: unknown {row_key} {m.get(row_key)!r}")
         try:
             model = load_compact(where / "model").eval()
         except Exception as e:  # noqa: BLE001  report and go on with the other rows
@@ -293,7 +296,7 @@ def verify(results: Path = RESULTS) -> list[str]:
         err = evaluate(model, test, 1000)
         seen += 1
         ok = err == m.get("test_error")
-        print(f"{where.name:8s} {m.get('paper_row', '?'):8s} recorded {100 * m.get('test_error', float('nan')):.2f}% "
+        print(f"{where.name:8s} {m.get(row_key, '?'):8s} recorded {100 * m.get('test_error', float('nan')):.2f}% "
               f"reproduced {100 * err:.2f}% ({round(err * len(test))}/{len(test)}) {'ok' if ok else 'MISMATCH'}")
         if not ok:
             problems.append(f"{where}: test error {err} != recorded {m.get('test_error')}")

@@ -1,14 +1,17 @@
 """Command line: ``structsparse run RECIPE.yaml --out DIR [--resume] [--device cpu|cuda]`` and
 ``structsparse bench {alexnet-table4,sweep,model} ...``.
 
-Trains the recipe's phases (checkpoint after every epoch in ``DIR/checkpoint/``), then
-compacts the model, checks the compact model's test error against the original's,
-measures the speedup, and writes ``DIR/compact/``, ``DIR/report.md`` and ``DIR/metrics.json``.
+Trains the recipe's phases (checkpoint after every epoch in ``DIR/checkpoint/``, one row per
+epoch in ``DIR/log.csv``), then compacts the model, checks the compact model's test error
+against the original's, measures the speedup, and writes ``DIR/compact/``, ``DIR/report.md``,
+``DIR/metrics.json`` and ``DIR/sparsity.png``. Under ``torchrun`` (``WORLD_SIZE`` > 1) it
+trains with DistributedDataParallel; rank 0 alone writes and compacts.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import shlex
@@ -37,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the last completed epoch in OUT/checkpoint/")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="training device (default cpu)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when stderr is not a terminal)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write TensorBoard scalars to OUT/tensorboard/ (needs the tensorboard package)")
     bench = sub.add_parser("bench", help="speed benchmarks (AlexNet Table 4 layers, a sparsity sweep, a run's model)",
                            description="Speed benchmarks. Timings are medians of interleaved repetitions; "
                                        "compare them only as the ratios printed, measured in the same run.")
@@ -48,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--layer", default="conv3", help="AlexNet layer (conv1..conv5; groups=1)")
     md = bsub.add_parser("model", help="a run's compact model against its trained original, per layer and whole")
     md.add_argument("run_dir", help="output directory of `structsparse run`")
+    md.add_argument("--onnx", action="store_true",
+                    help="also export both models to ONNX (OUT/original.onnx, OUT/compact.onnx) and time them in "
+                         "ONNX Runtime beside PyTorch, in the same interleaved repetitions (needs structsparse[export])")
     for p, batches, threads, repeats in ((t4, "1,64", "1,0", 10), (sw, "1", "1", 10), (md, "1,64", "1", 30)):
         p.add_argument("--batch", default=batches, help=f"batch sizes, comma-separated (default {batches})")
         p.add_argument("--threads", default=threads, help=f"thread counts, comma-separated; 0 = all cores (default {threads})")
@@ -108,6 +116,10 @@ def run_bench(args: argparse.Namespace) -> None:
     else:
         from .measure import measure_speedup
         from .report import sparsity_report
+        if args.onnx and args.device != "cpu":
+            raise CLIError("--onnx: ONNX Runtime is timed on the CPU; use --device cpu")
+        if args.onnx and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+            raise CLIError("--onnx needs onnx and onnxruntime: pip install 'structsparse[export]'")
         original, small, metrics = load_run(args.run_dir)
         out = Path(args.out or Path(args.run_dir) / "bench")
         example = torch.rand(1, *small.input_shape)
@@ -118,6 +130,14 @@ def run_bench(args: argparse.Namespace) -> None:
         md = speed.to_markdown() + "\n\n" + report.to_markdown()
         res = {"benchmark": "model", "run_dir": str(args.run_dir), "speed": speed.to_dict(),
                "sparsity": report.to_dict(), "command": "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+        if args.onnx:
+            from .export import ONNXExportError
+            try:
+                res["onnx"] = bench.onnx_model_timing(original, small, example, out, batch_sizes=batches,
+                                                      threads=threads[0], repeats=args.repeats, warmup=args.warmup)
+            except ONNXExportError as e:
+                raise CLIError(f"--onnx: {e}") from e
+            md += "\n\n" + bench.onnx_markdown(res["onnx"])
         bench.write(res, out, "model", md)
     print(md)
 
@@ -159,17 +179,26 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Modu
 
 def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "cpu",
                progress: bool | None = None, argv: Sequence[str] | None = None,
-               on_epoch_end: Callable | None = None) -> dict:
-    """What ``structsparse run`` does; returns the metrics it writes to ``OUT/metrics.json``."""
+               on_epoch_end: Callable | None = None, tensorboard: bool = False) -> dict | None:
+    """What ``structsparse run`` does; returns the metrics it writes to ``OUT/metrics.json``
+    (``None`` in the processes other than rank 0 of a distributed run, which write nothing)."""
+    from . import distributed
     from .checkpoint import has_checkpoint
     from .compact import compact
     from .io import save_compact
     from .measure import measure_speedup
     from .recipe import load_recipe
     from .report import sparsity_report
+    from .runlog import RunLog
     from .train import Trainer, evaluate, load_splits
 
     recipe = load_recipe(recipe_path)
+    try:
+        world = distributed.env_world_size()
+        if world > 1:
+            distributed.local_batch_size(recipe.batch_size, world)
+    except ValueError as e:
+        raise CLIError(f"{recipe_path}: {e}") from None
     if device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: CUDA is not available in this PyTorch build or on this machine "
                        f"(torch {torch.__version__}); use --device cpu")
@@ -178,14 +207,47 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     if has_checkpoint(ckpt_dir) and not resume:
         raise CLIError(f"{out_dir} already holds a checkpoint ({ckpt_dir}); pass --resume to continue it, "
                        "or choose another --out directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    splits = load_splits(recipe, device)
-    trainer = Trainer(recipe, splits, device=device, checkpoint_dir=ckpt_dir, progress=progress,
-                      on_epoch_end=on_epoch_end)
-    results = trainer.run(resume=resume)
+    dev = distributed.init_from_env(device) if world > 1 else torch.device(device)
+    try:
+        main_rank = distributed.is_main()
+        if main_rank:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            distributed.barrier()   # rank 0 fills the data cache first
+        splits = load_splits(recipe, dev)
+        if main_rank:
+            distributed.barrier()
+        runlog = RunLog(out_dir, tensorboard=tensorboard, title=f"{Path(recipe_path).name}: {recipe.model} on "
+                        f"{recipe.data}") if main_rank else None
+
+        def epoch_end(trainer: Trainer, p: int, e: int) -> None:
+            if runlog is not None:
+                runlog.update(trainer.history)
+            if on_epoch_end is not None:
+                on_epoch_end(trainer, p, e)
+
+        trainer = Trainer(recipe, splits, device=dev, checkpoint_dir=ckpt_dir, progress=progress,
+                          on_epoch_end=epoch_end)
+        try:
+            results = trainer.run(resume=resume)
+        except BaseException:
+            if runlog is not None:   # the logs of the epochs that were checkpointed
+                try:
+                    runlog.close(trainer.history)
+                except Exception:  # noqa: BLE001  never hide the error that stopped training
+                    pass
+            raise
+        if runlog is not None:
+            runlog.close(trainer.history)
+        distributed.barrier()
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
     train_s = time.perf_counter() - t0
+    if not main_rank:
+        return None
     model = trainer.finish()
 
     example = splits["test"].images[:1]
@@ -224,7 +286,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     ]) + "\n"
     metrics = {
         "recipe": str(recipe_path), "model": recipe.model, "data": recipe.data, "command": command, "machine": machine, "date": date,
-        "device": device, "train_seconds": train_s,
+        "device": device, "world_size": world, "train_seconds": train_s,
         "test_error": {"original": test_original, "compact": test_compact},
         "val_error": results["val_error"], "history": results["history"],
         "sparsity": report.to_dict(), "speed": speed.to_dict(),
@@ -241,18 +303,24 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
 def main(argv: Sequence[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .recipe import RecipeError
+    from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    # Under torchrun every process meets these errors alike; rank 0 alone reports them.
+    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
     try:
         if args.command == "run":
             run_recipe(args.recipe, args.out, resume=args.resume, device=args.device,
                        progress=False if args.no_progress else None,
-                       argv=list(argv) if argv is not None else None)
+                       argv=list(argv) if argv is not None else None, tensorboard=args.tensorboard)
         elif args.command == "bench":
             run_bench(args)
     except (CLIError, RecipeError, CheckpointError) as e:
-        print(f"structsparse: error: {e}", file=sys.stderr)
+        say(f"structsparse: error: {e}")
         return 2
+    except TrainingDiverged as e:
+        say(f"structsparse: error: {e}")
+        return 1
     except KeyboardInterrupt:
         print("structsparse: interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -5,7 +5,9 @@ group-Lasso training → fine-tuning with the zero structures frozen), plus how 
 the speedup at the end::
 
     model: lenet                 # a name in structsparse.models.MODELS
-    data: mnist                  # mnist | fashion-mnist
+    model_args: {}               # optional constructor arguments, e.g. {shortcut: B} for resnet20
+    data: mnist                  # mnist | fashion-mnist | cifar10
+    augment: null                # optional, e.g. {crop_padding: 4, flip: true} (training batches only)
     seed: 0
     batch_size: 64
     phases:
@@ -30,6 +32,7 @@ file and the key path, e.g. ``recipes/x.yaml: phases[1].lambdas.filtr: unknown g
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import re
@@ -41,10 +44,10 @@ import yaml
 from .groups import KINDS
 from .models import MODELS
 
-__all__ = ["RecipeError", "Recipe", "Phase", "LRSchedule", "MeasureConfig", "load_recipe", "parse_recipe",
+__all__ = ["RecipeError", "Recipe", "Phase", "LRSchedule", "MeasureConfig", "Augment", "load_recipe", "parse_recipe",
            "DATASETS", "METHODS"]
 
-DATASETS = ("mnist", "fashion-mnist")
+DATASETS = ("mnist", "fashion-mnist", "cifar10")
 METHODS = ("penalty", "prox")
 SCHEDULES = ("constant", "step", "cosine")
 
@@ -96,14 +99,26 @@ class MeasureConfig:
 
 
 @dataclass(frozen=True)
+class Augment:
+    """Training-batch augmentation (:func:`structsparse.data.random_crop_flip`): zero-pad by
+    ``crop_padding`` and crop back to the input size at a random offset; random horizontal flips."""
+
+    crop_padding: int = 0
+    flip: bool = False
+
+
+@dataclass(frozen=True)
 class Recipe:
     model: str
     data: str
     phases: tuple[Phase, ...]
+    model_args: dict = field(default_factory=dict)   # keyword arguments of the model's constructor
+    augment: Augment | None = None
     seed: int = 0
     batch_size: int = 64
     eval_batch_size: int = 1000
     data_root: str | None = None
+    init_from: str | None = None   # safetensors weights to start from (e.g. a dense run's trained.safetensors)
     train_subset: int | None = None
     val_subset: int | None = None
     test_subset: int | None = None
@@ -114,6 +129,9 @@ class Recipe:
         """The recipe as plain JSON-able data (without ``path``), e.g. to check a resume."""
         d = dataclasses.asdict(self)
         d.pop("path")
+        for key, default in (("model_args", {}), ("augment", None), ("init_from", None)):  # as before these keys existed,
+            if d[key] == default:                                       # so older checkpoints still resume
+                d.pop(key)
         return _jsonable(d)
 
 
@@ -228,8 +246,9 @@ def _show(value) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-_TOP = ("model", "data", "data_root", "seed", "batch_size", "eval_batch_size", "train_subset", "val_subset",
-        "test_subset", "phases", "measure")
+_TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "seed", "batch_size", "eval_batch_size",
+        "train_subset", "val_subset", "test_subset", "phases", "measure")
+_AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method", "zero_below",
           "group_threshold", "freeze")
 _SCHEDULE = ("kind", "milestones", "gamma")
@@ -243,10 +262,14 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         c.fail("", "the recipe is empty")
     c.mapping(raw, "", _TOP, required=("model", "data", "phases"))
     model = c.choice(raw["model"], "model", tuple(sorted(MODELS)), "model")
+    model_args = _parse_model_args(c, raw.get("model_args"), "model_args", model)
     kw = dict(
         model=model,
+        model_args=model_args,
         data=c.choice(raw["data"], "data", DATASETS, "data set"),
+        augment=_parse_augment(c, raw.get("augment"), "augment"),
         data_root=c.string(raw.get("data_root"), "data_root", optional=True),
+        init_from=c.string(raw.get("init_from"), "init_from", optional=True),
         seed=c.integer(raw.get("seed", 0), "seed", minimum=0),
         batch_size=c.integer(raw.get("batch_size", 64), "batch_size", minimum=1),
         eval_batch_size=c.integer(raw.get("eval_batch_size", 1000), "eval_batch_size", minimum=1),
@@ -261,7 +284,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     phases = []
     names = set()
     for i, p in enumerate(phases_raw):
-        phase = _parse_phase(c, p, f"phases[{i}]", model)
+        phase = _parse_phase(c, p, f"phases[{i}]", model, model_args)
         if phase.name in names:
             c.fail(f"phases[{i}].name", f"duplicate phase name {phase.name!r}")
         names.add(phase.name)
@@ -273,7 +296,36 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     return Recipe(**kw)
 
 
-def _parse_phase(c: _Checker, p, where: str, model: str) -> Phase:
+def _parse_model_args(c: _Checker, args, where: str, model: str) -> dict:
+    """Keyword arguments for the model's constructor: names it accepts, values it accepts."""
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping):
+        c.fail(where, f"expected a mapping of {model} constructor arguments, got {_show(args)}")
+    params = [n for n, p in inspect.signature(MODELS[model]).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for key in args:
+        if key not in params:
+            c.fail(_join(where, key), f"not a parameter of model {model!r}; its parameters: {', '.join(params)}")
+    args = dict(args)
+    from .models import build_model
+    try:
+        build_model(model, **args)
+    except (TypeError, ValueError) as e:
+        c.fail(where, f"model {model!r} cannot be built with {args}: {e}")
+    return args
+
+
+def _parse_augment(c: _Checker, a, where: str) -> Augment | None:
+    if a is None:
+        return None
+    c.mapping(a, where, _AUGMENT)
+    aug = Augment(crop_padding=c.integer(a.get("crop_padding", 0), f"{where}.crop_padding", minimum=0),
+                  flip=c.boolean(a.get("flip", False), f"{where}.flip"))
+    return aug if aug != Augment() else None
+
+
+def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | None = None) -> Phase:
     c.mapping(p, where, _PHASE, required=("name", "epochs", "lr"))
     at = lambda key: f"{where}.{key}"  # noqa: E731
     kw = dict(
@@ -287,7 +339,7 @@ def _parse_phase(c: _Checker, p, where: str, model: str) -> Phase:
         group_threshold=c.number(p.get("group_threshold"), at("group_threshold"), minimum=0, optional=True),
         freeze=c.boolean(p.get("freeze", False), at("freeze")),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
-        lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), model),
+        lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), model, model_args),
     )
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
@@ -321,7 +373,7 @@ def _parse_schedule(c: _Checker, s, where: str, epochs) -> LRSchedule:
     return LRSchedule("step", milestones, gamma)
 
 
-def _parse_lambdas(c: _Checker, spec, where: str, model: str) -> dict:
+def _parse_lambdas(c: _Checker, spec, where: str, model: str, model_args: Mapping | None = None) -> dict:
     """A GroupLasso spec: kinds → λ for all layers, and/or layer patterns → {kind: λ}."""
     if spec is None:
         return {}
@@ -347,7 +399,7 @@ def _parse_lambdas(c: _Checker, spec, where: str, model: str) -> dict:
     from .models import build_model
     from .penalty import resolve_spec
     try:
-        resolve_spec(build_model(model), out)
+        resolve_spec(build_model(model, **(model_args or {})), out)
     except ValueError as e:
         c.fail(where, str(e))
     if not any(_positive(v) for v in out.values()):

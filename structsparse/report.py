@@ -166,7 +166,7 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
         except UnsupportedModelError:
             per_module = None
         if per_module is not None:
-            compact_macs = per_module[""] // batch
+            compact_macs = per_module.get("", 0) // batch  # no entry: the compact model multiplies nothing
             for r in rows:  # a layer compaction removed (a branch that became a constant) does no work
                 r["compact_flop_fraction"] = per_module.get(r["name"], 0) / batch / r["macs"]
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),

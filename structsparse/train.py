@@ -11,6 +11,21 @@ then zeroes regularised weights below ``zero_below``; at the phase end, groups b
 the layers regularised earlier (group term off); frozen masks stay in force in all later
 phases. The shuffle order of every epoch comes from a generator seeded with
 (seed, phase, epoch), so a resumed run needs no generator state and ends bit-identical.
+The recipe's ``augment`` (random crop and flip of each training batch) draws from a second
+generator seeded from the same epoch seed, so it keeps that property.
+
+A loss (or group term) that is not finite stops the run with :class:`TrainingDiverged`
+before anything is written for that epoch: the previous epoch's checkpoint stays as it was.
+
+In a process group (``torchrun``, see :mod:`structsparse.distributed`) the model is wrapped
+in ``DistributedDataParallel``: every process draws the same global batches, trains on its
+slice of each, and DDP averages the gradients, so the update equals one process's at the
+same global batch (up to summation order). The proximal step, the zeroing and the masks
+then act on identical weights in every process, and a penalty added in every process has,
+averaged by DDP, its own gradient. (BatchNorm layers use each process's slice statistics, and
+DDP broadcasts rank 0's running statistics: for such models N processes match one only
+approximately.) Every process evaluates the full validation set; only rank 0 writes
+checkpoints and logs.
 """
 from __future__ import annotations
 
@@ -24,16 +39,26 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from . import checkpoint as ckpt
-from .data import load_dataset, make_loader
+from . import distributed as dist_
+from .data import load_dataset, make_loader, random_crop_flip
 from .groups import covered_modules, group_norms
 from .models import build_model
 from .penalty import GroupLasso, Masks, resolve_spec
 from .recipe import Phase, Recipe
+from .report import sparsity_report
 
-__all__ = ["Trainer", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
+__all__ = ["Trainer", "TrainingDiverged", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
+
+_CHECK_EVERY = 25   # steps between the (synchronising) checks that the loss is finite
+
+
+class TrainingDiverged(RuntimeError):
+    """A training loss or group term that is not finite; nothing was saved for its epoch."""
 
 
 @dataclass
@@ -55,6 +80,20 @@ def load_splits(recipe: Recipe, device: str | torch.device = "cpu") -> dict[str,
             x, y = x[:n], y[:n]
         out[split] = Split(x.to(device), y.to(device))
     return out
+
+
+_AUGMENT_SEED = 0x5EED_A06  # XORed into the epoch seed for the augmentation generator
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors state dict (``init_from``); errors name the file and what does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} does not exist (run the recipe that writes it first)")
+    try:
+        model.load_state_dict(load_file(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"init_from: {path} does not fit model {type(model).__name__}: {e}") from e
 
 
 def epoch_seed(seed: int, phase: int, epoch: int) -> int:
@@ -119,8 +158,15 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda s: print(s, flush=True))
         self.on_epoch_end = on_epoch_end
+        self.world, self.rank = dist_.world_size(), dist_.rank()
+        if self.world > 1:
+            dist_.local_batch_size(recipe.batch_size, self.world)  # the global batch must split evenly
+            if self.rank:
+                self.progress, self.log = False, lambda s: None
         torch.manual_seed(recipe.seed)
-        self.model = build_model(recipe.model).to(self.device)
+        self.model = build_model(recipe.model, **recipe.model_args).to(self.device)
+        if recipe.init_from is not None:
+            load_weights(self.model, recipe.init_from)
         self.masks: Masks | None = None
         self.history: list[dict] = []
 
@@ -169,13 +215,18 @@ class Trainer:
     def run(self, resume: bool = False) -> dict:
         """Train all phases (from the last checkpoint if ``resume``); returns the final metrics."""
         start_p, start_e, opt_state = self._position(resume)
+        if not dist_.same_on_all([start_p, start_e, len(self.history)], self.device):
+            raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the processes found different checkpoints; "
+                                       "the output directory must be one directory that all nodes share")
+        self.net = self._data_parallel()
         phases = self.recipe.phases
         for p in range(start_p, len(phases)):
             phase = phases[p]
             mid = p == start_p and start_e > 0
             if phase.freeze and not mid:
                 self._set_masks(self._masks_for_freeze(p))
-            gl = GroupLasso(self.model, phase.lambdas) if phase.sparsifying else None
+            gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
+                  if phase.sparsifying else None)  # traced: channels coupled across residual adds
             opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                                   weight_decay=phase.weight_decay)
             if mid:
@@ -189,6 +240,29 @@ class Trainer:
                 self._end_phase(phase, gl)
         return self.results()
 
+    def _data_parallel(self) -> nn.Module:
+        """The model the training steps call: DDP around it in a process group, else itself."""
+        if self.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            return DistributedDataParallel(self.model, device_ids=[index])
+        return DistributedDataParallel(self.model)
+
+    def _diverged(self, p: int, e: int, where: str, what: str) -> TrainingDiverged:
+        phase = self.recipe.phases[p]
+        if self.checkpoint_dir is None:
+            kept = "no checkpoint directory"
+        elif self.history:
+            last = self.history[-1]
+            kept = (f"the last good checkpoint ({self.checkpoint_dir}, after {last['phase']} epoch "
+                    f"{last['epoch']}/{last['epochs']}) is kept as it was")
+        else:
+            kept = "no checkpoint was written"
+        return TrainingDiverged(f"training diverged in phase {phase.name!r} epoch {e + 1}/{phase.epochs}, {where}: "
+                                f"{what}; {kept}. Try a lower lr.")
+
     def _end_phase(self, phase: Phase, gl: GroupLasso | None) -> None:
         if gl is not None and phase.group_threshold is not None:
             n = gl.zero_groups_(phase.group_threshold)
@@ -201,6 +275,8 @@ class Trainer:
         train = self.splits["train"]
         gen = torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e))
         loader = make_loader(train.images, train.labels, self.recipe.batch_size, shuffle=True, generator=gen)
+        aug = self.recipe.augment
+        aug_gen = torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e) ^ _AUGMENT_SEED) if aug else None
         steps = len(loader)
         use_penalty = gl is not None and phase.method == "penalty"
         use_prox = gl is not None and phase.method == "prox"
@@ -211,7 +287,12 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
+        seen = seen_here = 0
+        # The first step whose loss or penalty is not finite, and both values, kept on the
+        # device so that a GPU is synchronised only every _CHECK_EVERY steps.
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_values = torch.zeros(2, device=self.device)
+        no_penalty = torch.zeros((), device=self.device)
         t0 = time.perf_counter()
         bar = None
         if self.progress:
@@ -221,9 +302,18 @@ class Trainer:
             if not constant_in_epoch:
                 for group in opt.param_groups:
                     group["lr"] = lr_at(phase, e, i, steps)
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y)
-            total = loss + gl.penalty() if use_penalty else loss
+            n = len(y)
+            if aug is not None:  # the whole global batch, identically in every process
+                x = random_crop_flip(x, aug.crop_padding, aug.flip, generator=aug_gen)
+            if self.world > 1:  # this process's slice of the global batch; DDP averages the gradients
+                x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, y, reduction="sum") * (self.world / n)
+            else:
+                logits = self.net(x)
+                loss = F.cross_entropy(logits, y)
+            pen = gl.penalty() if use_penalty else None
+            total = loss + pen if use_penalty else loss
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()
@@ -234,21 +324,39 @@ class Trainer:
             if self.masks is not None:
                 self.masks.apply_()
             with torch.no_grad():
-                loss_sum += loss.detach() * len(y)
+                # the global batch's mean loss (the same in every process)
+                batch_loss = dist_.all_reduce_sum(loss.detach().clone()) / self.world if self.world > 1 \
+                    else loss.detach()
+                loss_sum += batch_loss * n
                 correct += (logits.argmax(1) == y).sum()
-            seen += len(y)
+                values = torch.stack([batch_loss, no_penalty if pen is None else pen.detach()])
+                first = (bad_step < 0) & ~torch.isfinite(values).all()
+                bad_step = torch.where(first, i, bad_step)
+                bad_values = torch.where(first, values, bad_values)
+            seen += n
+            seen_here += len(y)
+            if i % _CHECK_EVERY == 0 or i == steps - 1:
+                if bad_step.item() >= 0:
+                    if bar is not None:
+                        bar.close()
+                    v = bad_values.tolist()
+                    what = f"loss {v[0]:.6g}" + (f", penalty {v[1]:.6g}" if use_penalty else "")
+                    raise self._diverged(p, e, f"step {int(bad_step) + 1}/{steps}", what)
             if bar is not None:
                 bar.update(1)
                 if i % 25 == 0 or i == steps - 1:
-                    post = {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen:.4f}"}
+                    post = {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen_here:.4f}"}
                     if gl is not None:
                         post["pen"] = f"{self._penalty(gl):.4g}"
                     bar.set_postfix(post, refresh=False)
         if bar is not None:
             bar.close()
+        dist_.all_reduce_sum(correct)
+        penalty = None if gl is None else self._penalty(gl)
+        if penalty is not None and not math.isfinite(penalty):
+            raise self._diverged(p, e, "at its end", f"group term {penalty:.6g}")
         return {"train_loss": loss_sum.item() / max(seen, 1), "train_error": 1 - correct.item() / max(seen, 1),
-                "penalty": None if gl is None else self._penalty(gl), "lr": opt.param_groups[0]["lr"],
-                "train_s": time.perf_counter() - t0}
+                "penalty": penalty, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
 
     @staticmethod
     @torch.no_grad()
@@ -260,13 +368,13 @@ class Trainer:
         val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
         kept = kept_structures(self.model)
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
-               "val_error": val_error, "kept": kept}
+               "val_error": val_error, "flop_fraction": self._flop_fraction(), "kept": kept}
         self.history.append(rec)
         pen = "" if stats["penalty"] is None else f" penalty {stats['penalty']:.4g}"
         self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
                  f"train err {100 * stats['train_error']:.2f}% val err {100 * val_error:.2f}%{pen} "
                  f"lr {stats['lr']:.3g} ({stats['train_s']:.1f}s) {_kept_summary(kept)}")
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self.rank == 0:
             info = {"phase": p, "epoch": e, "phase_name": phase.name, "history": self.history,
                     "recipe": self.recipe.to_dict(),
                     "group_lasso": None if not phase.sparsifying else
@@ -276,8 +384,17 @@ class Trainer:
             ckpt.save_checkpoint(self.checkpoint_dir, self.model, info, optimizer=opt,
                                  masks=None if self.masks is None else self.masks.state_dict(),
                                  tag=f"p{p}-e{e + 1}")
+        dist_.barrier()
         if self.on_epoch_end is not None:
             self.on_epoch_end(self, p, e)
+
+    @torch.no_grad()
+    def _flop_fraction(self) -> float | None:
+        """Whole-model multiply-adds kept, from each layer's own zeros (the report's figure)."""
+        try:
+            return sparsity_report(self.model, self.splits["train"].images[:1], with_compact=False).flop_fraction
+        except ValueError:
+            return None
 
     # ------------------------------------------------------------------ results
 

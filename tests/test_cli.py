@@ -69,6 +69,33 @@ def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_checkpoint(out / "checkpoint").model
 
 
+def _log_rows(out: Path) -> list[dict]:
+    import csv
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_logs(full_run):
+    rows = _log_rows(full_run)
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("dense", "1"), ("ssl", "1"), ("ssl", "2"),
+                                                         ("finetune", "1"), ("finetune", "2")]
+    header = list(rows[0])
+    assert header[:9] == ["phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s",
+                          "flop_fraction"]
+    assert header[9:13] == ["conv1_filters_kept", "conv1_filters", "conv1_channels_kept", "conv1_channels"]
+    assert len(header) == 9 + 4 * 4  # conv1, conv2, fc1, fc2
+    assert rows[0]["penalty"] == "" and float(rows[1]["penalty"]) > 0
+    history = json.loads((full_run / "metrics.json").read_text())["history"]
+    for r, h in zip(rows, history):
+        assert float(r["val_error"]) == h["val_error"] and int(r["conv2_filters_kept"]) == h["kept"]["conv2"][0]
+    # The group term removed structures: the FLOP fraction fell and agrees with the final report.
+    assert float(rows[0]["flop_fraction"]) == 1.0 > float(rows[-1]["flop_fraction"])
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert float(rows[-1]["flop_fraction"]) == pytest.approx(metrics["sparsity"]["flop_fraction"])
+    assert (full_run / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (full_run / "tensorboard").exists()  # only with --tensorboard
+
+
 def test_run_writes_outputs(full_run, capsys):
     out = full_run
     for name in ("report.md", "metrics.json", "compact", "checkpoint/checkpoint.json"):
@@ -136,6 +163,39 @@ def test_resume_is_bit_identical(env, full_run, stop_at):
     mb = json.loads((out / "metrics.json").read_text())
     assert ma["test_error"] == mb["test_error"] and ma["val_error"] == mb["val_error"]
     assert [h["val_error"] for h in ma["history"]] == [h["val_error"] for h in mb["history"]]
+    # log.csv is rewritten from the checkpoint's history: each epoch once, the same numbers.
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731
+    assert strip(_log_rows(out)) == strip(_log_rows(full_run))
+    assert (out / "sparsity.png").exists()
+
+
+def test_diverging_run_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch, capsys):
+    base, _ = env
+    recipe = tmp_path / "diverge.yaml"   # a huge lr in the second phase: the loss becomes nan
+    phases = [RECIPE["phases"][0], {**RECIPE["phases"][1], "lr": 1e4}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "phases": phases, "data_root": str(base / "data")}))
+    out = tmp_path / "out"
+    snapshots = []
+    real = ckpt.save_checkpoint
+
+    def save_and_snapshot(directory, *args, **kwargs):
+        path = real(directory, *args, **kwargs)
+        snapshots.append({p.name: p.read_bytes() for p in Path(directory).iterdir()})
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_snapshot)
+    assert cli.main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("structsparse: error: training diverged in phase 'ssl' epoch 1/2, step ")
+    assert "loss nan" in err or "loss inf" in err
+    assert "after dense epoch 1/1" in err
+    # One checkpoint (the dense phase's), and the directory is byte for byte as that save left it.
+    assert len(snapshots) == 1
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == snapshots[0]
+    assert ckpt.load_checkpoint(out / "checkpoint").info["phase_name"] == "dense"
+    assert [r["phase"] for r in _log_rows(out)] == ["dense"]
+    assert not (out / "metrics.json").exists()
 
 
 def test_existing_checkpoint_needs_resume(env, full_run, capsys):

@@ -105,7 +105,7 @@ def _mutate(fn):
     (lambda d: d["phases"][1]["lambdas"].update({"conv9": {"filter": 0.1}}), "phases[1].lambdas", "conv9"),
     (lambda d: d["phases"][1]["lambdas"].update(filter="big"), "phases[1].lambdas.filter", "expected a number"),
     (lambda d: d.update(model="resnet"), "model", "unknown model"),
-    (lambda d: d.update(data="cifar10"), "data", "unknown data set"),
+    (lambda d: d.update(data="cifar100"), "data", "unknown data set"),
     (lambda d: d["phases"][0].update(lr=0), "phases[0].lr", "> 0"),
     (lambda d: d["phases"][0].update(lr=-0.1), "phases[0].lr", "> 0"),
     (lambda d: d["phases"][0].update(epochs=-1), "phases[0].epochs", ">= 0"),

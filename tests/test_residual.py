@@ -329,3 +329,14 @@ def test_report_counts_removed_branches_as_no_work():
     assert rows["layer1.1.conv1"]["flop_fraction"] == 1  # its own weights are not zero
     assert rows["layer1.0.conv1"]["compact_flop_fraction"] == pytest.approx(1.0)
     assert rep.compact_flop_fraction < rep.flop_fraction < 1
+
+
+def test_report_on_a_model_whose_layers_are_all_zero():
+    from structsparse import sparsity_report
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.zero_()
+    rep = sparsity_report(model, torch.rand(2, 1, 8, 8))
+    assert rep.compact_macs == 0 and rep.compact_flop_fraction == 0
