@@ -196,7 +196,10 @@ class Graph:
 
 
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if _is_tensor(a)]
+    """The tensor arguments in call order, repeated ones repeated (``Add()(y, y)`` reads y twice)."""
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) if _is_tensor(a) else None)
+    return out
 
 
 def _multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:

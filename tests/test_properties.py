@@ -33,7 +33,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from structsparse import LoweredConv2d, compact, load_compact, save_compact  # noqa: E402
 from structsparse.compact import ATOL, RTOL, IndexSelect  # noqa: E402
-from structsparse.graph import UnsupportedModelError  # noqa: E402
 from structsparse.layers import Add, Cat, ChannelPad  # noqa: E402
 
 @pytest.fixture(scope="module", autouse=True)
@@ -398,11 +397,6 @@ def residual_nets(draw):
     return model.eval(), x, seed, zeroed
 
 
-RESIDUAL_XFAIL = pytest.mark.xfail(raises=UnsupportedModelError, strict=False,
-                                   reason="residual graphs: compact() support is being written")
-
-
-@RESIDUAL_XFAIL
 @given(case=residual_nets(), lowered_below=st.sampled_from([0.0, 0.5, 1.0]))
 def test_compaction_of_residual_graphs_is_exact(case, lowered_below, fuzz_stats):
     model, x, seed, _ = case
@@ -411,7 +405,7 @@ def test_compaction_of_residual_graphs_is_exact(case, lowered_below, fuzz_stats)
 
 @given(case=residual_nets())
 def test_residual_generator_makes_valid_models(case):
-    """The generated residual nets run (so an xfail above is compact()'s, not the generator's)."""
+    """The generated residual nets run (so a failure above is compact()'s, not the generator's)."""
     model, x, _, _ = case
     with torch.no_grad():
         assert model(x).shape[0] == x.shape[0]
@@ -465,10 +459,6 @@ class _SameTensorTwice(nn.Module):
         return self.join(y, y)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (graph.py, work in progress): a step that reads the same "
-                                       "tensor twice (Add()(y, y), Cat()(y, y)) gets one input, because "
-                                       "fx's node.all_input_nodes has no duplicates: the compact model "
-                                       "computes y instead of 2y, or 2 channels instead of 4")
 @pytest.mark.parametrize("join", [Add, lambda: Cat(1)], ids=["Add", "Cat"])
 def test_step_reading_one_tensor_twice(join):
     model = _SameTensorTwice(join()).eval()
