@@ -228,7 +228,8 @@ def _width(node: Node) -> int:
 
 def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
     """Per node, True for each dim-1 entry whose value does not depend on the model input:
-    written by zero weights (or read only from such entries), a constant, or zero padding."""
+    written by zero weights (or read only from such entries), a BatchNorm with γ = 0, a
+    constant, or zero padding."""
     const: dict[str, torch.Tensor] = {}
     for node in graph.nodes.values():
         width = _width(node)
@@ -244,6 +245,9 @@ def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
             out = ~(reads & ~ins[0].view(g, 1, -1)).any(2).flatten()
         elif node.role == LINEAR and len(node.in_shapes[0]) == 2:
             out = ~(node.module.weight.detach().ne(0) & ~ins[0][None, :]).any(1)
+        elif node.role == NORM and isinstance(node.module, nn.modules.batchnorm._BatchNorm) \
+                and node.module.weight is not None and len(node.out_shape) == len(node.in_shapes[0]):
+            out = ins[0] | node.module.weight.detach().eq(0)  # γ = 0: the channel is its shift β
         elif node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
             out = ins[0]
         elif node.role == FLATTEN:
@@ -313,9 +317,9 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     into its bias. Returns the units and the removal mask."""
     units = channel_units(graph)
     const = _input_independent(graph)
-    varying = torch.zeros(units.count, dtype=torch.bool)
-    for name, c in const.items():
-        varying[units.of[name][~c]] = True
+    varying = torch.zeros(units.count, dtype=torch.bool)  # input-dependent where some layer reads it
+    for r in units.readers:
+        varying[units.of_input[r][~const[graph.nodes[r].inputs[0]]]] = True
     read = torch.zeros(units.count, dtype=torch.bool)
     reads = {r: _reads(graph.nodes[r]) for r in units.readers}
     for r, mask in reads.items():

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules", "group_lasso",
-           "CoupledChannels", "coupled_channels"]
+__all__ = ["KINDS", "NORM_KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules",
+           "normalization_modules", "norm_group_norms", "group_lasso", "CoupledChannels", "coupled_channels"]
 
 KINDS = ("filter", "channel", "shape", "depth", "filter2d")
 
@@ -38,6 +38,30 @@ _LINEAR = {"filter": (1,), "channel": (0,), "shape": (0,), "filter2d": None, "de
 def covered_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The modules whose weights SSL groups can cover: every ``nn.Conv2d`` and ``nn.Linear``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+# Group kinds of a BatchNorm layer, when a spec pattern names one: one channel's (γ_c, β_c), or all of them.
+NORM_KINDS = ("filter", "depth")
+
+
+def normalization_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The affine BatchNorm layers, whose (γ, β) a spec *pattern* may regularise (never model-wide kinds)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and m.bias is not None}
+
+
+def norm_group_norms(module: nn.Module, kind: str) -> torch.Tensor:
+    """Norms of a BatchNorm layer's groups: ``filter`` → ‖(γ_c, β_c)‖ per channel, ``depth`` → ‖(γ, β)‖.
+
+    Differentiable, with gradient 0 (not NaN) at all-zero groups. A zero group makes the
+    layer's output exactly zero in that channel (or everywhere), whatever its input.
+    """
+    if kind not in NORM_KINDS:
+        raise ValueError(f"BatchNorm groups are {' and '.join(NORM_KINDS)}, got {kind!r}")
+    sq = module.weight * module.weight + module.bias * module.bias
+    if kind == "depth":
+        sq = sq.sum()
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
 
 
 def group_view(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:

@@ -16,8 +16,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .groups import (KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso, group_norms,
-                     group_view, nonzero_groups)
+from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso,
+                     group_norms, group_view, nonzero_groups, norm_group_norms, normalization_modules)
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec"]
 
@@ -46,36 +46,47 @@ def _check_kinds(mapping: Mapping, where: str) -> dict[str, float]:
 
 
 def resolve_spec(model: nn.Module, spec: Mapping) -> dict[str, dict[str, float]]:
-    """Turn a spec into ``{layer name: {kind: λ}}`` for every Conv2d/Linear with some λ > 0.
+    """Turn a spec into ``{layer name: {kind: λ}}`` for every layer with some λ > 0.
 
     ``spec`` keys that are group kinds set λ for every Conv2d and Linear layer; any other key
     is a module-name pattern (``fnmatch``: ``"conv*"``, ``"features.*"``) whose value maps
     kinds to λ for the matching layers, overriding the model-wide values. Patterns apply in
-    order, so a later pattern overrides an earlier one. A pattern that matches no Conv2d or
-    Linear layer is an error.
+    order, so a later pattern overrides an earlier one. A pattern that matches no layer is an
+    error. Patterns may also name affine BatchNorm layers, with the kinds ``filter`` (one
+    channel's γ and β) and ``depth`` (all of them); model-wide kinds never touch BatchNorm.
     """
     if not isinstance(spec, Mapping):
         raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
     layers = covered_modules(model)
+    norms = normalization_modules(model)
     defaults = _check_kinds({k: v for k, v in spec.items() if k in KINDS}, "spec")
     resolved = {name: dict(defaults) for name in layers}
     for pattern, mapping in spec.items():
         if pattern in KINDS:
             continue
         kinds = _check_kinds(mapping, f"spec[{pattern!r}]")
-        matched = [name for name in layers if fnmatch.fnmatchcase(name, pattern)]
+        matched = [name for name in list(layers) + list(norms) if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(
-                f"spec pattern {pattern!r} matches no Conv2d or Linear layer; layers: {', '.join(layers) or 'none'}"
-            )
+            raise ValueError(f"spec pattern {pattern!r} matches no Conv2d, Linear or BatchNorm layer; "
+                             f"layers: {', '.join(list(layers) + list(norms)) or 'none'}")
         for name in matched:
-            resolved[name].update(kinds)
+            if name in norms and set(kinds) - set(NORM_KINDS):
+                raise ValueError(f"spec[{pattern!r}]: {name} is a BatchNorm layer; its group kinds are "
+                                 f"{' and '.join(NORM_KINDS)}, not {', '.join(sorted(set(kinds) - set(NORM_KINDS)))}")
+            resolved.setdefault(name, {}).update(kinds)
     return {name: {k: v for k, v in kinds.items() if v > 0} for name, kinds in resolved.items()
             if any(v > 0 for v in kinds.values())}
 
 
 def _groups(module: nn.Module) -> int:
     return getattr(module, "groups", 1)
+
+
+@torch.no_grad()
+def _scale_norm_(module: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply a BatchNorm layer's γ and β by ``scale`` (one number per channel, or one for all)."""
+    module.weight.mul_(scale)
+    module.bias.mul_(scale)
 
 
 @dataclass
@@ -102,24 +113,27 @@ class Masks:
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor]):
         self.model = model
-        modules = dict(model.named_modules())
-        self.masks = {}
-        for name, mask in masks.items():
-            if name not in modules:
-                raise KeyError(f"mask for unknown layer {name!r}")
-            weight = modules[name].weight
+        modules, params = dict(model.named_modules()), dict(model.named_parameters())
+        self.masks, self._params = {}, {}
+        for name, mask in masks.items():  # a layer name masks its weight; a parameter name, that parameter
+            if name in modules and isinstance(getattr(modules[name], "weight", None), torch.Tensor):
+                weight = modules[name].weight
+            elif name in params:
+                weight = params[name]
+            else:
+                raise KeyError(f"mask for unknown layer or parameter {name!r}")
             if tuple(mask.shape) != tuple(weight.shape):
                 raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, weight has {tuple(weight.shape)}")
             self.masks[name] = mask.to(device=weight.device, dtype=torch.bool)
+            self._params[name] = weight
         self._handles = []
-        self._modules = {name: modules[name] for name in self.masks}
         self.attach()
 
     def attach(self) -> None:
         self.detach()
-        for name, module in self._modules.items():
+        for name, param in self._params.items():
             mask = self.masks[name]
-            self._handles.append(module.weight.register_hook(lambda g, m=mask: g * m))
+            self._handles.append(param.register_hook(lambda g, m=mask: g * m))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -128,8 +142,8 @@ class Masks:
 
     @torch.no_grad()
     def apply_(self) -> None:
-        for name, module in self._modules.items():
-            module.weight.mul_(self.masks[name])
+        for name, param in self._params.items():
+            param.mul_(self.masks[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: mask.clone() for name, mask in self.masks.items()}
@@ -157,8 +171,10 @@ class GroupLasso:
     def __init__(self, model: nn.Module, spec: Mapping, example_input: torch.Tensor | None = None):
         self.model = model
         self.spec = spec
-        modules = dict(model.named_modules())
-        self.terms = [_Term(name, modules[name], lambdas) for name, lambdas in resolve_spec(model, spec).items()]
+        modules, norms = dict(model.named_modules()), normalization_modules(model)
+        resolved = resolve_spec(model, spec)
+        self.terms = [_Term(n, modules[n], lam) for n, lam in resolved.items() if n not in norms]
+        self.norm_terms = [_Term(n, modules[n], lam) for n, lam in resolved.items() if n in norms]  # (γ, β) groups
         self.coupled: CoupledChannels | None = None
         if example_input is not None:
             self.coupled = coupled_channels(model, example_input,
@@ -176,7 +192,7 @@ class GroupLasso:
     @property
     def lambdas(self) -> dict[str, dict[str, float]]:
         """``{layer: {kind: λ}}`` for every regularised layer."""
-        return {t.name: dict(t.lambdas) for t in self.terms}
+        return {t.name: dict(t.lambdas) for t in self.terms + self.norm_terms}
 
     def penalty(self) -> torch.Tensor:
         """The differentiable group-Lasso term (zero once :meth:`freeze` turned it off)."""
@@ -186,6 +202,9 @@ class GroupLasso:
             total = group_lasso([(t.module.weight, t.effective(), _groups(t.module)) for t in self.terms])
         if self.active and self.coupled is not None:
             total = total + self.coupled.penalty()
+        if self.active:
+            for t in self.norm_terms:
+                total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
         return total
 
     @torch.no_grad()
@@ -193,6 +212,7 @@ class GroupLasso:
         """Detached group norms ``{layer: {kind: norms}}`` of the regularised kinds (the coupled
         groups' norms under the key ``"coupled"``, as ``{"channel": norms}``)."""
         out = {t.name: {k: group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
+        out.update({t.name: {k: norm_group_norms(t.module, k) for k in t.lambdas} for t in self.norm_terms})
         if self.coupled is not None:
             out["coupled"] = {"channel": self.coupled.norms()}
         return out
@@ -228,6 +248,12 @@ class GroupLasso:
                 norms = self.coupled.norms()
                 self.coupled.scale_((1 - min(steps) * self.coupled.lambdas
                                      / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0))
+        for t in self.norm_terms:
+            m = t.module
+            step = lrs.get(id(m.weight), lr)
+            for kind, lam in ([] if step is None else t.lambdas.items()):
+                norms = norm_group_norms(m, kind)
+                _scale_norm_(m, (1 - step * lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0))
 
     @torch.no_grad()
     def zero_small_(self, threshold: float = 1e-4) -> None:
@@ -253,12 +279,24 @@ class GroupLasso:
             small = (norms < threshold) & (norms > 0)
             count += int(small.sum())
             self.coupled.scale_((~small).to(norms.dtype))
+        for t in self.norm_terms:
+            for kind in t.lambdas:
+                norms = norm_group_norms(t.module, kind)
+                small = (norms < threshold) & (norms > 0)
+                count += int(small.sum())
+                _scale_norm_(t.module, (~small).to(norms.dtype))
         return count
 
     def zero_masks(self) -> dict[str, torch.Tensor]:
         """Per layer, True where the weight lies in no zero structure (filter, channel, shape, depth,
-        and filter2d where it is regularised)."""
+        and filter2d where it is regularised); for a regularised BatchNorm, masks of its weight
+        (γ, key: the layer name) and bias (β, key: ``name.bias``) that are False in zero groups."""
         out = {}
+        for t in self.norm_terms:
+            alive = torch.ones_like(t.module.weight, dtype=torch.bool)
+            for kind in t.lambdas:
+                alive &= (norm_group_norms(t.module, kind) > 0).expand_as(alive)
+            out[t.name], out[f"{t.name}.bias"] = alive, alive.clone()
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             kinds = _STRUCTURAL + (("filter2d",) if "filter2d" in t.lambdas else ())

@@ -190,6 +190,7 @@ def test_inner_filter_zero_with_nonzero_columns_is_kept_because_padding_makes_it
     c = compact(model, x)
     check_exact(model, c, x)
     assert c.get_submodule("layer1.0.conv1").out_channels == 8
+    assert c.get_submodule("layer1.1.conv1").out_channels == 7
 
 
 def test_random_structures_stay_exact():
@@ -340,3 +341,57 @@ def test_report_on_a_model_whose_layers_are_all_zero():
             m.weight.zero_()
     rep = sparsity_report(model, torch.rand(2, 1, 8, 8))
     assert rep.compact_macs == 0 and rep.compact_flop_fraction == 0
+
+
+# ---- BatchNorm groups (γ, β): depth and channels of BatchNorm networks --------------------------
+
+def test_batchnorm_groups_need_a_pattern_and_only_filter_or_depth():
+    model = TinyResNet()
+    gl = GroupLasso(model, {"filter": 0.1})
+    assert not gl.norm_terms  # model-wide kinds never touch BatchNorm
+    gl = GroupLasso(model, {"layer*.bn2": {"depth": 0.1}, "layer1.0.bn1": {"filter": 0.2}})
+    assert sorted(t.name for t in gl.norm_terms) == ["layer1.0.bn1", "layer1.0.bn2", "layer1.1.bn2",
+                                                      "layer2.0.bn2", "layer2.1.bn2"]
+    bn = model.layer1[0].bn2
+    expected = 0.1 * torch.sqrt((bn.weight ** 2 + bn.bias ** 2).sum())
+    assert torch.isclose(GroupLasso(model, {"layer1.0.bn2": {"depth": 0.1}}).penalty(), expected)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        GroupLasso(model, {"layer1.0.bn2": {"channel": 0.1}})
+
+
+def test_batchnorm_depth_group_removes_the_branch_and_freezes():
+    model = randomize(TinyResNet())
+    x = torch.rand(2, 3, 16, 16)
+    gl = GroupLasso(model, {"layer*.bn2": {"depth": 1.0}})
+    bn = model.layer1[1].bn2
+    gl.prox_step(lr=float(torch.sqrt((bn.weight ** 2 + bn.bias ** 2).sum()).detach()) * 1.01)  # large enough for this one
+    assert bool((bn.weight == 0).all()) and bool((bn.bias == 0).all())
+    gl.penalty().backward()
+    assert torch.isfinite(bn.weight.grad).all() and torch.isfinite(bn.bias.grad).all()
+    c = compact(model, x)
+    check_exact(model, c, x)
+    names = dict(c.named_modules())
+    assert "layer1.1.conv1" not in names and "layer1.1.conv2" not in names and "layer1.1.bn2" not in names
+    masks = gl.freeze()
+    with torch.no_grad():
+        bn.weight.add_(1.0)
+        bn.bias.add_(1.0)
+    masks.apply_()
+    assert bool((bn.weight == 0).all()) and bool((bn.bias == 0).all())
+
+
+def test_batchnorm_channel_groups_remove_inner_channels():
+    model = randomize(TinyResNet())
+    with torch.no_grad():
+        model.layer2[0].bn1.weight[[1, 4]] = 0
+        model.layer2[0].bn1.bias[[1, 4]] = 0
+        model.layer1[0].bn1.weight[3] = 0  # γ alone: a constant relu(β) = 1 channel, read through padding: kept
+        model.layer1[0].bn1.bias[3] = 1.0
+        model.layer1[1].bn1.weight[5] = 0  # γ = 0 and β < 0: relu makes it a zero channel: removed
+        model.layer1[1].bn1.bias[5] = -0.5
+    x = torch.rand(2, 3, 16, 16)
+    c = compact(model, x)
+    check_exact(model, c, x)
+    assert c.get_submodule("layer2.0.conv1").out_channels == 14 and c.get_submodule("layer2.0.conv2").in_channels == 14
+    assert c.get_submodule("layer1.0.conv1").out_channels == 8
+    assert c.get_submodule("layer1.1.conv1").out_channels == 7
