@@ -90,6 +90,9 @@ class CompactNet(nn.Module):
             modules.append(module)
         self._steps = modules
         self._chain = all(ins == [prev] for ins, prev in zip(self.inputs, [self.INPUT] + self.order))
+        last_use = {n: i for i, ins in enumerate(self.inputs) for n in ins}
+        self._free = [[n for n in set(ins) if last_use[n] == i and n != self.order[-1]]
+                      for i, ins in enumerate(self.inputs)]  # outputs no later step reads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._chain:
@@ -97,8 +100,10 @@ class CompactNet(nn.Module):
                 x = step(x)
             return x
         values = {self.INPUT: x}
-        for name, step, inputs in zip(self.order, self._steps, self.inputs):
+        for name, step, inputs, free in zip(self.order, self._steps, self.inputs, self._free):
             values[name] = step(*[values[i] for i in inputs])
+            for n in free:  # let memory go as soon as possible, as a plain forward would
+                del values[n]
         return values[self.order[-1]]
 
     def steps(self) -> list[tuple[str, nn.Module]]:
