@@ -344,15 +344,15 @@ class ChannelUnits:
     ``of[node]`` holds the unit of each dim-1 entry of the node's output (for a flattened
     tensor, each feature has the unit of the channel it came from). ``pinned[u]`` is True
     for units that cannot be removed (they reach the model output, feed a step that mixes
-    channels, or touch a grouped conv). ``readers`` lists the Conv2d/Linear nodes, each of
-    which reads the units ``of[its input]``; ``writers`` those whose rows write ``of[node]``.
+    channels, or touch a grouped conv). ``readers`` lists the Conv2d/Linear nodes: each reads
+    the units ``of_input[node]`` (its columns) and writes the units ``of[node]`` (its rows).
     """
 
     of: dict[str, torch.Tensor]
     count: int
     pinned: torch.Tensor
     readers: list[str]
-    writers: list[str]
+    of_input: dict[str, torch.Tensor]  # reader → the units of its input
 
     def reader_count(self) -> torch.Tensor:
         """How many layers read each unit (a unit read by two or more layers is *coupled*)."""
@@ -360,8 +360,6 @@ class ChannelUnits:
         for r in self.readers:
             counts[self.of_input[r].unique()] += 1
         return counts
-
-    of_input: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _pin_all(node: Node, graph: Graph) -> bool:
@@ -390,7 +388,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
 
     of: dict[str, torch.Tensor] = {}
     pinned_ids: list[torch.Tensor] = []
-    readers, writers = [], []
+    readers = []
     for node in graph.nodes.values():
         width = node.out_shape[1] if len(node.out_shape) > 1 else 1
         ins = [of[i] for i in node.inputs]
@@ -416,7 +414,6 @@ def channel_units(graph: Graph) -> ChannelUnits:
             of[node.name] = new(width)
             if node.role in WEIGHTED:
                 readers.append(node.name)
-                writers.append(node.name)
                 if _pin_all(node, graph):
                     pinned_ids += [ins[0], of[node.name]]
             elif node.role != INPUT and node.role != CONST:
@@ -429,6 +426,4 @@ def channel_units(graph: Graph) -> ChannelUnits:
     pinned = torch.zeros(count, dtype=torch.bool)
     for ids in pinned_ids:
         pinned[compact_ids[ids]] = True
-    units = ChannelUnits(of, count, pinned, readers, writers)
-    units.of_input = {r: of[graph.nodes[r].inputs[0]] for r in readers}
-    return units
+    return ChannelUnits(of, count, pinned, readers, {r: of[graph.nodes[r].inputs[0]] for r in readers})
