@@ -16,7 +16,8 @@ step names, bad ``inputs``); tensor edits (dtypes, shapes, out-of-range indices,
 Bugs that are known and reported are listed in ``KNOWN_BUGS``: each has a minimal
 reproducer below, marked ``xfail(strict=True)``, and the fuzz tests count its hits instead
 of failing on it. When a bug is fixed its reproducer XPASSes (and fails, being strict):
-then delete its entry. The counts are printed at the end of the run ("examples tried").
+then delete its entry and keep the reproducer in ``FIXED_BUGS``, where it runs as a normal
+regression test. The counts are printed at the end of the run ("examples tried").
 """
 from __future__ import annotations
 
@@ -176,13 +177,10 @@ def no_pickle():
             _watching_pickle = False
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bounded_memory():
-    """Make absurd allocations fail at once instead of swapping the (shared) machine.
-
-    Fuzzed sizes are either small or far beyond any RAM; this cap (current address space plus
-    6 GiB) is only a safety net for the byte-level edits of digits. Restored afterwards.
-    """
+@contextlib.contextmanager
+def address_space_headroom(headroom: int):
+    """While active, the process may map at most ``headroom`` more bytes of address space
+    (RLIMIT_AS: an allocation beyond it fails at once). Linux only; elsewhere it does nothing."""
     if not sys.platform.startswith("linux"):
         yield
         return
@@ -191,7 +189,7 @@ def bounded_memory():
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with open("/proc/self/status") as f:
         vsz = int(next(line for line in f if line.startswith("VmSize:")).split()[1]) * 1024
-    cap = vsz + 6 * 2 ** 30
+    cap = vsz + headroom
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
@@ -199,6 +197,17 @@ def bounded_memory():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bounded_memory():
+    """Make absurd allocations fail at once instead of swapping the (shared) machine.
+
+    Fuzzed sizes are either small or far beyond any RAM; this cap (current address space plus
+    6 GiB) is only a safety net for the byte-level edits of digits. Restored afterwards.
+    """
+    with address_space_headroom(6 * 2 ** 30):
+        yield
 
 
 @dataclass
@@ -220,11 +229,6 @@ def _step(arch: dict, kind: str) -> dict:
     return next(s for s in arch["steps"] if s["type"] == kind)
 
 
-def _expect_clear_compact(directory: Path) -> None:
-    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(directory))):
-        load_compact(directory)
-
-
 def _index_edit(saved: Saved, tmp: Path, edit: Callable[[dict], None] | None = None, raw: str | None = None) -> Path:
     meta = saved.json(INDEX)
     if edit is not None:
@@ -243,13 +247,6 @@ def _tensors_edit(saved: Saved, tmp: Path, edit: Callable[[dict], None]) -> Path
     return saved.write(tmp, **{name: data, INDEX: json.dumps(meta).encode()})
 
 
-def _expect_clear_checkpoint(directory: Path) -> None:
-    with pytest.raises(CheckpointError, match=re.escape(str(directory))):
-        c = load_checkpoint(directory)
-        usable_checkpoint(c)
-        raise Unusable("accepted")  # not reached when the loader rejects the checkpoint
-
-
 def _rehash_garbage(saved: Saved, tmp: Path) -> Path:
     name, data = state_name(saved.files), saved.files[state_name(saved.files)][:100]
     meta = saved.json(INDEX)
@@ -259,74 +256,269 @@ def _rehash_garbage(saved: Saved, tmp: Path) -> Path:
 
 DEEP = "[" * 100_000 + "]" * 100_000
 
-KNOWN_BUGS: dict[str, KnownBug] = {
-    # ---- load_compact
-    "compact-reserved-step-name": KnownBug(
-        "a step named like an attribute of CompactNet/nn.Module ('training', 'forward', 'conv1.weight') "
-        "escapes as KeyError/TypeError from add_module",
-        (KeyError, TypeError), r"already exists|cannot assign .* as child module",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, lambda a: a["steps"][0].update(name="training")))),
-    "compact-unhashable-type": KnownBug(
-        "a step whose 'type' is a list or an object escapes as TypeError: unhashable type",
-        (TypeError,), r"unhashable type",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, lambda a: a["steps"][0].update(type=["Linear"])))),
-    "compact-deep-json": KnownBug(
-        "deeply nested JSON escapes as RecursionError from json.loads",
-        (RecursionError,), r"recursion",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, raw=DEEP))),
-    "compact-huge-int-literal": KnownBug(
-        "an integer literal of more than 4300 digits raises a ValueError that does not name the file",
-        (ValueError,), r"Exceeds the limit \(\d+ digits\)",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, raw=c.files[ARCH].decode().replace(
-            '"version": 1', '"version": 1' + "0" * 5000)))),
-    "compact-input-shape-not-a-list": KnownBug(
-        "an 'input_shape' that is not a list (a number) escapes as TypeError: the error message itself "
-        "evaluates [1, *input_shape]",
-        (TypeError,), r"after \* must be an iterable",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, lambda a: a.update(input_shape=0)))),
-    "compact-lowered-conv-config": KnownBug(
-        "a LoweredConv2d step with a one-element kernel_size ([3]) escapes as IndexError from its constructor",
-        (IndexError,), r"tuple index out of range",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, lambda a: _step(a, "LoweredConv2d")[
-            "config"].update(kernel_size=[3])))),
-    "compact-ctor-assertion": KnownBug(
-        "a module constructor's assert (Hardtanh with min_val > max_val) escapes as AssertionError",
-        (AssertionError,), r"must be greater than",
-        lambda c, k, tmp: _expect_clear_compact(_arch_edit(c, tmp, lambda a: _step(a, "ReLU").update(
-            type="Hardtanh", config={"min_val": 1.0, "max_val": -1.0})))),
-    # ---- load_checkpoint
-    "checkpoint-tensor-keys": KnownBug(
-        "tensor names that do not follow the model./optimizer.<id>./masks./rng. scheme escape as "
-        "ValueError/IndexError from int() or unpacking",
-        (ValueError, IndexError), r"invalid literal for int|not enough values to unpack|list index out of range",
-        lambda c, k, tmp: _expect_clear_checkpoint(_tensors_edit(k, tmp, lambda t: t.update(
-            {"rng.cuda.x": torch.zeros(4, dtype=torch.uint8)})))),
-    "checkpoint-deep-json": KnownBug(
-        "deeply nested JSON in checkpoint.json escapes as RecursionError",
-        (RecursionError,), r"recursion",
-        lambda c, k, tmp: _expect_clear_checkpoint(_index_edit(k, tmp, raw=DEEP))),
-    "checkpoint-tensor-file": KnownBug(
-        "a tensor file that matches its SHA-256 but is not valid safetensors escapes as SafetensorError",
-        (Exception,), r"Error while deserializing|SafetensorError|invalid header",
-        lambda c, k, tmp: _expect_clear_checkpoint(_rehash_garbage(k, tmp))),
-    "checkpoint-index-structure": KnownBug(
-        "checkpoint.json that is valid JSON but not the expected object (a list, missing keys, keys of "
-        "the wrong type) escapes as AttributeError/KeyError/TypeError/ValueError",
-        (AttributeError, KeyError, TypeError, ValueError), r"",
-        lambda c, k, tmp: _expect_clear_checkpoint(_index_edit(k, tmp, lambda m: m.pop("state_file")))),
-    "checkpoint-unusable": KnownBug(
-        "a checkpoint with a non-object 'info', no or a wrong RNG state, or a malformed optimizer "
-        "state loads, and the trainer fails on it later with an unclear error",
-        (Unusable,), r"",
-        lambda c, k, tmp: _expect_clear_checkpoint(_index_edit(k, tmp, lambda m: m.update(info=7)))),
+# Bugs that are known, reported and not fixed yet (see the module docstring); none at present.
+KNOWN_BUGS: dict[str, KnownBug] = {}
+
+
+def _clear_compact(what: str, edit: Callable[[dict], None] | None = None,
+                   raw: Callable[[Saved], str | bytes] | None = None):
+    """A reproducer: architecture.json after ``edit`` (or as ``raw`` makes it) must be rejected with
+    load_compact's clear error, whose message also matches ``what``."""
+    def reproduce(c: Saved, k: Saved, tmp: Path) -> None:
+        if raw is None:
+            d = _arch_edit(c, tmp, edit)
+        else:
+            data = raw(c)
+            d = c.write(tmp, **{ARCH: data.encode() if isinstance(data, str) else data})
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(d))) as e:
+            load_compact(d)
+        assert re.search(what, str(e.value)), str(e.value)
+    return reproduce
+
+
+def _clear_checkpoint(what: str, make: Callable[[Saved, Path], Path]):
+    """A reproducer: the checkpoint ``make`` writes must be rejected with CheckpointError naming the
+    directory and matching ``what`` (and not load into something the trainer cannot use)."""
+    def reproduce(c: Saved, k: Saved, tmp: Path) -> None:
+        d = make(k, tmp)
+        with pytest.raises(CheckpointError, match=re.escape(str(d))) as e:
+            usable_checkpoint(load_checkpoint(d))
+            raise Unusable("accepted")
+        assert re.search(what, str(e.value)), str(e.value)
+    return reproduce
+
+
+def _edit_step(kind: str, config: dict | None = None, **changes) -> Callable[[dict], None]:
+    """Edit the first step of type ``kind``: update its keys with ``changes``; ``config`` is merged into
+    its config, or replaces it when the type changes."""
+    def edit(arch: dict) -> None:
+        step = _step(arch, kind)
+        step.update(changes)
+        if config is not None:
+            step["config"] = dict(config) if "type" in changes else {**step["config"], **config}
+    return edit
+
+
+def _name_step(i: int, name: str) -> Callable[[dict], None]:
+    return lambda a: a["steps"][i].update(name=name)
+
+
+def _with_index(fn: Callable[[dict], None]) -> Callable[[Saved, Path], Path]:
+    return lambda k, tmp: _index_edit(k, tmp, fn)
+
+
+def _with_tensors(fn: Callable[[dict], None]) -> Callable[[Saved, Path], Path]:
+    return lambda k, tmp: _tensors_edit(k, tmp, fn)
+
+
+def _absolute_state_file(k: Saved, tmp: Path) -> Path:
+    """A valid tensor file outside the checkpoint directory, named by its absolute path."""
+    d = k.write(tmp)
+    outside = tmp.parent / "elsewhere.safetensors"
+    outside.write_bytes(k.files[state_name(k.files)])
+    meta = k.json(INDEX)
+    meta["state_file"] = str(outside)
+    (d / INDEX).write_text(json.dumps(meta))
+    return d
+
+
+def _no_input_shape(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+    def both(arch: dict) -> None:
+        arch["input_shape"] = None
+        edit(arch)
+    return both
+
+
+def _pop(key: str) -> Callable[[dict], None]:
+    return lambda d: d.pop(key)
+
+
+def _cuda_states(t: dict) -> None:
+    t.update({"rng.cuda.1": torch.zeros(16, dtype=torch.uint8)})
+
+
+def _dup_scalar(k: Saved, tmp: Path) -> Path:
+    """An optimizer value stored both as a tensor and as a JSON scalar."""
+    d = _tensors_edit(k, tmp, lambda t: None)
+    meta = json.loads((d / INDEX).read_text())
+    meta["optimizer"]["scalars"] = {"0": {"momentum_buffer": 1.0}}
+    (d / INDEX).write_text(json.dumps(meta))
+    return d
+
+
+# Bugs found by fuzzing and fixed: each reproducer must raise the loader's clear error.
+FIXED_BUGS: dict[str, Callable[[Saved, Saved, Path], None]] = {
+    # ---- load_compact: step names that clash with attributes of CompactNet / nn.Module, or with steps
+    **{f"compact-reserved-step-name-{n}": _clear_compact("bad step name|cannot also hold", _name_step(0, n))
+       for n in ["training", "forward", "order", "steps", "input_shape", "inputs", "_steps", "_chain", "_modules",
+                 "INPUT", "T_destination", "dump_patches", "call_super_init", "a.training", "a.forward"]},
+    "compact-step-inside-step": _clear_compact("cannot also hold", _name_step(2, "conv1.weight")),
+    "compact-step-inside-later-step": _clear_compact("cannot also hold", lambda a: (
+        a["steps"][0].update(name="x.y"), a["steps"][1].update(name="x"))),
+    "compact-step-name-input": _clear_compact("reserved", _name_step(1, "input")),
+    # ---- module types, JSON
+    "compact-unhashable-type": _clear_compact("not allowed", lambda a: a["steps"][0].update(type=["Linear"])),
+    "compact-type-object": _clear_compact("not allowed", lambda a: a["steps"][0].update(type={"a": 1})),
+    "compact-deep-json": _clear_compact("not valid JSON", raw=lambda c: DEEP),
+    "compact-huge-int-literal": _clear_compact("not valid JSON", raw=lambda c: c.files[ARCH].decode().replace(
+        '"version": 1', '"version": 1' + "0" * 5000)),
+    "compact-not-utf8": _clear_compact("not valid JSON", raw=lambda c: b"\xff" + c.files[ARCH]),
+    # ---- input_shape
+    **{f"compact-input-shape-{v!r}": _clear_compact("input_shape", lambda a, v=v: a.update(input_shape=v))
+       for v in [0, "x", {"a": 1}, [], [0, 12, 12], [-3, 12, 12], [3.0, 12, 12], [True, 12, 12], [[3], 12, 12],
+                 [1] * 9, [2 ** 40, 2 ** 40], [3, 2 ** 20, 2 ** 20]]},
+    **{f"compact-input-shape-wrong-{v}": _clear_compact("fails on an input", lambda a, v=v: a.update(input_shape=v))
+       for v in [[2, 12, 12], [3], [3, 4, 4]]},
+    # ---- configurations
+    **{f"compact-lowered-conv-{k}-{v!r}": _clear_compact(f"bad config for LoweredConv2d: .*{k}",
+                                                         _edit_step("LoweredConv2d", config={k: v}))
+       for k, v in [("kernel_size", [3]), ("kernel_size", [3, 3, 3]), ("kernel_size", "3"), ("kernel_size", 0),
+                    ("columns", 0), ("columns", 10 ** 6), ("columns", 2.5), ("stride", 0), ("padding", -1),
+                    ("dilation", [1, 0]), ("bias", "yes"), ("in_channels", 0), ("out_channels", None)]},
+    "compact-lowered-conv-unknown-key": _clear_compact("unknown config keys", _edit_step(
+        "LoweredConv2d", config={"groups": 2})),
+    "compact-ctor-assertion": _clear_compact("bad config for Hardtanh", _edit_step(
+        "ReLU", type="Hardtanh", config={"min_val": 1.0, "max_val": -1.0})),
+    "compact-config-bool-type": _clear_compact("bias", _edit_step("Linear", config={"bias": 7})),
+    "compact-config-number-type": _clear_compact("negative_slope", _edit_step(
+        "LeakyReLU", config={"negative_slope": "x"})),
+    "compact-config-nested": _clear_compact("kernel_size", _edit_step("MaxPool2d", config={"kernel_size": [[2]]})),
+    "compact-op-unknown-function": _clear_compact("unknown function", _edit_step(
+        "ReLU", type="Op", config={"fn": ["relu"], "kwargs": {}})),
+    "compact-op-kwargs": _clear_compact("kwargs", _edit_step("ReLU", type="Op", config={"fn": "relu", "kwargs": [1]})),
+    "compact-op-unknown-argument": _clear_compact("no argument 'bogus'", _edit_step(
+        "ReLU", type="Op", config={"fn": "relu", "kwargs": {"bogus": 1}})),
+    "compact-index-select-dim": _clear_compact("dim", _edit_step("IndexSelect", config={"dim": "1"})),
+    "compact-channel-pad-index": _clear_compact("index", _edit_step(
+        "ReLU", type="ChannelPad", config={"out_channels": 4, "index": 5})),
+    "compact-constant-shape": _clear_compact("shape", _edit_step("ReLU", type="Constant", config={"shape": [-1]})),
+    "compact-tuple-output": _clear_compact("returns a tuple", _edit_step(
+        "MaxPool2d", config={"return_indices": True})),
+    # ---- structure, checked with or without an input_shape (files written before it was stored)
+    **{f"compact-{label}{'-no-input-shape' if no_shape else ''}": _clear_compact(
+        what, _no_input_shape(edit) if no_shape else edit)
+       for no_shape in (False, True) for label, what, edit in [
+           ("arity", "reads exactly one input",
+            lambda a: a["steps"][2].update(inputs=["input", a["steps"][1]["name"]])),
+           ("later-input", "must name earlier steps",
+            lambda a: a["steps"][1].update(inputs=[a["steps"][-1]["name"]])),
+           ("no-inputs", "non-empty list", lambda a: a["steps"][1].update(inputs=[])),
+           ("add-no-inputs", "non-empty list", lambda a: a["steps"][1].update(type="Add", config={}, inputs=[])),
+           ("duplicate-name", "used twice", lambda a: a["steps"][2].update(name=a["steps"][1]["name"])),
+       ]},
+    # ---- load_checkpoint: checkpoint.json
+    "checkpoint-deep-json": _clear_checkpoint("checkpoint.json: cannot read",
+                                              lambda k, tmp: _index_edit(k, tmp, raw=DEEP)),
+    "checkpoint-huge-int-literal": _clear_checkpoint("checkpoint.json: cannot read", lambda k, tmp: _index_edit(
+        k, tmp, raw=json.dumps(k.json(INDEX)).replace('"version": 1', '"version": 1' + "0" * 5000))),
+    **{f"checkpoint-index-{type(v).__name__}": _clear_checkpoint(
+        "expected a JSON object", lambda k, tmp, v=v: _index_edit(k, tmp, raw=json.dumps(v)))
+       for v in [[], "x", None, 7]},
+    **{f"checkpoint-index-structure-{key}": _clear_checkpoint(f"missing fields .*{key}", _with_index(_pop(key)))
+       for key in ["state_file", "sha256", "info", "optimizer", "masks"]},
+    "checkpoint-index-unknown-field": _clear_checkpoint("unknown fields", _with_index(lambda m: m.update(extra=1))),
+    "checkpoint-index-version": _clear_checkpoint("version", _with_index(lambda m: m.update(version=True))),
+    **{f"checkpoint-state-file-{v!r}": _clear_checkpoint("state_file", _with_index(
+        lambda m, v=v: m.update(state_file=v)))
+       for v in [7, None, "", ".", "..", "/etc/passwd", "../state-x.safetensors", "sub/state.safetensors",
+                 "a\\b.safetensors", "a\x00b"]},
+    "checkpoint-state-file-absolute": _clear_checkpoint("state_file", _absolute_state_file),
+    "checkpoint-state-file-missing": _clear_checkpoint("cannot read checkpoint tensors", _with_index(
+        lambda m: m.update(state_file="state-gone.safetensors"))),
+    **{f"checkpoint-sha256-{v!r}": _clear_checkpoint("sha256", _with_index(lambda m, v=v: m.update(sha256=v)))
+       for v in [7, "abc", "A" * 64]},
+    **{f"checkpoint-unusable-info-{v!r}": _clear_checkpoint("info", _with_index(lambda m, v=v: m.update(info=v)))
+       for v in [7, [], None, "x"]},
+    **{f"checkpoint-masks-{v!r}": _clear_checkpoint("masks", _with_index(lambda m, v=v: m.update(masks=v)))
+       for v in ["x", [1], ["conv1.weight", "conv1.weight"], ["conv1.weight"], {"a": 1}]},
+    **{f"checkpoint-optimizer-{label}": _clear_checkpoint("optimizer", _with_index(edit)) for label, edit in [
+        ("list", lambda m: m.update(optimizer=[])),
+        ("no-param-groups", lambda m: m["optimizer"].pop("param_groups")),
+        ("param-groups-not-list", lambda m: m["optimizer"].update(param_groups=7)),
+        ("group-not-object", lambda m: m["optimizer"].update(param_groups=[7])),
+        ("group-without-params", lambda m: m["optimizer"]["param_groups"][0].pop("params")),
+        ("params-not-ids", lambda m: m["optimizer"]["param_groups"][0].update(params=["a"])),
+        ("params-repeated", lambda m: m["optimizer"]["param_groups"][0]["params"].append(0)),
+        ("scalars-not-object", lambda m: m["optimizer"].update(scalars=7)),
+        ("scalars-bad-id", lambda m: m["optimizer"].update(scalars={"x": {}})),
+        ("scalars-not-objects", lambda m: m["optimizer"].update(scalars={"0": 5})),
+        ("null-with-tensors", lambda m: m.update(optimizer=None)),
+        ("unknown-key", lambda m: m["optimizer"].update(extra=1)),
+        ("hyper-parameter-nested", lambda m: m["optimizer"]["param_groups"][0].update(momentum=[[0.9]])),
+        ("hyper-parameter-object", lambda m: m["optimizer"]["param_groups"][0].update(lr={"a": 1})),
+    ]},
+    # ---- load_checkpoint: the tensor file
+    "checkpoint-tensor-file": _clear_checkpoint("not a safetensors file", _rehash_garbage),
+    **{f"checkpoint-tensor-keys-{n}": _clear_checkpoint(re.escape(repr(n)), _with_tensors(
+        lambda t, n=n: t.update({n: torch.zeros(4, dtype=torch.uint8)})))
+       for n in ["rng.cuda.x", "rng", "rng.cuda", "rng.cuda.01", "rng.x", "optimizer.x", "optimizer.a.b",
+                 "optimizer.99.momentum_buffer", "optimizer.0.", "masks", "model.", "model", "x"]},
+    "checkpoint-tensor-keys-cuda-gap": _clear_checkpoint("numbered 0 to n-1", _with_tensors(_cuda_states)),
+    "checkpoint-unusable-no-rng": _clear_checkpoint("rng.cpu", _with_tensors(_pop("rng.cpu"))),
+    "checkpoint-unusable-rng-size": _clear_checkpoint("rng.cpu", _with_tensors(
+        lambda t: t.update({"rng.cpu": t["rng.cpu"][:100].clone()}))),
+    "checkpoint-unusable-rng-dtype": _clear_checkpoint("rng.cpu", _with_tensors(
+        lambda t: t.update({"rng.cpu": t["rng.cpu"].float()}))),
+    "checkpoint-mask-dtype": _clear_checkpoint("masks.conv1.weight", _with_tensors(
+        lambda t: t.update({"masks.conv1.weight": t["masks.conv1.weight"].float()}))),
+    "checkpoint-mask-shape": _clear_checkpoint("masks.conv1.weight", _with_tensors(
+        lambda t: t.update({"masks.conv1.weight": t["masks.conv1.weight"][1:].clone()}))),
+    "checkpoint-mask-missing": _clear_checkpoint("do not match the masks", _with_tensors(_pop("masks.conv1.weight"))),
+    "checkpoint-optimizer-duplicate-scalar": _clear_checkpoint("also stored", _dup_scalar),
 }
 
 
 @pytest.mark.parametrize("bug", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"known bug: {bug.summary}"))
-    for name, bug in KNOWN_BUGS.items()])
-def test_known_bug_reproducer(bug, saved_compact, saved_checkpoint, tmp_path):
-    KNOWN_BUGS[bug].reproduce(saved_compact, saved_checkpoint, tmp_path / "d")
+    *(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"known bug: {bug.summary}"))
+      for name, bug in KNOWN_BUGS.items()),
+    *FIXED_BUGS])
+def test_bug_reproducer(bug, saved_compact, saved_checkpoint, tmp_path):
+    """Known bugs (strict xfail) and fixed ones (regression tests): the loader's clear error."""
+    reproduce = KNOWN_BUGS[bug].reproduce if bug in KNOWN_BUGS else FIXED_BUGS[bug]
+    reproduce(saved_compact, saved_checkpoint, tmp_path / "d")
+
+
+# Sizes that architecture.json claims are checked against the weights file's header (and, with an
+# input_shape, by a dry run on the meta device) before anything of that size is allocated: with
+# 512 MiB of headroom, allocating any of these would fail with a different message.
+CLAIMED_SIZES = {
+    "index-select-index": _edit_step("IndexSelect", config={"index": 2 ** 33}),
+    "lowered-conv-columns": _edit_step("LoweredConv2d", config={"in_channels": 2 ** 31, "columns": 2 ** 33}),
+    "lowered-conv-out-channels": _edit_step("LoweredConv2d", config={"out_channels": 2 ** 33}),
+    "conv-out-channels": _edit_step("Conv2d", config={"out_channels": 2 ** 31}),
+    "linear-in-features": _edit_step("Linear", config={"in_features": 2 ** 31}),
+    "batch-norm-features": _edit_step("BatchNorm2d", config={"num_features": 2 ** 33}),
+    "constant-shape": _edit_step("ReLU", type="Constant", config={"shape": [2 ** 17, 2 ** 17]}),
+    "channel-pad-index": _edit_step("ReLU", type="ChannelPad", config={"out_channels": 2 ** 34, "index": 2 ** 33}),
+    "prelu-parameters": _edit_step("ReLU", type="PReLU", config={"num_parameters": 2 ** 33}),
+}
+# Configurations whose weights are small but whose activations on input_shape would not be.
+HUGE_ACTIVATIONS = {
+    "conv-padding": _edit_step("Conv2d", config={"padding": 10 ** 5}),
+    "lowered-conv-padding": _edit_step("LoweredConv2d", config={"padding": [10 ** 5, 10 ** 4]}),
+    "adaptive-pool-output": _edit_step("ReLU", type="AdaptiveAvgPool2d", config={"output_size": 2 ** 15}),
+    "lrn-size": _edit_step("ReLU", type="LocalResponseNorm", config={"size": 10 ** 8}),
+}
+
+
+@pytest.mark.parametrize("with_shape", [True, False], ids=["input-shape", "no-input-shape"])
+@pytest.mark.parametrize("case", sorted(CLAIMED_SIZES))
+def test_claimed_sizes_are_not_allocated(case, with_shape, saved_compact, tmp_path):
+    d = _arch_edit(saved_compact, tmp_path / "d", _no_input_shape(CLAIMED_SIZES[case]) if not with_shape
+                   else CLAIMED_SIZES[case])
+    with pytest.raises(ValueError, match=re.escape(str(d))) as e, address_space_headroom(512 * 2 ** 20):
+        load_compact(d)
+    message = str(e.value)  # the header check, or the dry run on meta tensors
+    assert re.search(r"model\.safetensors: .*(has shape|do not match)|architecture\.json: the model it describes "
+                     r"fails", message) and "allocate" not in message, message
+
+
+@pytest.mark.parametrize("case", sorted(HUGE_ACTIVATIONS))
+def test_huge_activations_are_refused_before_running(case, saved_compact, tmp_path):
+    d = _arch_edit(saved_compact, tmp_path / "d", HUGE_ACTIVATIONS[case])
+    with pytest.raises(ValueError, match=re.escape(str(d / ARCH))) as e, address_space_headroom(512 * 2 ** 20):
+        load_compact(d)
+    assert re.search(r"at most \d+ are allowed", str(e.value)), str(e.value)
 
 
 def known_bug(e: BaseException, prefix: str) -> str | None:

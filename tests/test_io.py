@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from structsparse import LoweredConv2d, compact, load_compact, save_compact
@@ -97,3 +98,85 @@ def test_inconsistent_description_is_rejected(tmp_path, compacted, edit, message
     d = corrupt(tmp_path, compacted, edit)
     with pytest.raises(ValueError, match=message):
         load_compact(d)
+
+
+class FunctionsAndHardtanh(torch.nn.Module):
+    """Function steps with arguments (F.relu, F.max_pool2d, torch.flatten(x, 1)) and Hardtanh / ReLU6,
+    whose constructors take deprecated aliases (min_value, max_value) that are not attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.clip = torch.nn.Hardtanh(-0.5, 2.0)
+        self.six = torch.nn.ReLU6()
+        self.fc = torch.nn.Linear(6 * 6 * 6, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        x = self.six(self.clip(x))
+        x = F.max_pool2d(x, 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_round_trip_function_steps_and_hardtanh(tmp_path):
+    torch.manual_seed(0)
+    model = FunctionsAndHardtanh().eval()
+    with torch.no_grad():
+        model.conv.weight[4:] = 0
+    x = torch.randn(2, 3, 14, 14)
+    c = compact(model, x)
+    save_compact(c, tmp_path)
+    steps = {s["name"]: s for s in json.loads((tmp_path / "architecture.json").read_text())["steps"]}
+    assert steps["clip"]["config"] == {"min_val": -0.5, "max_val": 2.0, "inplace": False}
+    assert any(s["type"] == "Op" and s["config"]["kwargs"] == {"start_dim": 1} for s in steps.values())
+    loaded = load_compact(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), c(x))
+        assert torch.allclose(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert (loaded.clip.min_val, loaded.clip.max_val) == (-0.5, 2.0)
+
+
+def test_files_without_input_shape_still_load(tmp_path, compacted):
+    """Files written before input_shape was stored: checked for structure, then loaded."""
+    _, c, x = compacted
+    d = corrupt(tmp_path, compacted, edit_arch(lambda a: a.pop("input_shape")))
+    loaded = load_compact(d)
+    assert loaded.input_shape is None
+    with torch.no_grad():
+        assert torch.equal(loaded(x), c(x))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda a: a["steps"][2].update(inputs=["input", a["steps"][1]["name"]]), "reads exactly one input"),
+    (lambda a: a["steps"][1].update(inputs=["nowhere"]), "must name earlier steps"),
+    (lambda a: a["steps"][1].update(name="training"), "bad step name"),
+    (lambda a: a["steps"][2].update(name=a["steps"][1]["name"] + ".sub"), "cannot also hold"),
+])
+def test_structure_is_checked_without_input_shape(tmp_path, compacted, edit, message):
+    def both(a):
+        a["input_shape"] = None
+        edit(a)
+    d = corrupt(tmp_path, compacted, edit_arch(both))
+    with pytest.raises(ValueError, match=message) as e:
+        load_compact(d)
+    assert str(d / "architecture.json") in str(e.value)
+
+
+def test_loaded_weights_are_real_tensors(tmp_path, compacted):
+    """Built on the meta device, loaded by assignment: nothing is left on meta, dtypes are the usual."""
+    _, c, _ = compacted
+    save_compact(c, tmp_path)
+    loaded = load_compact(tmp_path)
+    tensors = dict(loaded.state_dict())
+    assert tensors and not any(t.is_meta for t in tensors.values())
+    assert all(t.dtype == c.state_dict()[k].dtype for k, t in tensors.items())
+    assert all(p.requires_grad == q.requires_grad for p, q in zip(loaded.parameters(), c.parameters()))
+
+
+def test_unsavable_function_arguments_are_refused(tmp_path, compacted):
+    from structsparse.compact import CompactNet
+    from structsparse.graph import Op
+    net = CompactNet([("flat", Op("flatten", {1: 2}))])
+    with pytest.raises(TypeError, match="keys must be strings"):
+        save_compact(net, tmp_path)
+    assert not (tmp_path / "architecture.json").exists()

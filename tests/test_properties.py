@@ -19,7 +19,6 @@ Profiles (tests/conftest.py): "ci" by default, STRUCTSPARSE_HYPOTHESIS_PROFILE=l
 """
 from __future__ import annotations
 
-import re
 import tempfile
 
 import pytest
@@ -113,10 +112,6 @@ def zero_structures(draw, model: nn.Module) -> dict[str, int]:
     return counts
 
 
-# save_compact of an nn.Hardtanh step: see test_hardtanh_round_trip. Delete with that test's xfail.
-KNOWN_SAVE_BUG = r"'Hardtanh' object has no attribute 'min_value'"
-
-
 def count_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -148,17 +143,11 @@ def check_compaction(model: nn.Module, x: torch.Tensor, seed: int, lowered_below
 
     tally("tried")
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            save_compact(c, tmp)
-        except AttributeError as e:
-            if not re.search(KNOWN_SAVE_BUG, str(e)):
-                raise
-            tally("round trip skipped: known bug (Hardtanh cannot be saved)")
-        else:
-            loaded = load_compact(tmp)
-            with torch.no_grad():
-                for y in [x, *fresh]:
-                    assert torch.equal(loaded(y), c(y)), "save_compact/load_compact changed the outputs"
+        save_compact(c, tmp)
+        loaded = load_compact(tmp)
+        with torch.no_grad():
+            for y in [x, *fresh]:
+                assert torch.equal(loaded(y), c(y)), "save_compact/load_compact changed the outputs"
     if after < before:
         tally("fewer parameters")
     kinds = {type(m) for m in c.modules()}
@@ -411,11 +400,8 @@ def test_residual_generator_makes_valid_models(case):
         assert model(x).shape[0] == x.shape[0]
 
 
-# ---- known bugs ------------------------------------------------------------------------------
+# ---- once known bugs (fixed; kept as regression tests) -------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="known bug: save_compact cannot describe the keyword arguments of a "
-                                       "function step (F.relu → Op('relu', {'inplace': False})): TypeError "
-                                       "'cannot describe {...} in JSON' (io._jsonable has no dict case)")
 def test_functional_forward_round_trip(tmp_path):
     class Net(nn.Module):
         def __init__(self):
@@ -436,9 +422,6 @@ def test_functional_forward_round_trip(tmp_path):
         assert torch.equal(load_compact(tmp_path)(x), c(x))
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: save_compact reads every constructor parameter as an "
-                                       "attribute; nn.Hardtanh's deprecated min_value/max_value are not "
-                                       "attributes: AttributeError")
 def test_hardtanh_round_trip(tmp_path):
     model = nn.Sequential(nn.Linear(4, 3), nn.Hardtanh(), nn.Linear(3, 2)).eval()
     x = torch.rand(2, 4)

@@ -86,7 +86,7 @@ def test_lambdas_are_checked_against_the_model_built_with_its_args(tmp_path):
     phases = [{"name": "ssl", "epochs": 1, "lr": 0.1, "lambdas": {"layer2.0.shortcut.0": {"filter": 0.1}}}]
     parse_recipe(_base(model_args={"shortcut": "B"}, phases=phases))
     msg = _error(tmp_path, _base(model_args={"shortcut": "A"}, phases=phases))
-    assert "phases[0].lambdas" in msg and "matches no Conv2d or Linear layer" in msg
+    assert "phases[0].lambdas" in msg and "matches no Conv2d, Linear or BatchNorm layer" in msg
 
 
 # ----------------------------------------------------------------------------- Trainer
