@@ -47,7 +47,7 @@ def test_depth_recipe_targets_the_convs_between_shortcut_endpoints():
     r = load_recipe(ROOT / "recipes" / "cifar10" / "resnet20_depth.yaml")
     ssl = next(p for p in r.phases if p.sparsifying)
     resolved = resolve_spec(build_model(r.model, **r.model_args), ssl.lambdas)
-    assert len(resolved) == 18 and all(kinds == {"depth": 0.005} for kinds in resolved.values())
+    assert len(resolved) == 18 and all(kinds == {"depth": 0.007} for kinds in resolved.values())
     assert all(n.startswith("layer") and ".conv" in n for n in resolved)
 
 
