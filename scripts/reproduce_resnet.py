@@ -19,13 +19,12 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce_mnist import LAYER_KEYS, _final_val, _kept_summary, _structsparse_cmd, verify  # noqa: E402
+from reproduce_mnist import LAYER_KEYS, _final_val, _kept_summary, _structsparse_cmd, copy_run, exit_status, verify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "resnet"
@@ -73,15 +72,7 @@ def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule
     if m["data"] != DATA:
         raise SystemExit(f"{run_dir}: a run on {m['data']}, the ResNet rows are on {DATA}")
     out = RESULTS / row
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copytree(run_dir / "compact", out / "model")
-    shutil.copyfile(run_dir / "report.md", out / "report.md")
-    shutil.copyfile(ROOT / m["recipe"] if not Path(m["recipe"]).is_absolute() else m["recipe"], out / "recipe.yaml")
-    for extra in ("log.csv", "sparsity.png"):
-        if (run_dir / extra).exists():
-            shutil.copyfile(run_dir / extra, out / extra)
+    copy_run(run_dir, out, m["recipe"], extras=("log.csv", "sparsity.png"))
     model = load_compact(out / "model").eval()
     test = Split(*load_dataset(DATA, "test"))
     err = evaluate(model, test, 1000)
@@ -172,10 +163,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     if args.verify:
-        problems = verify(RESULTS, DATA, set(ROWS.values()), row_key="row")
-        for p in problems:
-            print("FAIL:", p, file=sys.stderr)
-        return 1 if problems else 0
+        return exit_status(verify(RESULTS, DATA, set(ROWS.values()), row_key="row"))
     if args.table:
         write_table()
         return 0

@@ -7,6 +7,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import os
 
 import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread. With two OpenMP threads on a busy 2-core machine every
+    small op waits for the other thread (~20 ms per conv instead of ~0.5 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

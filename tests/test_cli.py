@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
+from helpers import write_tiny_mnist
 from structsparse import checkpoint as ckpt
 from structsparse import cli
 
@@ -34,24 +34,10 @@ RECIPE = {
 }
 
 
-def _tiny_mnist(root: Path) -> None:
-    """A learnable stand-in for MNIST in data.py's cache format (uint8 N×28×28 images and labels)."""
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 256), ("val", 100), ("test", 100)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(y):  # a bright bar whose position encodes the label
-            x[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 250
-        arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
-    root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "mnist.npz", **arrays)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("cli")
-    _tiny_mnist(base / "data")
+    write_tiny_mnist(base / "data")
     recipe = base / "tiny.yaml"
     recipe.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data")}))
     return base, recipe

@@ -7,13 +7,13 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from helpers import write_tiny_mnist
 from structsparse import checkpoint as ckpt
 from structsparse import cli
 
@@ -35,19 +35,6 @@ RECIPE = {
     ],
     "measure": {"batch_sizes": [1], "repeats": 1, "warmup": 0, "threads": 1},
 }
-
-
-def _tiny_mnist(root: Path) -> None:
-    rng = np.random.default_rng(1)
-    arrays = {}
-    for split, n in (("train", 69), ("val", 40), ("test", 40)):
-        y = rng.integers(0, 10, n).astype(np.uint8)
-        x = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(y):
-            x[i, 2 + 2 * label: 4 + 2 * label, 4:24] = 250
-        arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
-    root.mkdir(parents=True, exist_ok=True)
-    np.savez(root / "mnist.npz", **arrays)
 
 
 def _free_port() -> int:
@@ -84,7 +71,7 @@ def _worker(rank: int, world: int, port: int, recipe: str, out: str, reports: st
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    _tiny_mnist(base / "data")
+    write_tiny_mnist(base / "data", sizes=(69, 40, 40), seed=1)
     path = base / "tiny.yaml"
     path.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data")}))
     return path

@@ -34,14 +34,7 @@ from structsparse import LoweredConv2d, compact, load_compact, save_compact  # n
 from structsparse.compact import ATOL, RTOL, IndexSelect  # noqa: E402
 from structsparse.layers import Add, Cat, ChannelPad  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread. With two OpenMP threads on a busy 2-core machine every
-    small op waits for the other thread (~20 ms per conv instead of ~0.5 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ACTIVATIONS = {

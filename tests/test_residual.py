@@ -6,29 +6,8 @@ from torch import nn
 from structsparse import compact, load_compact, save_compact
 from structsparse.compact import ATOL, RTOL
 from structsparse.graph import channel_units, trace_graph
-from structsparse.layers import Add, Cat, ChannelPad, Constant
-
-
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride=1, shortcut="A"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        if stride == 1 and cin == cout:
-            self.shortcut = nn.Identity()
-        elif shortcut == "A":
-            self.shortcut = ChannelPad.centered(cin, cout, stride)
-        else:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        self.add = Add()
-        self.relu2 = nn.ReLU()
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(self.add(out, self.shortcut(x)))
+from structsparse.layers import Cat, ChannelPad, Constant
+from structsparse.models import BasicBlock as Block
 
 
 class TinyResNet(nn.Module):
