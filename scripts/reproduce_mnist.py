@@ -16,6 +16,13 @@ images, compare with the recorded ``test_error``)::
 
     python scripts/reproduce_mnist.py --verify
 
+Repeat a row with other seeds (recipes ``recipes/mnist/<recipe>_s1.yaml``, ``_s2.yaml``: the row's
+recipe with only ``seed`` changed), then record all seeds (seed 0 = the committed result) under
+``seeds`` in ``results/mnist/<name>/metrics.json``: per seed the command, run directory, test
+error, kept structures and FLOP fractions; over the seeds mean, std, min and max::
+
+    python scripts/reproduce_mnist.py lenet2 --seeds runs/mnist/lenet2_s1 runs/mnist/lenet2_s2
+
 Rewrite the tables of ``results/mnist/README.md`` (between the ``<!-- table -->`` markers)::
 
     python scripts/reproduce_mnist.py --table
@@ -197,6 +204,20 @@ def select(name: str, candidates: list[Path]) -> Path:
     return min(ok, key=lambda c: (round(structure_distance(name, ms[c]), 6), _final_val(ms[c])))
 
 
+def copy_run(run_dir: Path, out: Path, recipe: str, extras: tuple[str, ...] = ()) -> None:
+    """(Re)make ``out`` with the run's compact model (``model/``), ``report.md``, ``recipe.yaml``
+    and the ``extras`` files the run has."""
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copytree(run_dir / "compact", out / "model")
+    shutil.copyfile(run_dir / "report.md", out / "report.md")
+    shutil.copyfile(recipe if Path(recipe).is_absolute() else ROOT / recipe, out / "recipe.yaml")
+    for extra in extras:
+        if (run_dir / extra).exists():
+            shutil.copyfile(run_dir / extra, out / extra)
+
+
 def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None) -> dict:
     """Write results/mnist/<name>/ from a finished ``structsparse run`` directory."""
     from structsparse import load_compact
@@ -209,15 +230,7 @@ def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rul
     if m["model"] != paper["model"] or m["data"] != "mnist":
         raise SystemExit(f"{run_dir}: a {m['model']} run on {m['data']}, but {name} is {paper['model']} on mnist")
     out = RESULTS / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copytree(run_dir / "compact", out / "model")
-    shutil.copyfile(run_dir / "report.md", out / "report.md")
-    recipe = Path(m["recipe"])
-    if not recipe.is_absolute():
-        recipe = ROOT / recipe
-    shutil.copyfile(recipe, out / "recipe.yaml")
+    copy_run(run_dir, out, m["recipe"])
 
     model = load_compact(out / "model").eval()
     x, y = load_dataset("mnist", "test")
@@ -305,6 +318,98 @@ def verify(results: Path = RESULTS, data: str = "mnist", rows: set[str] | None =
     return problems
 
 
+# --------------------------------------------------------------------------- seeds
+
+SEED_LAYER_KEYS = ("filters_kept", "channels_kept", "columns_kept", "flop_fraction", "compact_flop_fraction")
+
+
+def _seed_entry(run_dir: Path, m: dict, test_error: float, shapes: dict | None) -> dict:
+    """One seed's record: where it came from and what it kept."""
+    from structsparse.recipe import load_recipe
+    recipe = Path(m["recipe"])
+    seed = load_recipe(recipe if recipe.is_absolute() else ROOT / recipe).seed
+    return {"seed": seed, "recipe": m["recipe"], "command": m["command"], "run": str(run_dir),
+            "machine": m["machine"], "date": m["date"], "train_seconds": m["train_seconds"],
+            "test_error": test_error, "val_error": _final_val(m),
+            "layers": {r["name"]: {k: r.get(k) for k in SEED_LAYER_KEYS} for r in m["sparsity"]["layers"]},
+            "flop_fraction": m["sparsity"]["flop_fraction"],
+            "compact_flop_fraction": m["sparsity"]["compact_flop_fraction"],
+            "compact_shapes": shapes, "neurons": None if shapes is None else _neurons(shapes)}
+
+
+def _spread(values: list[float]) -> dict:
+    import statistics
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "values": values}
+
+
+def seed_summary(entries: list[dict]) -> dict:
+    """Mean, sample std, min and max over the seeds of test/val error, whole-model FLOP fractions
+    and, per layer, each of :data:`SEED_LAYER_KEYS` (and MLP neuron counts)."""
+    out = {"n": len(entries), "seeds": [e["seed"] for e in entries],
+           "test_error": _spread([e["test_error"] for e in entries]),
+           "val_error": _spread([e["val_error"] for e in entries]),
+           "flop_fraction": _spread([e["flop_fraction"] for e in entries]),
+           "compact_flop_fraction": _spread([e["compact_flop_fraction"] for e in entries]),
+           "layers": {}}
+    for layer in entries[0]["layers"]:
+        out["layers"][layer] = {k: _spread([e["layers"][layer][k] for e in entries])
+                                for k in SEED_LAYER_KEYS if all(e["layers"][layer][k] is not None for e in entries)}
+    if all(e["neurons"] for e in entries):
+        out["neurons"] = [_spread([e["neurons"][i] for e in entries]) for i in range(len(entries[0]["neurons"]))]
+    return out
+
+
+def add_seeds(name: str, run_dirs: list[Path]) -> dict:
+    """Record the committed result (seed 0) and the runs ``run_dirs`` (other seeds of the same recipe)
+    under ``seeds`` in results/mnist/<name>/metrics.json; the rest of the file is left as it is."""
+    from structsparse import load_compact
+    from structsparse.recipe import load_recipe
+
+    path = RESULTS / name / "metrics.json"
+    r = json.loads(path.read_text())
+    base = load_recipe(ROOT / r["recipe"]).to_dict()
+    base.pop("seed")
+    run0 = Path(r["selection"]["candidates"][[c["chosen"] for c in r["selection"]["candidates"]].index(True)]["run"])
+    m0 = json.loads((run0 / "metrics.json").read_text()) if (run0 / "metrics.json").is_file() else None
+    if m0 is None:   # the committed row's own record is enough for seed 0
+        m0 = {"recipe": r["recipe"], "command": r["command"], "machine": r["machine"], "date": r["date"],
+              "train_seconds": r["train_seconds"], "val_error": r["val_error_by_phase"],
+              "sparsity": {"layers": r["layers"], "flop_fraction": r["flop_fraction"],
+                           "compact_flop_fraction": r["compact_flop_fraction"]}}
+    entries = [_seed_entry(run0, m0, r["test_error"], r["compact_shapes"])]
+    for d in run_dirs:
+        d = Path(d)
+        m = json.loads((d / "metrics.json").read_text())
+        other = load_recipe(ROOT / m["recipe"] if not Path(m["recipe"]).is_absolute() else m["recipe"]).to_dict()
+        seed = other.pop("seed")
+        if other != base:
+            raise SystemExit(f"{d}: its recipe {m['recipe']} differs from {r['recipe']} in more than the seed")
+        if seed in {e["seed"] for e in entries}:
+            raise SystemExit(f"{d}: seed {seed} is already recorded")
+        shapes = compact_shapes(load_compact(d / "compact")) if (d / "compact").is_dir() else None
+        entries.append(_seed_entry(d, m, m["test_error"]["compact"], shapes))
+    entries.sort(key=lambda e: e["seed"])
+    r["seeds"] = {"note": "the same recipe with only `seed` changed (model initialisation and shuffles); seed 0 is "
+                          "the committed result above; the other seeds' compact models are not committed. "
+                          "std is the sample standard deviation.",
+                  "assembled_by": "python scripts/reproduce_mnist.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                  "summary": seed_summary(entries), "runs": entries}
+    path.write_text(json.dumps(r, indent=1) + "\n", encoding="utf-8")
+    s = r["seeds"]["summary"]
+    print(f"{path}: {len(entries)} seeds, test error {100 * s['test_error']['mean']:.2f}% "
+          f"± {100 * s['test_error']['std']:.2f} (min {100 * s['test_error']['min']:.2f}%, "
+          f"max {100 * s['test_error']['max']:.2f}%)")
+    return r["seeds"]
+
+
+def exit_status(problems: list[str]) -> int:
+    """Print each problem found by :func:`verify`; 1 if there were any."""
+    for p in problems:
+        print("FAIL:", p, file=sys.stderr)
+    return 1 if problems else 0
+
+
 # --------------------------------------------------------------------------- tables
 
 def _pct(v, digits=1):
@@ -381,6 +486,7 @@ def tables(results: Path = RESULTS) -> str:
                          _pct(r["val_error"], 2), prov(r)]
             out.append("| " + " | ".join(cells) + " |")
     out = [line for line in out if line is not None]
+    out += seeds_table(rows)
     out += ["", "### Provenance of each of our rows", "",
             "| row | command | machine | date (UTC) | training time | selection |", "|---|---|---|---|---|---|"]
     for name in ORDER:
@@ -394,6 +500,46 @@ def tables(results: Path = RESULTS) -> str:
                f"chosen among {n} runs by validation error and structure (rule below; metrics.json `selection`)")
         out.append(f"| {r['paper_row']} | `{r['command']}` | {machine} | {r['date']} | {r['train_seconds']:.0f} s | {sel} |")
     return "\n".join(out) + "\n"
+
+
+def seeds_table(rows: dict) -> list[str]:
+    """Markdown lines: the rows repeated with several seeds (``seeds`` in their metrics.json)."""
+    done = [rows[n] for n in ORDER if n in rows and "seeds" in rows[n]]
+    if not done:
+        return []
+
+    def spread(d, digits=1, pct=True):
+        f = (lambda v: _pct(v, digits)) if pct else (lambda v: f"{v:.{digits}f}")
+        return f"{f(d['mean'])} ({f(d['min'])}–{f(d['max'])})"
+
+    out = ["", "### Spread over three seeds (seed 0 = our row above; the same recipe with only `seed` changed)", "",
+           "Mean (min–max) over the seeds; test error also ± the sample standard deviation. Structures and FLOP "
+           "per layer: conv1—conv2 for LeNet, fc1—fc2—fc3 for the MLP.", "",
+           "| row | seeds | test error: mean ± std (min–max) | test error per seed | kept per seed | "
+           "FLOP (paper's, per layer) | FLOP after compact, per layer | FLOP after compact, whole model |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in done:
+        sd = r["seeds"]
+        s, runs = sd["summary"], sd["runs"]
+        lenet = r["paper"]["model"] == "lenet"
+        names = ("conv1", "conv2") if lenet else ("fc1", "fc2", "fc3")
+        digits = 1 if lenet else 2
+        te = s["test_error"]
+        if lenet:
+            kept = "; ".join(f"s{e['seed']}: {e['layers']['conv1']['filters_kept']}—{e['layers']['conv2']['filters_kept']} "
+                             f"filters, {e['compact_shapes']['conv2']['in_channels'] if e.get('compact_shapes') else '?'}"
+                             " conv2 channels read" for e in runs)
+        else:
+            kept = "; ".join(f"s{e['seed']}: {'—'.join(map(str, e['neurons'] or []))}" for e in runs)
+        L = s["layers"]
+        out.append(" | ".join([
+            f"| {r['paper_row']}", ", ".join(map(str, s["seeds"])),
+            f"{_pct(te['mean'], 2)} ± {100 * te['std']:.2f} ({_pct(te['min'], 2)}–{_pct(te['max'], 2)})",
+            ", ".join(_pct(e["test_error"], 2) for e in runs), kept,
+            "—".join(spread(L[n]["flop_fraction"], digits) for n in names),
+            "—".join(spread(L[n]["compact_flop_fraction"], digits) for n in names),
+            spread(s["compact_flop_fraction"], 1)]) + " |")
+    return out
 
 
 def write_tables(readme: Path = RESULTS / "README.md") -> None:
@@ -417,18 +563,20 @@ def main(argv=None) -> int:
     ap.add_argument("--rule", help="how the chosen run was selected (recorded in metrics.json)")
     ap.add_argument("--verify", action="store_true", help="check every results/mnist/*/model against its test_error")
     ap.add_argument("--table", action="store_true", help="rewrite the tables of results/mnist/README.md")
+    ap.add_argument("--seeds", nargs="+", metavar="RUN_DIR", help="finished runs of NAME's recipe with other seeds: "
+                    "record them with the committed result (seed 0) under `seeds` in its metrics.json")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     if args.verify:
-        problems = verify()
-        for p in problems:
-            print("FAIL:", p, file=sys.stderr)
-        return 1 if problems else 0
+        return exit_status(verify())
     if args.table:
         write_tables()
         return 0
     if args.name is None:
         ap.error("name a row, or pass --verify or --table")
+    if args.seeds:
+        add_seeds(args.name, [Path(d) for d in args.seeds])
+        return 0
     if args.from_run:
         run_dir = Path(args.from_run)
     elif args.candidates and not args.recipe:

@@ -169,7 +169,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Modu
     if not metrics_path.is_file():
         raise CLIError(f"{run_dir}: no metrics.json; is it an output directory of `structsparse run`?")
     metrics = json.loads(metrics_path.read_text())
-    model = build_model(metrics["model"])
+    model = build_model(metrics["model"], **metrics.get("model_args", {}))
     try:
         model.load_state_dict(load_file(run_dir / TRAINED))
     except (OSError, RuntimeError, ValueError) as e:
@@ -285,7 +285,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
         "## Measured speed\n\n" + speed.to_markdown(),
     ]) + "\n"
     metrics = {
-        "recipe": str(recipe_path), "model": recipe.model, "data": recipe.data, "command": command, "machine": machine, "date": date,
+        "recipe": str(recipe_path), "model": recipe.model, "model_args": recipe.model_args, "data": recipe.data, "command": command, "machine": machine, "date": date,
         "device": device, "world_size": world, "train_seconds": train_s,
         "test_error": {"original": test_original, "compact": test_compact},
         "val_error": results["val_error"], "history": results["history"],
