@@ -169,7 +169,11 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Modu
     if not metrics_path.is_file():
         raise CLIError(f"{run_dir}: no metrics.json; is it an output directory of `structsparse run`?")
     metrics = json.loads(metrics_path.read_text())
-    model = build_model(metrics["model"], **metrics.get("model_args", {}))
+    args = metrics.get("model_args")
+    if args is None and Path(metrics.get("recipe", "")).is_file():  # runs from before metrics kept them
+        from .recipe import load_recipe
+        args = load_recipe(metrics["recipe"]).model_args
+    model = build_model(metrics["model"], **(args or {}))
     try:
         model.load_state_dict(load_file(run_dir / TRAINED))
     except (OSError, RuntimeError, ValueError) as e:
