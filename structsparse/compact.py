@@ -319,7 +319,8 @@ def _reads(node: Node) -> torch.Tensor:
 
 def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     """Units to remove: those nobody reads, and constant ones whose value every reader can fold
-    into its bias. Returns the units and the removal mask."""
+    into its bias. Returns the units, the removal mask (per unit) and, per layer, which of its
+    input entries its weights read."""
     units = channel_units(graph)
     const = _input_independent(graph)
     varying = torch.zeros(units.count, dtype=torch.bool)  # input-dependent where some layer reads it
