@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,10 +57,29 @@ def conv_layers(model) -> int:
     return sum(isinstance(m, (nn.Conv2d, LoweredConv2d)) for m in model.modules())
 
 
-def _select(candidates: list[Path]) -> Path:
-    """Lowest final validation error among the candidates (ties: fewer multiply-adds)."""
-    ms = {c: json.loads((c / "metrics.json").read_text()) for c in candidates}
-    return min(candidates, key=lambda c: (round(_final_val(ms[c]), 4), ms[c]["sparsity"]["compact_flop_fraction"]))
+def _structure_met(row: str, m: dict, dense: dict | None) -> bool:
+    """Whether a run reaches the row's structural target (blocks removed, or fewer FLOPs than dense)."""
+    from structsparse import load_compact
+
+    if row == "depth":
+        kept = blocks(load_compact(Path(m["run_dir"]) / "compact"))
+        return sum(k[1] - k[0] for k in kept.values()) >= TARGETS["depth"]["blocks_removed"]
+    if row == "channel" and dense is not None:
+        return dense["sparsity"]["compact_flop_fraction"] / m["sparsity"]["compact_flop_fraction"] >= \
+            TARGETS["channel"]["flop_ratio"]
+    return True
+
+
+def _select(row: str, candidates: list[Path]) -> Path:
+    """Among the candidates that reach the row's structural target (if any does), the one with the
+    lowest final validation error (ties: fewer multiply-adds). Test errors are not looked at."""
+    ms = {c: {**json.loads((c / "metrics.json").read_text()), "run_dir": str(c)} for c in candidates}
+    dense_path = RESULTS / "dense" / "metrics.json"
+    dense = None
+    if dense_path.is_file():
+        dense = {"sparsity": {"compact_flop_fraction": json.loads(dense_path.read_text())["compact_flop_fraction"]}}
+    ok = [c for c in candidates if _structure_met(row, ms[c], dense)] or candidates
+    return min(ok, key=lambda c: (round(_final_val(ms[c]), 4), ms[c]["sparsity"]["compact_flop_fraction"]))
 
 
 def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None) -> dict:
@@ -85,6 +105,11 @@ def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule
                       "compact_flop_fraction": cm["sparsity"]["compact_flop_fraction"],
                       "chosen": c.resolve() == run_dir.resolve()})
     params = sum(p.numel() for p in model.parameters())
+    speed, bench = m.get("speed"), run_dir / "bench" / "model.json"
+    if bench.is_file():  # measured again by `structsparse bench model RUN_DIR` (quieter machine)
+        b = json.loads(bench.read_text())
+        speed = {**b["speed"], "command": b.get("command")}
+        shutil.copytree(run_dir / "bench", out / "bench")
     result = {
         "row": ROWS[row], "name": row, "data": DATA,
         "test_error": err, "test_wrong": round(err * len(test)), "test_images": len(test),
@@ -95,7 +120,7 @@ def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule
         "flop_fraction": m["sparsity"]["flop_fraction"],
         "compact_flop_fraction": m["sparsity"]["compact_flop_fraction"],
         "recipe": m["recipe"], "command": m["command"], "machine": m["machine"], "date": m["date"],
-        "train_seconds": m["train_seconds"], "speed": m.get("speed"),
+        "train_seconds": m["train_seconds"], "speed": speed,
         "selection": {"rule": rule or "single run, λs fixed before training (no selection)", "candidates": cands},
         "assembled_by": "python scripts/reproduce_resnet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
     }
@@ -181,8 +206,9 @@ def main(argv=None) -> int:
         print("+", " ".join(shlex.quote(c) for c in cmd), flush=True)
         subprocess.run(cmd, check=True)
     elif cands:
-        run_dir = _select(cands)
-        rule = "lowest final validation error among the candidates (test error not looked at)"
+        run_dir = _select(args.row, cands)
+        rule = ("among the candidates that reach the row's structural target (blocks removed / FLOP ratio), "
+                "the lowest final validation error; test errors not looked at")
         print(f"{args.row}: selected {run_dir}")
     else:
         ap.error("give --recipe, --from-run or --candidates")

@@ -1,0 +1,47 @@
+"""The committed ResNet-20 / Fashion-MNIST results (results/resnet/*/) load and give exactly their test error."""
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "results" / "resnet"
+
+
+def _results():
+    return sorted(RESULTS.glob("*/metrics.json"))
+
+
+def test_metrics_are_complete_and_targets_are_stated():
+    if not _results():
+        pytest.skip("no results/resnet/*/metrics.json committed")
+    rows = {}
+    for path in _results():
+        m = json.loads(path.read_text())
+        for key in ("row", "test_error", "command", "machine", "date", "layers", "blocks_kept",
+                    "compact_flop_fraction", "selection"):
+            assert m.get(key) is not None, f"{path}: {key}"
+        assert (path.parent / "model" / "architecture.json").is_file(), path
+        rows[m["name"]] = m
+    if {"dense", "depth"} <= set(rows):  # what the README claims must follow from the files
+        removed = sum(k[1] - k[0] for k in rows["depth"]["blocks_kept"].values())
+        assert rows["depth"]["conv_layers_kept"] == rows["dense"]["conv_layers_kept"] - 2 * removed
+
+
+def test_committed_models_reproduce_their_test_error(one_thread):
+    from structsparse.data import load_dataset
+
+    if not _results():
+        pytest.skip("no results/resnet/*/metrics.json committed")
+    try:
+        load_dataset("fashion-mnist", "test")
+    except (FileNotFoundError, OSError) as e:
+        pytest.skip(f"Fashion-MNIST not installed: {e}")
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    spec = importlib.util.spec_from_file_location("reproduce_resnet", ROOT / "scripts" / "reproduce_resnet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.verify(RESULTS, mod.DATA, set(mod.ROWS.values()), row_key="row") == []
