@@ -96,6 +96,19 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ValueError(f"init_from: {path} does not fit model {type(model).__name__}: {e}") from e
 
 
+def _check_optimizer(opt: torch.optim.Optimizer) -> None:
+    """After loading a checkpoint's optimizer state: numbers where numbers belong, buffers shaped like
+    their parameters (otherwise the first step would fail far from the cause)."""
+    for group in opt.param_groups:
+        for key in ("lr", "momentum", "weight_decay", "dampening"):
+            if isinstance(group.get(key), bool) or not isinstance(group.get(key), (int, float)):
+                raise ValueError(f"optimizer {key} is {group.get(key)!r}, not a number")
+        for prm in group["params"]:
+            buf = opt.state.get(prm, {}).get("momentum_buffer")
+            if buf is not None and buf.shape != prm.shape:
+                raise ValueError(f"a momentum buffer of shape {list(buf.shape)} for a parameter of shape {list(prm.shape)}")
+
+
 def epoch_seed(seed: int, phase: int, epoch: int) -> int:
     """The shuffle seed of one epoch, a function of (seed, phase, epoch) only."""
     return int(np.random.SeedSequence([seed, phase, epoch]).generate_state(1, np.uint64)[0] >> 1)
@@ -202,11 +215,20 @@ class Trainer:
             raise ckpt.CheckpointError(
                 f"{self.checkpoint_dir}: the checkpoint was written by a different recipe; "
                 "resume with the recipe it was started with, or choose another output directory")
-        self.model.load_state_dict(c.model)
-        self._set_masks(c.masks)
-        self.history = list(info["history"])
+        p, e, history = info.get("phase"), info.get("epoch"), info.get("history")
+        phases = self.recipe.phases
+        if not (type(p) is int and 0 <= p < len(phases) and type(e) is int and 0 <= e < max(phases[p].epochs, 1)
+                and isinstance(history, list) and all(isinstance(h, dict) for h in history)):
+            raise ckpt.CheckpointError(f"{self.checkpoint_dir}: checkpoint.json info has a bad phase, epoch or "
+                                       f"history (phase={p!r}, epoch={e!r}) for this recipe")
+        try:
+            self.model.load_state_dict(c.model)
+            self._set_masks(c.masks)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the checkpoint does not fit the model: {err}") from err
+        self.history = list(history)
         ckpt.set_rng_state(c.rng)
-        p, e = info["phase"], info["epoch"] + 1
+        e += 1
         self.log(f"resuming after phase {self.recipe.phases[p].name!r} epoch {e}/{self.recipe.phases[p].epochs}")
         if e >= self.recipe.phases[p].epochs:
             return p + 1, 0, None
@@ -230,7 +252,12 @@ class Trainer:
             opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                                   weight_decay=phase.weight_decay)
             if mid:
-                opt.load_state_dict(opt_state)
+                try:
+                    opt.load_state_dict(opt_state)
+                    _check_optimizer(opt)
+                except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                    raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the checkpoint's optimizer state does "
+                                               f"not fit phase {phase.name!r}: {err}") from err
             for e in range(start_e if mid else 0, phase.epochs):
                 stats = self._train_epoch(p, e, opt, gl)
                 if e == phase.epochs - 1:

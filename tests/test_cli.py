@@ -199,6 +199,26 @@ def test_resume_with_other_recipe_is_refused(env, full_run, capsys):
     assert "different recipe" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.update(phase=99), "bad phase, epoch or history"),
+    (lambda info: info.update(epoch="1"), "bad phase, epoch or history"),
+    (lambda info: info.update(history={"a": 1}), "bad phase, epoch or history"),
+])
+def test_resume_from_a_checkpoint_with_bad_info_is_one_line_error(env, full_run, tmp_path, capsys, edit, message):
+    import shutil
+
+    base, recipe = env
+    out = tmp_path / "run"
+    shutil.copytree(full_run / "checkpoint", out / "checkpoint")
+    index = out / "checkpoint" / "checkpoint.json"
+    meta = json.loads(index.read_text())
+    edit(meta["info"])
+    index.write_text(json.dumps(meta))
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_bad_recipe_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**RECIPE, "phases": [{"name": "x", "epochs": 1, "lr": 0.1, "lamdas": {}}]}))
