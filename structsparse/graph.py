@@ -362,7 +362,7 @@ class ChannelUnits:
         return counts
 
 
-def _pin_all(node: Node, graph: Graph) -> bool:
+def _pin_all(node: Node) -> bool:
     """Whether a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features))."""
     if node.role == CONV:
         return node.module.groups != 1 or len(node.out_shape) != 4
@@ -414,7 +414,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
             of[node.name] = new(width)
             if node.role in WEIGHTED:
                 readers.append(node.name)
-                if _pin_all(node, graph):
+                if _pin_all(node):
                     pinned_ids += [ins[0], of[node.name]]
             elif node.role != INPUT and node.role != CONST:
                 pinned_ids += ins + [of[node.name]]
