@@ -129,7 +129,7 @@ def _function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op:
     else:
         name = _METHODS.get(node.target)
     if name is None:
-        raise UnsupportedModelError(f"{_describe(node)} is not supported in a chain")
+        raise UnsupportedModelError(f"{_describe(node)} is not supported")
     in_shape = tuple(x.meta["tensor_meta"].shape)
     out_shape = tuple(node.meta["tensor_meta"].shape)
     if name == "dropout":  # compact models are inference models: dropout is the identity

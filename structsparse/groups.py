@@ -40,6 +40,11 @@ def covered_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
+def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
+    """√sq for sums of squares, with gradient 0 (not NaN or inf) where sq is 0."""
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+
+
 # Group kinds of a BatchNorm layer, when a spec pattern names one: one channel's (γ_c, β_c), or all of them.
 NORM_KINDS = ("filter", "depth")
 
@@ -61,7 +66,7 @@ def norm_group_norms(module: nn.Module, kind: str) -> torch.Tensor:
     sq = module.weight * module.weight + module.bias * module.bias
     if kind == "depth":
         sq = sq.sum()
-    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+    return _safe_sqrt(sq)
 
 
 def group_view(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -201,7 +206,7 @@ class CoupledChannels:
         for _, module, ids in self.members:
             inside = ids >= 0
             sq = sq.index_add(0, ids[inside], self._column_sq(module)[inside])
-        return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
+        return _safe_sqrt(sq)
 
     def penalty(self) -> torch.Tensor:
         return (self.lambdas * self.norms()).sum()

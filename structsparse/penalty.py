@@ -82,6 +82,16 @@ def _groups(module: nn.Module) -> int:
     return getattr(module, "groups", 1)
 
 
+def _shrink(norms: torch.Tensor, step_lambda) -> torch.Tensor:
+    """The group soft-threshold factor max(0, 1 − lr·λ/‖w_g‖) (0 for all-zero groups)."""
+    return (1 - step_lambda / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0)
+
+
+def _small(norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Groups that are not zero yet but whose norm is below ``threshold``."""
+    return (norms < threshold) & (norms > 0)
+
+
 @torch.no_grad()
 def _scale_norm_(module: nn.Module, scale: torch.Tensor) -> None:
     """Multiply a BatchNorm layer's γ and β by ``scale`` (one number per channel, or one for all)."""
@@ -198,13 +208,14 @@ class GroupLasso:
         """The differentiable group-Lasso term (zero once :meth:`freeze` turned it off)."""
         p = next(self.model.parameters(), None)
         total = torch.zeros((), device=p.device if p is not None else None)
-        if self.active and self.terms:
+        if not self.active:
+            return total
+        if self.terms:
             total = group_lasso([(t.module.weight, t.effective(), _groups(t.module)) for t in self.terms])
-        if self.active and self.coupled is not None:
+        if self.coupled is not None:
             total = total + self.coupled.penalty()
-        if self.active:
-            for t in self.norm_terms:
-                total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
+        for t in self.norm_terms:
+            total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
         return total
 
     @torch.no_grad()
@@ -239,21 +250,19 @@ class GroupLasso:
             view = group_view(w, g)
             for kind, lam in t.effective().items():
                 norms = group_norms(w, kind, g, keepdim=True)
-                scale = (1 - step * lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0)
-                view.mul_(scale)
+                view.mul_(_shrink(norms, step * lam))
         if self.coupled is not None:
             steps = [lrs.get(id(m.weight), lr) for _, m, _ in self.coupled.members]
             steps = [s for s in steps if s is not None]
             if steps:  # one step size per group: the smallest of its layers'
                 norms = self.coupled.norms()
-                self.coupled.scale_((1 - min(steps) * self.coupled.lambdas
-                                     / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0))
+                self.coupled.scale_(_shrink(norms, min(steps) * self.coupled.lambdas))
         for t in self.norm_terms:
             m = t.module
             step = lrs.get(id(m.weight), lr)
             for kind, lam in ([] if step is None else t.lambdas.items()):
                 norms = norm_group_norms(m, kind)
-                _scale_norm_(m, (1 - step * lam / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0))
+                _scale_norm_(m, _shrink(norms, step * lam))
 
     @torch.no_grad()
     def zero_small_(self, threshold: float = 1e-4) -> None:
@@ -271,18 +280,18 @@ class GroupLasso:
             view = group_view(w, g)
             for kind in t.lambdas:
                 norms = group_norms(w, kind, g, keepdim=True)
-                small = (norms < threshold) & (norms > 0)
+                small = _small(norms, threshold)
                 count += int(small.sum())
                 view.masked_fill_(small.expand_as(view), 0.0)
         if self.coupled is not None:
             norms = self.coupled.norms()
-            small = (norms < threshold) & (norms > 0)
+            small = _small(norms, threshold)
             count += int(small.sum())
             self.coupled.scale_((~small).to(norms.dtype))
         for t in self.norm_terms:
             for kind in t.lambdas:
                 norms = norm_group_norms(t.module, kind)
-                small = (norms < threshold) & (norms > 0)
+                small = _small(norms, threshold)
                 count += int(small.sum())
                 _scale_norm_(t.module, (~small).to(norms.dtype))
         return count
