@@ -284,7 +284,9 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
         f"{machine['threads']} threads (measure threads: {m.threads or 'default'})  \nDate: {date}",
         "## Test error\n\n" + errors_md + ("\n\n**The compact model's test error differs from the original's.**"
                                            if mismatch else ""),
-        "## Validation error at the end of each phase\n\n" + val_md,
+        "## Validation error at the end of each phase\n\n" + val_md
+        + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
+           if recipe.train_with_val else ""),
         "## Sparsity\n\n" + report.to_markdown(),
         "## Measured speed\n\n" + speed.to_markdown(),
     ]) + "\n"
@@ -292,7 +294,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
         "recipe": str(recipe_path), "model": recipe.model, "model_args": recipe.model_args, "data": recipe.data, "command": command, "machine": machine, "date": date,
         "device": device, "world_size": world, "train_seconds": train_s,
         "test_error": {"original": test_original, "compact": test_compact},
-        "val_error": results["val_error"], "history": results["history"],
+        "val_error": results["val_error"], "train_with_val": recipe.train_with_val, "history": results["history"],
         "sparsity": report.to_dict(), "speed": speed.to_dict(),
     }
     (out_dir / "report.md").write_text(report_md, encoding="utf-8")

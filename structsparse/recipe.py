@@ -8,6 +8,8 @@ the speedup at the end::
     model_args: {}               # optional constructor arguments, e.g. {shortcut: B} for resnet20
     data: mnist                  # mnist | fashion-mnist | cifar10
     augment: null                # optional, e.g. {crop_padding: 4, flip: true} (training batches only)
+    train_with_val: false        # true: train on train + val (a final run after choosing on val;
+                                 # its val errors are then not held out)
     seed: 0
     batch_size: 64
     phases:
@@ -119,6 +121,7 @@ class Recipe:
     eval_batch_size: int = 1000
     data_root: str | None = None
     init_from: str | None = None   # safetensors weights to start from (e.g. a dense run's trained.safetensors)
+    train_with_val: bool = False   # train on train + val (val errors are then not held out)
     train_subset: int | None = None
     val_subset: int | None = None
     test_subset: int | None = None
@@ -129,7 +132,7 @@ class Recipe:
         """The recipe as plain JSON-able data (without ``path``), e.g. to check a resume."""
         d = dataclasses.asdict(self)
         d.pop("path")
-        for key, default in (("model_args", {}), ("augment", None), ("init_from", None)):  # as before these keys existed,
+        for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False)):  # as before these keys existed,
             if d[key] == default:                                       # so older checkpoints still resume
                 d.pop(key)
         return _jsonable(d)
@@ -247,7 +250,7 @@ def _show(value) -> str:
 
 
 _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "seed", "batch_size", "eval_batch_size",
-        "train_subset", "val_subset", "test_subset", "phases", "measure")
+        "train_with_val", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method", "zero_below",
           "group_threshold", "freeze")
@@ -273,6 +276,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         seed=c.integer(raw.get("seed", 0), "seed", minimum=0),
         batch_size=c.integer(raw.get("batch_size", 64), "batch_size", minimum=1),
         eval_batch_size=c.integer(raw.get("eval_batch_size", 1000), "eval_batch_size", minimum=1),
+        train_with_val=c.boolean(raw.get("train_with_val", False), "train_with_val"),
         path=None if source == "<recipe>" else source,
     )
     for key in ("train_subset", "val_subset", "test_subset"):

@@ -71,10 +71,17 @@ class Split:
 
 
 def load_splits(recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, Split]:
-    """train/val/test of the recipe's data set, cut to the ``*_subset`` sizes, on ``device``."""
+    """train/val/test of the recipe's data set, cut to the ``*_subset`` sizes, on ``device``.
+
+    With ``recipe.train_with_val`` the training split is train followed by val (val is still
+    returned, for the per-epoch log, but is then no held-out measure).
+    """
     out = {}
     for split in ("train", "val", "test"):
         x, y = load_dataset(recipe.data, split, root=recipe.data_root)
+        if split == "train" and recipe.train_with_val:
+            xv, yv = load_dataset(recipe.data, "val", root=recipe.data_root)
+            x, y = torch.cat([x, xv]), torch.cat([y, yv])
         n = getattr(recipe, f"{split}_subset")
         if n is not None:
             x, y = x[:n], y[:n]

@@ -419,3 +419,21 @@ def test_real_fashion_mnist_tampered_copy_rejected(tmp_path):
     write_gz(labels, raw[:-1] + bytes([(raw[-1] + 1) % 10]))  # one label changed
     with pytest.raises(ValueError, match="SHA-256 mismatch"):
         data.load_dataset("fashion-mnist", "test", root=tmp_path)
+
+
+def test_train_with_val_trains_on_both_splits(tmp_path):
+    """``train_with_val: true``: the training split is train followed by val; val and test unchanged."""
+    from helpers import write_tiny_mnist
+    from structsparse.recipe import parse_recipe
+    from structsparse.train import load_splits
+    write_tiny_mnist(tmp_path, sizes=(30, 20, 10))
+    raw = {"model": "lenet", "data": "mnist", "data_root": str(tmp_path),
+           "phases": [{"name": "dense", "epochs": 1, "lr": 0.01}]}
+    plain = load_splits(parse_recipe(raw))
+    both = load_splits(parse_recipe({**raw, "train_with_val": True, "train_subset": 40}))
+    assert [len(plain[s]) for s in ("train", "val", "test")] == [30, 20, 10]
+    assert [len(both[s]) for s in ("train", "val", "test")] == [40, 20, 10]
+    assert torch.equal(both["train"].images[:30], plain["train"].images)
+    assert torch.equal(both["train"].images[30:], plain["val"].images[:10])
+    assert torch.equal(both["train"].labels[30:], plain["val"].labels[:10])
+    assert torch.equal(both["val"].images, plain["val"].images)

@@ -50,7 +50,8 @@ def test_shipped_recipes_load(name):
 def test_defaults_and_types(tmp_path):
     r = load_recipe(_write(tmp_path, _base()))
     assert r.seed == 0 and r.batch_size == 64 and r.eval_batch_size == 1000
-    assert r.train_subset is None and r.data_root is None
+    assert r.train_subset is None and r.data_root is None and r.train_with_val is False
+    assert "train_with_val" not in r.to_dict()   # absent at its default: older checkpoints still resume
     dense, ssl, ft = r.phases
     assert not dense.sparsifying and ssl.sparsifying and ft.freeze
     assert dense.momentum == 0.9 and dense.weight_decay == 0.0 and dense.zero_below == 1e-4
@@ -129,6 +130,7 @@ def _mutate(fn):
     (lambda d: d.update(phases=[]), "phases", "non-empty list"),
     (lambda d: d.update(batch_size=0), "batch_size", ">= 1"),
     (lambda d: d.update(train_subset="all"), "train_subset", "integer"),
+    (lambda d: d.update(train_with_val="yes"), "train_with_val", "true or false"),
     (lambda d: d.update(measure={"batch_sizes": [1, 0]}), "measure.batch_sizes[1]", ">= 1"),
     (lambda d: d.update(measure={"repeat": 3}), "measure.repeat", "unknown key"),
 ])

@@ -59,7 +59,14 @@ def test_every_result_names_its_recipe_and_candidates():
         m = json.loads(path.read_text())
         assert (ROOT / m["recipe"]).is_file(), m["recipe"]
         chosen = [c for c in m["selection"]["candidates"] if c["chosen"]]
-        assert len(chosen) == 1 and chosen[0]["recipe"] == m["recipe"], path
+        assert len(chosen) == 1, path
+        final = m["selection"].get("final")
+        assert (final["recipe"] if final else chosen[0]["recipe"]) == m["recipe"], path
+        if final:   # the row's run is the chosen candidate's recipe with only train_with_val added
+            from structsparse.recipe import load_recipe
+            a, b = load_recipe(ROOT / m["recipe"]).to_dict(), load_recipe(ROOT / chosen[0]["recipe"]).to_dict()
+            assert a.pop("train_with_val") is True and a == b, path
+            assert m["val_error"] == chosen[0]["val_error"], path
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*_s[0-9].yaml")), ids=lambda p: p.name)
@@ -118,3 +125,45 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
     (bad / "metrics.json").write_text((run / "metrics.json").read_text().replace("lenet2_s1", "lenet3_s1"))
     with pytest.raises(SystemExit):
         mod.add_seeds("lenet2", [bad])
+
+
+def test_check_refit_accepts_only_the_chosen_recipe_on_train_and_val(tmp_path):
+    mod = _script()
+    runs = {}
+    for name in ("lenet2_b", "lenet2_b_final", "lenet3", "lenet2"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "metrics.json").write_text(json.dumps({"recipe": f"recipes/mnist/{name}.yaml"}))
+    mod.check_refit(runs["lenet2_b"], runs["lenet2_b_final"])
+    for chosen, final in (("lenet3", "lenet2_b_final"), ("lenet2", "lenet2_b_final"), ("lenet2_b", "lenet2_b")):
+        with pytest.raises(SystemExit, match="train_with_val"):
+            mod.check_refit(runs[chosen], runs[final])
+
+
+def _layers(*flops):
+    return [{"name": f"l{i}", "compact_flop_fraction": f, "flop_fraction": f} for i, f in enumerate(flops)]
+
+
+def test_verdict_applies_the_issue_targets():
+    v = _script().verdict   # LeNet 2: paper 0.8% error, FLOP 25%—7.6%
+    assert v("lenet2", 0.0079, _layers(0.25, 0.05)) == "beats (lower error) and lower FLOP"
+    assert v("lenet2", 0.0079, _layers(0.25, 0.076)) == "beats (lower error)"
+    assert v("lenet2", 0.0080, _layers(0.25, 0.05)) == "beats (lower FLOP)"
+    assert v("lenet2", 0.0085, _layers(0.25, 0.05)) == "meets"          # within the paper's rounding only
+    assert v("lenet2", 0.0086, _layers(0.25, 0.05)) == "misses: error"
+    assert v("lenet2", 0.0080, _layers(0.2506, 0.05)) == "misses: FLOP"
+    assert v("lenet2", 0.0090, _layers(0.30, 0.05)) == "misses: error and FLOP"
+    assert v("mlp1", 0.0148, _layers(1, 1, 1)) == "meets" and v("mlp1", 0.0149, _layers(1, 1, 1)) == "misses: error"
+
+
+def test_select_prefers_candidates_at_the_flop_target(tmp_path):
+    mod = _script()
+    runs = []
+    for name, val, flops in (("a", 0.010, (0.25, 0.08)), ("b", 0.011, (0.20, 0.07)), ("c", 0.012, (0.1, 0.05))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"val_error": {"finetune": val},
+                                                    "sparsity": {"layers": _layers(*flops)}}))
+        runs.append(d)
+    assert mod.select("lenet2", runs) == runs[1]          # a is above the paper's conv2 FLOP; b has the lower val
+    assert mod.select("lenet2", runs[:1]) == runs[0]      # none at the target: the nearest structure
