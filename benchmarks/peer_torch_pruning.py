@@ -8,11 +8,12 @@ Optional dependency, only for this benchmark (not a dependency of structsparse):
 Same start, same target structure, same fine-tuning budget:
 
 1. Start: the dense LeNet our LeNet 2 / LeNet 3 rows start from, i.e. the model after the
-   ``dense`` phase of recipes/mnist/lenet2.yaml (= lenet3.yaml's). Their run checkpoints keep
-   only the last epoch, so it is recreated by ``recipes/mnist/lenet_dense4.yaml`` (that phase
-   alone, same seed and shuffles)::
+   ``dense`` phase of their recipes (results/mnist/<row>/metrics.json ``recipe``; LeNet 2's and
+   LeNet 3's dense phases are the same). Their run checkpoints keep only the last epoch, so it is
+   recreated by ``recipes/mnist/lenet_dense4_final.yaml`` (that phase alone, same seed, shuffles
+   and training images: train + val, as the final rows)::
 
-       structsparse run recipes/mnist/lenet_dense4.yaml --out runs/mnist/lenet_dense4 --no-progress
+       structsparse run recipes/mnist/lenet_dense4_final.yaml --out runs/mnist/lenet_dense4_final --no-progress
 
 2. Prune it one-shot with Torch-Pruning: ``tp.DependencyGraph`` (conv1's filters are coupled to
    conv2's input channels, conv2's filters to fc1's 16 input columns each, through the flatten),
@@ -110,10 +111,19 @@ def longer(phase, epochs: int):
     return dataclasses.replace(phase, epochs=epochs, name=f"{phase.name}_{epochs}ep")
 
 
+def row_recipe_path(row: str) -> str:
+    """The recipe of our committed row (results/mnist/<row>/metrics.json), relative to the repository."""
+    return json.loads((ROOT / "results" / "mnist" / row / "metrics.json").read_text())["recipe"]
+
+
+def row_recipe(row: str):
+    return load_recipe(ROOT / row_recipe_path(row))
+
+
 def train_rows(args, splits, dense: LeNet, dense_dir: Path) -> dict:
     out = {}
     for row in args.rows:
-        recipe = load_recipe(ROOT / "recipes" / "mnist" / f"{row}.yaml")
+        recipe = row_recipe(row)
         ft_index = len(recipe.phases) - 1
         ft = recipe.phases[ft_index]
         ssl_epochs = sum(p.epochs for p in recipe.phases[1:ft_index])
@@ -185,7 +195,7 @@ def markdown(res: dict) -> str:
              f"Command: `{res['command']}`  ", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
              f"torch-pruning {res['torch_pruning_version']}; timing on 1 thread, median of {res['timing']['repeats']} "
              f"interleaved repetitions  ", f"Date: {res['date']}", "",
-             f"Dense start: `{res['dense']['run']}` (the dense phase of recipes/mnist/lenet2.yaml; test error "
+             f"Dense start: `{res['dense']['run']}` (the dense phase of {res['dense']['dense_phase_of']}; test error "
              f"{100 * res['dense']['test_error']:.2f}%, val {100 * res['dense']['val_error']:.2f}%). "
              "Torch-Pruning: DependencyGraph + group-L1 magnitude importance, one shot, to our compact model's "
              "filter/neuron counts, then our fine-tuning phase (same epochs, lr schedule, batches).", "",
@@ -233,7 +243,8 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dense", default="runs/mnist/lenet_dense4", help="run dir of recipes/mnist/lenet_dense4.yaml")
+    ap.add_argument("--dense", default="runs/mnist/lenet_dense4_final",
+                    help="run dir of recipes/mnist/lenet_dense4_final.yaml (the rows' dense phase)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--equal-total", action="store_true",
                     help="also fine-tune for our SSL + fine-tuning epochs together (equal total budget)")
@@ -247,7 +258,11 @@ def main(argv=None) -> int:
     dense = LeNet()
     dense.load_state_dict(load_file(dense_dir / "trained.safetensors"))
     dense.eval()
-    recipe = load_recipe(ROOT / "recipes" / "mnist" / "lenet2.yaml")
+    recipe = load_recipe(ROOT / dm["recipe"])
+    for row in args.rows:   # the dense run must be the rows' dense phase, on the same training images
+        rr = row_recipe(row)
+        if (rr.phases[0], rr.seed, rr.train_with_val) != (recipe.phases[0], recipe.seed, recipe.train_with_val):
+            raise SystemExit(f"{args.dense}: not the dense phase of {row}'s recipe {row_recipe_path(row)}")
     splits = load_splits(recipe)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +276,7 @@ def main(argv=None) -> int:
                "command": command, "torch_pruning_version": importlib.metadata.version("torch-pruning"),
                "dense": {"run": args.dense, "recipe": dm["recipe"], "command": dm["command"],
                          "test_error": evaluate(dense, splits["test"], 1000), "val_error": evaluate(dense, splits["val"], 1000),
-                         "dense_phase_of": "recipes/mnist/lenet2.yaml, recipes/mnist/lenet3.yaml"},
+                         "dense_phase_of": ", ".join(row_recipe_path(r) for r in args.rows)},
                "rows": train_rows(args, splits, dense, dense_dir)}
     res["machine"] = machine_info(1)
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -52,20 +52,29 @@ class LeNet(nn.Module):
 
 
 class MLP(nn.Module):
-    """The paper's MNIST MLP 784-500-300-10 with ReLU (layers fc1, fc2, fc3)."""
+    """The paper's MNIST MLP 784-500-300-10 with ReLU (layers fc1, fc2, fc3).
 
-    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: tuple[int, int] = (500, 300)):
+    ``dropout`` > 0 adds dropout after each hidden ReLU (training only; the model computes the
+    same function at inference, and compaction drops it).
+    """
+
+    def __init__(self, num_classes: int = 10, in_features: int = 784, hidden: tuple[int, int] = (500, 300),
+                 dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MLP: dropout must be in [0, 1), got {dropout!r}")
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(in_features, hidden[0])
         self.relu1 = nn.ReLU()
+        self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden[0], hidden[1])
         self.relu2 = nn.ReLU()
+        self.drop2 = nn.Dropout(dropout)
         self.fc3 = nn.Linear(hidden[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.fc1(self.flatten(x)))
-        x = self.relu2(self.fc2(x))
+        x = self.drop1(self.relu1(self.fc1(self.flatten(x))))
+        x = self.drop2(self.relu2(self.fc2(x)))
         return self.fc3(x)
 
 

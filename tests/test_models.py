@@ -186,3 +186,22 @@ def test_unknown_model():
     with pytest.raises(ValueError, match=r"unknown model 'resnet18'; known models: .*resnet20") as e:
         build_model("resnet18")
     assert all(n in str(e.value) for n in MODELS)
+
+
+def test_mlp_dropout_trains_only_and_compacts_away():
+    """MLP(dropout=p): dropout in training, the plain MLP at inference; compaction removes it exactly."""
+    from structsparse.compact import compact
+    torch.manual_seed(0)
+    plain, drop = build_model("mlp"), build_model("mlp", dropout=0.5)
+    drop.load_state_dict(plain.state_dict())   # dropout adds no parameters
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(drop.eval()(x), plain.eval()(x))
+    assert not torch.equal(drop.train()(x), plain.train()(x))
+    with torch.no_grad():
+        drop.fc2.weight[:120] = 0
+        drop.fc2.bias[:120] = 0
+        small = compact(drop.eval(), x[:1])
+    assert small.fc2.out_features == 180 and not any(isinstance(m, nn.Dropout) for m in small.modules())
+    torch.testing.assert_close(small(x), drop(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("mlp", dropout=1.0)

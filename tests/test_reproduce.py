@@ -107,8 +107,9 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
     run = tmp_path / "lenet2_s1"
     run.mkdir()
     layers = [dict(l, filters_kept=l["filters_kept"] + 1) for l in r["layers"]]
+    seed1 = r["recipe"][: -len(".yaml")] + "_s1.yaml"   # the row's recipe with seed 1
     (run / "metrics.json").write_text(json.dumps({
-        "recipe": "recipes/mnist/lenet2_s1.yaml", "command": "structsparse run recipes/mnist/lenet2_s1.yaml",
+        "recipe": seed1, "command": f"structsparse run {seed1}",
         "machine": r["machine"], "date": r["date"], "train_seconds": 1.0,
         "test_error": {"original": 0.01, "compact": 0.01}, "val_error": {"finetune": 0.011},
         "sparsity": {"layers": layers, "flop_fraction": 0.3, "compact_flop_fraction": 0.12}}))
@@ -122,7 +123,7 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
         (tmp_path / "results" / "lenet2" / "metrics.json").read_text())}))
     bad = tmp_path / "lenet3_run"
     bad.mkdir()
-    (bad / "metrics.json").write_text((run / "metrics.json").read_text().replace("lenet2_s1", "lenet3_s1"))
+    (bad / "metrics.json").write_text((run / "metrics.json").read_text().replace(seed1, "recipes/mnist/lenet1.yaml"))
     with pytest.raises(SystemExit):
         mod.add_seeds("lenet2", [bad])
 
@@ -149,7 +150,8 @@ def test_verdict_applies_the_issue_targets():
     assert v("lenet2", 0.0079, _layers(0.25, 0.05)) == "beats (lower error) and lower FLOP"
     assert v("lenet2", 0.0079, _layers(0.25, 0.076)) == "beats (lower error)"
     assert v("lenet2", 0.0080, _layers(0.25, 0.05)) == "beats (lower FLOP)"
-    assert v("lenet2", 0.0085, _layers(0.25, 0.05)) == "meets"          # within the paper's rounding only
+    assert v("lenet2", 0.0085, _layers(0.25, 0.05)) == "beats (lower FLOP), error equal at the paper's precision"
+    assert v("lenet2", 0.0085, _layers(0.25, 0.076)) == "meets"          # within the paper's rounding only
     assert v("lenet2", 0.0086, _layers(0.25, 0.05)) == "misses: error"
     assert v("lenet2", 0.0080, _layers(0.2506, 0.05)) == "misses: FLOP"
     assert v("lenet2", 0.0090, _layers(0.30, 0.05)) == "misses: error and FLOP"
