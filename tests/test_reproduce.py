@@ -150,7 +150,7 @@ def test_verdict_applies_the_issue_targets():
     assert v("lenet2", 0.0079, _layers(0.25, 0.05)) == "beats (lower error) and lower FLOP"
     assert v("lenet2", 0.0079, _layers(0.25, 0.076)) == "beats (lower error)"
     assert v("lenet2", 0.0080, _layers(0.25, 0.05)) == "beats (lower FLOP)"
-    assert v("lenet2", 0.0085, _layers(0.25, 0.05)) == "beats (lower FLOP), error equal at the paper's precision"
+    assert v("lenet2", 0.0085, _layers(0.25, 0.05)) == "beats (lower FLOP); error within the +0.05 points"
     assert v("lenet2", 0.0085, _layers(0.25, 0.076)) == "meets"          # within the paper's rounding only
     assert v("lenet2", 0.0086, _layers(0.25, 0.05)) == "misses: error"
     assert v("lenet2", 0.0080, _layers(0.2506, 0.05)) == "misses: FLOP"
