@@ -132,8 +132,9 @@ class Recipe:
         """The recipe as plain JSON-able data (without ``path``), e.g. to check a resume."""
         d = dataclasses.asdict(self)
         d.pop("path")
-        for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False)):  # as before these keys existed,
-            if d[key] == default:                                       # so older checkpoints still resume
+        # keys at their defaults are left out, as before these keys existed, so older checkpoints still resume
+        for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False)):
+            if d[key] == default:
                 d.pop(key)
         return _jsonable(d)
 
