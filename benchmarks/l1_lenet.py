@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist_common import ROOT, train_phase  # noqa: E402
 
 from structsparse import Masks, compact, load_compact, sparsity_report  # noqa: E402
-from structsparse.bench import ConvShape, _lowered  # noqa: E402
+from structsparse.bench import ConvShape, lowered_conv  # noqa: E402
 from structsparse.cli import machine_info  # noqa: E402
 from structsparse.models import LeNet  # noqa: E402
 from structsparse.recipe import load_recipe  # noqa: E402
@@ -147,7 +147,7 @@ def time_convs(model: LeNet, ours, repeats: int, warmup: int, l1_small=None) -> 
         for shape in LENET_CONVS:
             conv = getattr(model, shape.name)
             w, bias = conv.weight.detach().contiguous(), conv.bias.detach().contiguous()
-            gemm, csr = _lowered(w, bias, shape, 1, sparse=False), _lowered(w, bias, shape, 1, sparse=True)
+            gemm, csr = lowered_conv(w, bias, shape, 1, sparse=False), lowered_conv(w, bias, shape, 1, sparse=True)
             mine = ours_mods[shape.name]
             for b in (1, 64):
                 x = torch.rand(b, shape.in_channels, shape.in_size, shape.in_size, generator=gen)

@@ -26,8 +26,8 @@ from torch import nn
 from .compact import lower_conv
 from .timing import machine_info, time_interleaved
 
-__all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "sparse_conv_weight", "time_conv_layer", "alexnet_table4",
-           "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",
+__all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "lowered_conv", "sparse_conv_weight", "time_conv_layer",
+           "alexnet_table4", "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",
            "onnx_model_timing", "onnx_markdown"]
 
 
@@ -113,7 +113,7 @@ class _GroupedCompact(nn.Module):
         return torch.cat([p(xi) for p, xi in zip(self.parts, x.chunk(self.groups, dim=1))], dim=1)
 
 
-def _lowered(weight, bias, shape: ConvShape, groups: int, sparse: bool):
+def lowered_conv(weight, bias, shape: ConvShape, groups: int, sparse: bool):
     """im2col then GEMM per group (dense or CSR weight), as the paper's lowered conv."""
     n = weight.shape[0] // groups
     mats = [weight[i * n:(i + 1) * n].flatten(1) for i in range(groups)]
@@ -148,12 +148,12 @@ def time_conv_layer(shape: ConvShape, weight: torch.Tensor, groups: int, batch: 
     weight = weight.to(device)
     fns = {
         "conv2d": lambda: F.conv2d(x, weight, bias, shape.stride, shape.padding, 1, groups),
-        "gemm": (lambda f: lambda: f(x))(_lowered(weight, bias, shape, groups, sparse=False)),
+        "gemm": (lambda f: lambda: f(x))(lowered_conv(weight, bias, shape, groups, sparse=False)),
     }
     if "compact" in impls:
         fns["compact"] = (lambda m: lambda: m(x))(_GroupedCompact(weight.cpu(), bias.cpu(), shape, groups).to(device))
     if "csr" in impls:
-        fns["csr"] = (lambda f: lambda: f(x))(_lowered(weight, bias, shape, groups, sparse=True))
+        fns["csr"] = (lambda f: lambda: f(x))(lowered_conv(weight, bias, shape, groups, sparse=True))
     names = [n for n in impls if n in fns]
     with torch.inference_mode():
         samples = time_interleaved([fns[n] for n in names], repeats, warmup, device)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structsparse.bench import (ALEXNET, ConvShape, _GroupedCompact, _lowered, alexnet_table4, column_sweep,
+from structsparse.bench import (ALEXNET, ConvShape, _GroupedCompact, lowered_conv, alexnet_table4, column_sweep,
                                 sparse_conv_weight, table4_markdown)
 
 
@@ -13,8 +13,8 @@ def test_benchmarked_implementations_compute_the_same_conv(groups):
     b = torch.randn(6)
     x = torch.rand(2, 8, 9, 9)
     ref = F.conv2d(x, w, b, 2, 1, 1, groups)
-    assert torch.allclose(_lowered(w, b, shape, groups, sparse=False)(x), ref, atol=1e-5)
-    assert torch.allclose(_lowered(w, b, shape, groups, sparse=True)(x), ref, atol=1e-5)
+    assert torch.allclose(lowered_conv(w, b, shape, groups, sparse=False)(x), ref, atol=1e-5)
+    assert torch.allclose(lowered_conv(w, b, shape, groups, sparse=True)(x), ref, atol=1e-5)
     compact = _GroupedCompact(w, b, shape, groups)(x)
     kept = w.flatten(1).ne(0).any(dim=1)  # compact drops zero filters (their bias only)
     assert torch.allclose(compact, ref[:, kept], atol=1e-5)
