@@ -560,7 +560,7 @@ def tables(results: Path = RESULTS) -> str:
                          _pct(r["val_error"], 2), verdict(name, r["test_error"], r["layers"]), prov(r)]
             out.append("| " + " | ".join(cells) + " |")
     out = [line for line in out if line is not None]
-    out += speed_table(rows)
+    out += speed_table(rows, results)
     out += seeds_table(rows)
     out += ["", "### Provenance of each of our rows", "",
             "| row | command | machine | date (UTC) | training time | selection |", "|---|---|---|---|---|---|"]
@@ -579,27 +579,33 @@ def tables(results: Path = RESULTS) -> str:
     return "\n".join(out) + "\n"
 
 
-def speed_table(rows: dict) -> list[str]:
-    """Markdown lines: each row's measured speedup (compact vs trained model; the run's ``speed``)."""
+def speed_table(rows: dict, results: Path = RESULTS) -> list[str]:
+    """Markdown lines: each row's measured speedup (compact vs trained model): from
+    ``<row>/bench/model.json`` (``structsparse bench model``) where present, else the run's ``speed``."""
     out = ["", "### Measured speedup of our compact models (compact vs the trained model before compaction)", "",
-           "Measured at the end of each run (`measure` in its recipe: one thread, medians of interleaved, "
-           "warmed-up repetitions; the machine of the provenance table, often with a second run on the other "
-           "core). Per layer: that layer's forward alone. The paper's column: its CPU speedup per conv layer "
+           "One thread, medians of interleaved, warmed-up repetitions, on the machine of the provenance table. "
+           "Source \"bench\": `structsparse bench model runs/mnist/<final run> --out results/mnist/<row>/bench` "
+           "on the otherwise idle machine (`<row>/bench/model.md` has the date and the quartiles); \"in run\": "
+           "measured at the end of the run (`measure` in its recipe), often with a second run on the other "
+           "core. Per layer: that layer's forward alone. The paper's column: its CPU speedup per conv layer "
            "(lowered GEMM only, batch 1).", "",
-           "| row | layers | paper, batch 1 (GEMM) | ours, batch 1 | ours, batch 64 | whole model, batch 1 / 64 |",
-           "|---|---|---|---|---|---|"]
+           "| row | layers | paper, batch 1 (GEMM) | ours, batch 1 | ours, batch 64 | whole model, batch 1 / 64 | source |",
+           "|---|---|---|---|---|---|---|"]
     for name in ORDER:
         r = rows.get(name)
-        if r is None or not r.get("speed"):
+        bench = results / name / "bench" / "model.json"
+        speed = json.loads(bench.read_text())["speed"] if bench.is_file() else (r or {}).get("speed")
+        if r is None or not speed:
             continue
-        sp = {(x["scope"], x["batch"]): x["speedup"] for x in r["speed"]["rows"]}
+        sp = {(x["scope"], x["batch"]): x["speedup"] for x in speed["rows"]}
         names = ("conv1", "conv2") if r["paper"]["model"] == "lenet" else ("fc1", "fc2", "fc3")
 
         def per_layer(batch):
             return "—".join(f"{sp[(n, batch)]:.2f}×" if (n, batch) in sp else "removed" for n in names)
         paper = "—".join(f"{v:.2f}×" for v in PAPER[name].get("speedup", [])) or "–"
         whole = " / ".join(f"{sp[('model', b)]:.2f}×" for b in (1, 64) if ("model", b) in sp)
-        out.append(f"| {r['paper_row']} | {'—'.join(names)} | {paper} | {per_layer(1)} | {per_layer(64)} | {whole} |")
+        out.append(f"| {r['paper_row']} | {'—'.join(names)} | {paper} | {per_layer(1)} | {per_layer(64)} | {whole} | "
+                   f"{'bench' if bench.is_file() else 'in run'} |")
     return out
 
 
