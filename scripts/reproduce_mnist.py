@@ -232,8 +232,8 @@ def verdict(name: str, test_error: float, layers: list[dict]) -> str:
 def structure_distance(name: str, metrics: dict) -> float:
     """Σ over the paper's layers of |log(our FLOP fraction / the paper's)| (0 for a perfect match)."""
     import math
-    layers = [l for l in metrics["sparsity"]["layers"]][: len(PAPER[name]["flop"])]
-    return sum(abs(math.log(max(l["flop_fraction"], 1e-6) / f)) for l, f in zip(layers, PAPER[name]["flop"]))
+    ours = layer_flops(name, metrics["sparsity"]["layers"], "flop_fraction")
+    return sum(abs(math.log(max(x, 1e-6) / f)) for x, f in zip(ours, PAPER[name]["flop"]))
 
 
 def select(name: str, candidates: list[Path]) -> Path:
