@@ -1,31 +1,35 @@
 #!/usr/bin/env python
 """The paper's motivating contrast on MNIST: LeNet with unstructured (elementwise) ℓ1 sparsity.
 
-Same start and schedule as our SSL LeNet 2 (recipes/mnist/lenet2.yaml), only the regulariser
-differs:
+Same start, schedule and protocol as our SSL LeNet 2 row (results/mnist/lenet2: its chosen
+candidate's recipe on the 50k training images, then its final run on train + val), only the
+regulariser differs:
 
-1. start from the same dense LeNet (the ``dense`` phase of lenet2.yaml, recreated by
-   ``structsparse run recipes/mnist/lenet_dense4.yaml --out runs/mnist/lenet_dense4``);
-2. ``l1`` phase = lenet2.yaml's ``ssl`` phase (8 epochs, lr 0.01, momentum 0.9, weight decay
+1. start from the same dense LeNet (the ``dense`` phase of the row's recipes, recreated by
+   ``structsparse run recipes/mnist/lenet_dense4.yaml --out runs/mnist/lenet_dense4``, and for the
+   final run on train + val by ``recipes/mnist/lenet_dense4_final.yaml``);
+2. ``l1`` phase = the row's ``ssl`` phase (8 epochs, lr 0.01, momentum 0.9, weight decay
    5e-4, same batches), but after each SGD step the elementwise ℓ1 proximal step
    w ← sign(w)·max(|w| − lr·λ, 0) on the weights of conv1, conv2 and fc1 (the layers SSL
    regularises), then the paper's zeroing of |w| < 1e-4. structsparse has no elementwise group
    kind for a conv (``filter2d`` of a conv is a whole 5×5 kernel; of a Linear it is one weight),
    so the step is written here;
-3. ``finetune`` = lenet2.yaml's fine-tuning phase (6 epochs, lr 0.02 cosine), with every zero
+3. ``finetune`` = the row's fine-tuning phase (6 epochs, lr 0.02 cosine), with every zero
    weight frozen at zero (:class:`structsparse.Masks` with elementwise masks).
 
-``--train`` runs one λ (same λ for the three layers) per value into runs/mnist/peers/l1/.
-``--assemble`` picks one of the trained λs without looking at test error — the sparsest in
-conv1+conv2 whose final validation error is within 0.2 points of our LeNet 2's (the slack of
-scripts/reproduce_mnist.py's rule) — and writes results/mnist/peers/l1.json and l1.md: test
-error, per-layer sparsity (zero weights; and how little of it is structure: all-zero filters and
-columns, and the FLOP left after :func:`structsparse.compact`), and the time of conv1/conv2 as
-the paper timed ℓ1 (im2col then CSR sparse × dense, ``torch.sparse.mm``) against dense
+``--train`` runs one λ (same λ for the three layers) per value on the 50k training images into
+runs/mnist/peers/l1/. ``--refit`` picks one of them without looking at test error — the sparsest
+in conv1+conv2 whose final validation error is within 0.2 points of our LeNet 2's chosen
+candidate's (the slack of scripts/reproduce_mnist.py's rule) — and trains that λ again on train
++ val from the dense start on train + val, as the row's final run was. ``--assemble`` writes
+results/mnist/peers/l1.json and l1.md: that final model's test error, per-layer sparsity (zero
+weights; and how little of it is structure: all-zero filters and columns, and the FLOP left
+after :func:`structsparse.compact`), and the time of conv1/conv2 as the paper timed ℓ1 (im2col then CSR sparse × dense, ``torch.sparse.mm``) against dense
 (PyTorch's ``conv2d``, and im2col + dense GEMM, the paper's baseline), beside our compact LeNet 2
 layer, all in the same interleaved repetitions on one thread, batch 1 and 64::
 
-    OMP_NUM_THREADS=1 python benchmarks/l1_lenet.py --train 1e-3 3e-3
+    OMP_NUM_THREADS=1 python benchmarks/l1_lenet.py --train 1e-3 3e-3 1e-2
+    OMP_NUM_THREADS=1 python benchmarks/l1_lenet.py --refit
     OMP_NUM_THREADS=1 python benchmarks/l1_lenet.py --assemble
 """
 from __future__ import annotations
@@ -57,16 +61,29 @@ from structsparse.train import evaluate, load_splits  # noqa: E402
 LAYERS = ("conv1", "conv2", "fc1")
 WORK = ROOT / "runs" / "mnist" / "peers" / "l1"
 OUT = ROOT / "results" / "mnist" / "peers"
+ROW = ROOT / "results" / "mnist" / "lenet2" / "metrics.json"
 VAL_SLACK = 0.002
 LENET_CONVS = (ConvShape("conv1", 1, 20, 5, 1, 0, 1, 28), ConvShape("conv2", 20, 50, 5, 1, 0, 1, 12))
 
 
-def _tag(lam: float) -> str:
-    return f"lam{lam:g}"
+def _tag(lam: float, final: bool = False) -> str:
+    return f"lam{lam:g}" + ("_final" if final else "")
 
 
-def train(lam: float, dense_dir: Path, zero_below: float = 1e-4) -> dict:
-    recipe = load_recipe(ROOT / "recipes" / "mnist" / "lenet2.yaml")
+def row_recipe(final: bool = False) -> Path:
+    """The LeNet 2 row's recipe: its chosen candidate's (50k training images), or its final run's (train + val)."""
+    m = json.loads(ROW.read_text())
+    chosen = next(c for c in m["selection"]["candidates"] if c["chosen"])
+    return ROOT / (m["recipe"] if final else chosen["recipe"])
+
+
+def candidates() -> list[dict]:
+    """The λs trained on the 50k training images (``--train``)."""
+    return [json.loads(p.read_text()) for p in sorted(WORK.glob("lam*.json")) if not p.stem.endswith("_final")]
+
+
+def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = False) -> dict:
+    recipe = load_recipe(row_recipe(final))
     ssl_index = next(i for i, p in enumerate(recipe.phases) if p.sparsifying)
     ft_index = len(recipe.phases) - 1
     l1_phase = dataclasses.replace(recipe.phases[ssl_index], name="l1", lambdas={})
@@ -92,9 +109,10 @@ def train(lam: float, dense_dir: Path, zero_below: float = 1e-4) -> dict:
     masks.detach()
     secs = time.perf_counter() - t0
     WORK.mkdir(parents=True, exist_ok=True)
-    path = WORK / f"{_tag(lam)}.safetensors"
+    path = WORK / f"{_tag(lam, final)}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    rec = {"lambda": lam, "layers": list(LAYERS), "zero_below": zero_below, "weights": str(path.relative_to(ROOT)),
+    rec = {"lambda": lam, "recipe": str(row_recipe(final).relative_to(ROOT)), "train_with_val": recipe.train_with_val,
+           "layers": list(LAYERS), "zero_below": zero_below, "weights": str(path.relative_to(ROOT)),
            "dense_start": str(dense_dir), "val_error": hist[-1]["val_error"], "history": hist,
            "train_seconds": secs, "phases": {"l1": {**dataclasses.asdict(l1_phase), "phase_index_for_shuffles": ssl_index},
                                              "finetune": {**dataclasses.asdict(ft_phase),
@@ -102,8 +120,8 @@ def train(lam: float, dense_dir: Path, zero_below: float = 1e-4) -> dict:
            "zero_fraction": {n: float(getattr(model, n).weight.eq(0).float().mean()) for n in LAYERS},
            "command": "python benchmarks/l1_lenet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    (WORK / f"{_tag(lam)}.json").write_text(json.dumps(rec, indent=1) + "\n")
-    print(f"λ={lam:g}: val {100 * rec['val_error']:.2f}%, zeros "
+    (WORK / f"{_tag(lam, final)}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    print(f"λ={lam:g}{' (train + val)' if final else ''}: val {100 * rec['val_error']:.2f}%, zeros "
           + ", ".join(f"{n} {100 * z:.1f}%" for n, z in rec["zero_fraction"].items()) + f" ({secs:.0f} s)", flush=True)
     return rec
 
@@ -181,19 +199,24 @@ def markdown(res: dict) -> str:
     o = res["ssl_lenet2"]
     ch = res["chosen"]["lambda"]
     lines = ["# ℓ1 (unstructured) LeNet vs our SSL LeNet 2 (MNIST)", "",
-             f"Command: `{res['command']}` (training: `python benchmarks/l1_lenet.py --train LAMBDA`, one run per λ)  ",
+             f"Command: `{res['command']}` (training: `python benchmarks/l1_lenet.py --train LAMBDA...`, one run "
+             "per λ, then `--refit`)  ",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; timing on 1 thread, median of "
              f"{res['repeats']} interleaved repetitions  ", f"Date: {res['date']}", "",
-             "Same dense start, schedule and batches as LeNet 2; elementwise ℓ1 (one λ on conv1, conv2, fc1; proximal "
+             "Same dense start, schedule, batches and protocol as LeNet 2 (candidates on the 50k training images, "
+             "chosen on validation, the chosen λ trained again on train + val; val error of the final model: its "
+             "candidate's); elementwise ℓ1 (one λ on conv1, conv2, fc1; proximal "
              "step) instead of group Lasso. Chosen before looking at test error: " + res["selection_rule"], "",
              "| model | test error | val error | zero weights conv1—conv2—fc1 | zero filters conv1—conv2 | "
              "zero columns conv1—conv2 | FLOP after compact conv1—conv2 | whole model |",
              "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(res["candidates"], key=lambda c: c["lambda"]):
+    final = {**res["chosen"], "val_error": res["chosen"]["candidate_val_error"], "timing": res["timing"], "final": True}
+    for c in sorted(res["candidates"], key=lambda c: c["lambda"]) + [final]:
         s = c["layers"]
-        tag = f"ℓ1, λ={c['lambda']:g}" + (" (chosen)" if c["lambda"] == ch else "")
-        lines.append(f"| {tag} | {'**' if c['lambda'] == ch else ''}{100 * c['test_error']:.2f}%"
-                     f"{'**' if c['lambda'] == ch else ''} | {100 * c['val_error']:.2f}% | "
+        tag = (f"ℓ1, λ={c['lambda']:g}, final (train + val)" if c.get("final") else
+               f"ℓ1, λ={c['lambda']:g}, candidate (50k)" + (" (chosen)" if c["lambda"] == ch else ""))
+        lines.append(f"| {tag} | {'**' if c.get('final') else ''}{100 * c['test_error']:.2f}%"
+                     f"{'**' if c.get('final') else ''} | {100 * c['val_error']:.2f}% | "
                      f"{100 * s['conv1']['sparsity']:.1f}%—{100 * s['conv2']['sparsity']:.1f}%—{100 * s['fc1']['sparsity']:.1f}% | "
                      f"{s['conv1']['zero_filters']}/20—{s['conv2']['zero_filters']}/50 | "
                      f"{s['conv1']['zero_columns']}/25—{s['conv2']['zero_columns']}/500 | "
@@ -209,26 +232,35 @@ def markdown(res: dict) -> str:
               "im2col + GEMM is the paper's dense baseline.", "",
               "| λ | layer | batch | dense conv2d | im2col + GEMM | ℓ1: im2col + CSR | ℓ1 compact | SSL compact |",
               "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(res["candidates"], key=lambda c: c["lambda"]):
+    for c in [final] + sorted(res["candidates"], key=lambda c: c["lambda"]):
         for r in c["timing"]:
             ms = r["ms"]
             f = lambda k: f"{ms[k]:.3f} ({ms['conv2d'] / ms[k]:.2f}×)" if k in ms else "–"  # noqa: E731
-            lines.append(f"| {c['lambda']:g} | {r['layer']} | {r['batch']} | {ms['conv2d']:.3f} | {f('gemm')} | {f('csr')} | "
+            lines.append(f"| {c['lambda']:g}{' final' if c.get('final') else ''} | {r['layer']} | {r['batch']} | "
+                         f"{ms['conv2d']:.3f} | {f('gemm')} | {f('csr')} | "
                          f"{f('l1_compact')} ({r.get('l1_compact_shape', ['?', '?'])[0]} filters) | "
                          f"{f('ssl_compact')} ({r['ssl_compact_shape'][0]} filters) |")
     return "\n".join(lines) + "\n"
 
 
-def assemble(args) -> dict:
-    cands = [json.loads(p.read_text()) for p in sorted(WORK.glob("lam*.json"))]
+def chosen_lambda() -> dict:
+    cands = candidates()
     if not cands:
         raise SystemExit(f"no trained λ in {WORK}; run --train first")
-    lenet2 = json.loads((ROOT / "results" / "mnist" / "lenet2" / "metrics.json").read_text())
-    chosen = select(cands, lenet2["val_error"])
-    recipe = load_recipe(ROOT / "recipes" / "mnist" / "lenet2.yaml")
-    splits = load_splits(recipe)
+    return select(cands, json.loads(ROW.read_text())["val_error"])
+
+
+def assemble(args) -> dict:
+    cands = candidates()
+    lenet2 = json.loads(ROW.read_text())
+    chosen = chosen_lambda()
+    final_json = WORK / f"{_tag(chosen['lambda'], final=True)}.json"
+    if not final_json.is_file():
+        raise SystemExit(f"{final_json} missing: run --refit first (the chosen λ on train + val)")
+    final = json.loads(final_json.read_text())
+    splits = load_splits(load_recipe(row_recipe()))   # the test images; the val images of the candidates
     model = LeNet()
-    model.load_state_dict(load_file(ROOT / chosen["weights"]))
+    model.load_state_dict(load_file(ROOT / final["weights"]))
     model.eval()
     ex = splits["test"].images[:1]
     with torch.no_grad():
@@ -238,7 +270,7 @@ def assemble(args) -> dict:
     err = evaluate(model, splits["test"], 1000)
     assert evaluate(small, splits["test"], 1000) == err
     ours_model = load_compact(ROOT / "results" / "mnist" / "lenet2" / "model").eval()
-    trained2 = ROOT / "runs" / "mnist" / "lenet2" / "trained.safetensors"
+    trained2 = ROOT / lenet2["selection"]["final"]["run"] / "trained.safetensors"
     ssl_sparsity = None
     if trained2.is_file():
         sd = load_file(trained2)
@@ -249,11 +281,13 @@ def assemble(args) -> dict:
            "machine": machine_info(1), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "repeats": args.repeats, "warmup": args.warmup,
            "selection_rule": f"among the trained λs, those whose final validation error is within {100 * VAL_SLACK:.1f} "
-                             "points of our LeNet 2's; of these, the one with the most zero weights in conv1+conv2. "
+                             "points of our LeNet 2's chosen candidate's; of these, the one with the most zero "
+                             "weights in conv1+conv2; then that λ trained on train + val (the final model). "
                              "Test error not used.",
            "candidates": [{k: c[k] for k in ("lambda", "val_error", "zero_fraction", "weights", "train_seconds",
                                              "command", "date")} for c in cands],
-           "chosen": {**chosen, "test_error": err, "test_wrong": round(err * len(splits["test"])),
+           "chosen": {**final, "candidate_val_error": chosen["val_error"], "test_error": err,
+                      "test_wrong": round(err * len(splits["test"])),
                       "layers": layer_stats(model), "sparsity_report": rep,
                       "compact_flop": [L["conv1"]["compact_flop_fraction"], L["conv2"]["compact_flop_fraction"]],
                       "compact_flop_total": rep["compact_flop_fraction"]},
@@ -291,15 +325,20 @@ def assemble(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", nargs="+", type=float, metavar="LAMBDA", help="train one model per λ")
-    ap.add_argument("--assemble", action="store_true", help="select among the trained λs, time, write results")
+    ap.add_argument("--refit", action="store_true", help="select among the trained λs, train it on train + val")
+    ap.add_argument("--assemble", action="store_true", help="time the final model and the λs, write results")
     ap.add_argument("--dense", default="runs/mnist/lenet_dense4", help="run dir of recipes/mnist/lenet_dense4.yaml")
+    ap.add_argument("--dense-final", default="runs/mnist/lenet_dense4_final",
+                    help="run dir of recipes/mnist/lenet_dense4_final.yaml (the dense start on train + val)")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     args = ap.parse_args(argv)
-    if not args.train and not args.assemble:
-        ap.error("pass --train LAMBDA... and/or --assemble")
+    if not (args.train or args.refit or args.assemble):
+        ap.error("pass --train LAMBDA..., --refit and/or --assemble")
     for lam in args.train or []:
         train(lam, ROOT / args.dense)
+    if args.refit:
+        train(chosen_lambda()["lambda"], ROOT / args.dense_final, final=True)
     if args.assemble:
         assemble(args)
     return 0

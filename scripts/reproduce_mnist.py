@@ -205,9 +205,13 @@ def layer_flops(name: str, layers: list[dict], key: str = "compact_flop_fraction
     return [l[key] for l in layers][: len(PAPER[name]["flop"])]
 
 
+def _at_target(name: str, flops: list[float]) -> bool:
+    return all(f <= p + _flop_slack(name) for f, p in zip(flops, PAPER[name]["flop"]))
+
+
 def meets_flop(name: str, layers: list[dict]) -> bool:
     """Every listed layer's FLOP fraction after compaction is no higher than the paper's (within its rounding)."""
-    return all(f <= p + _flop_slack(name) for f, p in zip(layer_flops(name, layers), PAPER[name]["flop"]))
+    return _at_target(name, layer_flops(name, layers))
 
 
 def verdict(name: str, test_error: float, layers: list[dict]) -> str:
@@ -236,20 +240,97 @@ def structure_distance(name: str, metrics: dict) -> float:
     return sum(abs(math.log(max(x, 1e-6) / f)) for x, f in zip(ours, PAPER[name]["flop"]))
 
 
-def select(name: str, candidates: list[Path]) -> Path:
-    """The run :data:`SELECTION_RULE` picks among ``candidates`` (validation error and structure only)."""
-    ms = {c: json.loads((Path(c) / "metrics.json").read_text()) for c in candidates}
-    at_target = [c for c, m in ms.items() if meets_flop(name, m["sparsity"]["layers"])]
-    best = min(_final_val(m) for m in ms.values())
-    ok = [c for c, m in ms.items() if _final_val(m) <= best + VAL_SLACK + 1e-12]
-    for c, m in ms.items():
-        print(f"  {c}: val {100 * _final_val(m):.2f}%{'' if c in ok else ' (0.2+ above the best)'}, per-layer FLOP "
-              "after compaction " + "—".join(f"{100 * f:.2f}%" for f in layer_flops(name, m["sparsity"]["layers"]))
-              + ("" if c in at_target else " (above the paper's)")
-              + f", structure distance {structure_distance(name, m):.3f}")
-    if at_target:
-        return min(at_target, key=lambda c: _final_val(ms[c]))
-    return min(ok, key=lambda c: (round(structure_distance(name, ms[c]), 6), _final_val(ms[c])))
+def _candidate(name: str, c) -> dict:
+    """What the selection reads of a candidate: a run directory, or a candidate recorded in a committed row's
+    ``selection`` (a dict; its run directory may be gone). ``at_target`` is None where it cannot be told: a
+    record without per-layer FLOP after compaction whose own-zeros FLOP is above the paper's (compaction never
+    computes more than the own-zeros count, so at or under the paper's there means at the target)."""
+    if isinstance(c, dict):
+        flops = c.get("compact_layer_flops")
+        own = [k["flop_fraction"] for k in c["kept"].values()][: len(PAPER[name]["flop"])]
+        at = _at_target(name, flops) if flops is not None else (True if _at_target(name, own) else None)
+        return {"label": c["run"] + " (recorded)", "val": c["val_error"], "distance": c["structure_distance"],
+                "at_target": at, "flops": flops}
+    m = json.loads((Path(c) / "metrics.json").read_text())
+    flops = layer_flops(name, m["sparsity"]["layers"])
+    return {"label": str(c), "val": _final_val(m), "distance": structure_distance(name, m),
+            "at_target": _at_target(name, flops), "flops": flops}
+
+
+def _pick(cands: list[dict], at_target: list[bool]) -> int:
+    """:data:`SELECTION_RULE` on candidate summaries with the given target flags: the index chosen."""
+    idx = range(len(cands))
+    if any(at_target):
+        return min((i for i in idx if at_target[i]), key=lambda i: cands[i]["val"])
+    best = min(c["val"] for c in cands)
+    ok = [i for i in idx if cands[i]["val"] <= best + VAL_SLACK + 1e-12]
+    return min(ok, key=lambda i: (round(cands[i]["distance"], 6), cands[i]["val"]))
+
+
+def select(name: str, candidates: list, prior: list[dict] | None = None):
+    """The candidate :data:`SELECTION_RULE` picks among ``candidates`` (run directories, and candidates recorded
+    in a committed row, see :func:`_candidate`; validation error and structure only). Where a record's place at
+    the target is unknown, every possibility is tried, less those under which the same rule would not have made
+    the committed row's choice among ``prior`` (all candidates recorded in it); if the choice still depends on
+    it, the record must be rerun."""
+    import itertools
+    cands = [_candidate(name, c) for c in candidates]
+    best = min(c["val"] for c in cands)
+    for c in cands:
+        where = ("after compaction " + "—".join(f"{100 * f:.2f}%" for f in c["flops"])) if c["flops"] else \
+            "after compaction not recorded"
+        print(f"  {c['label']}: val {100 * c['val']:.2f}%"
+              f"{'' if c['val'] <= best + VAL_SLACK + 1e-12 else ' (0.2+ above the best)'}, per-layer FLOP {where}"
+              + {True: "", False: " (above the paper's)", None: " (at the paper's: unknown)"}[c["at_target"]]
+              + f", structure distance {c['distance']:.3f}")
+    old = [_candidate(name, r) for r in prior or []]
+    old_choice = next((i for i, r in enumerate(prior or []) if r["chosen"]), None)
+    unknown = sorted({c["label"] for c in cands + old if c["at_target"] is None})
+    picks = set()
+    for flags in itertools.product((False, True), repeat=len(unknown)):
+        value = dict(zip(unknown, flags))
+        at = lambda cs: [value.get(c["label"], c["at_target"]) for c in cs]  # noqa: E731
+        if old_choice is not None and _pick(old, at(old)) != old_choice:
+            continue   # the committed row's choice rules this out
+        picks.add(_pick(cands, at(cands)))
+    if len(picks) != 1:
+        raise SystemExit(f"{name}: the choice depends on whether " + ", ".join(unknown) + " met the paper's FLOP "
+                         "after compaction, which is not recorded: rerun it and pass its run directory")
+    return candidates[picks.pop()]
+
+
+def candidate_entry(name: str, run: Path, chosen: bool) -> dict:
+    """How a candidate run is recorded in its row's ``selection``."""
+    cm = json.loads((run / "metrics.json").read_text())
+    return {"run": str(run), "recipe": cm["recipe"], "val_error": _final_val(cm),
+            "structure_distance": structure_distance(name, cm),
+            "val_error_by_phase": cm["val_error"], "kept": _kept_summary(cm),
+            "compact_flop_fraction": cm["sparsity"]["compact_flop_fraction"],
+            "compact_layer_flops": layer_flops(name, cm["sparsity"]["layers"]), "chosen": chosen}
+
+
+def add_candidates(name: str, runs: list[Path], prior: list[dict], results: Path = RESULTS) -> None:
+    """The committed row's choice stands among ``runs`` and ``prior``: record ``runs`` as candidates not chosen
+    (a run given for a recorded candidate replaces its record) and leave the row's model as it is."""
+    path = results / name / "metrics.json"
+    m = json.loads(path.read_text())
+    given = {str(r) for r in runs}
+    m["selection"]["candidates"] = ([c for c in prior if c["run"] not in given]
+                                    + [candidate_entry(name, r, False) for r in runs])
+    m["selection"].setdefault("added_later", []).append(
+        {"runs": sorted(given), "command": "python scripts/reproduce_mnist.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
+    path.write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
+    print(f"{name}: the committed choice {next(c['run'] for c in prior if c['chosen'])} stands; "
+          f"{len(runs)} more candidates recorded in {path}")
+
+
+def recorded_candidates(name: str, given: list, results: Path = RESULTS) -> list[dict]:
+    """The candidates recorded in the committed row ``name`` whose run directories are not among ``given``."""
+    path = results / name / "metrics.json"
+    if not path.is_file():
+        raise SystemExit(f"--recorded: {path} does not exist")
+    runs = {str(Path(g)) for g in given}
+    return [c for c in json.loads(path.read_text())["selection"]["candidates"] if c["run"] not in runs]
 
 
 def check_refit(chosen: Path, final: Path) -> None:
@@ -310,14 +391,9 @@ def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rul
         raise SystemExit(f"{out}/model: reloaded test error {err} differs from the run's {m['test_error']['compact']}")
     shapes = compact_shapes(model)
     layers = [{k: r.get(k) for k in LAYER_KEYS} for r in m["sparsity"]["layers"]]
-    cands = []
-    for c in candidates or [run_dir]:
-        cm = json.loads((Path(c) / "metrics.json").read_text())
-        cands.append({"run": str(Path(c)), "recipe": cm["recipe"], "val_error": _final_val(cm),
-                      "structure_distance": structure_distance(name, cm),
-                      "val_error_by_phase": cm["val_error"], "kept": _kept_summary(cm),
-                      "compact_flop_fraction": cm["sparsity"]["compact_flop_fraction"],
-                      "chosen": Path(c).resolve() == run_dir.resolve()})
+    cands = [{**c, "chosen": False} if isinstance(c, dict)   # recorded in the committed row: kept as it was
+             else candidate_entry(name, Path(c), Path(c).resolve() == run_dir.resolve())
+             for c in candidates or [run_dir]]
     result = {
         "paper_row": paper["paper_row"],
         "name": name,
@@ -667,6 +743,9 @@ def main(argv=None) -> int:
     ap.add_argument("--from-run", help="assemble from this finished run directory instead of training")
     ap.add_argument("--candidates", nargs="+", help="all runs tried for this row (recorded with their val errors); "
                     "without --from-run or --recipe, the selection rule picks the run to assemble among them")
+    ap.add_argument("--recorded", action="store_true", help="with --candidates: also the candidates recorded in "
+                    "the committed results/mnist/NAME/metrics.json whose run directories are not given (they may be "
+                    "gone); the rule is applied to all, and they stay recorded")
     ap.add_argument("--refit", metavar="RUN_DIR", help="the final run: the selected run's recipe with "
                     "train_with_val: true; the row is assembled from it")
     ap.add_argument("--rule", help="how the chosen run was selected (recorded in metrics.json)")
@@ -683,13 +762,18 @@ def main(argv=None) -> int:
         return 0
     if args.name is None:
         ap.error("name a row, or pass --verify or --table")
+    prior = recorded_candidates(args.name, []) if args.recorded else None
+    records = recorded_candidates(args.name, args.candidates or []) if args.recorded else []
     if args.seeds:
         add_seeds(args.name, [Path(d) for d in args.seeds])
         return 0
     if args.from_run:
         run_dir = Path(args.from_run)
     elif args.candidates and not args.recipe:
-        run_dir = select(args.name, [Path(c) for c in args.candidates])
+        run_dir = select(args.name, [Path(c) for c in args.candidates] + records, prior)
+        if isinstance(run_dir, dict):
+            add_candidates(args.name, [Path(c) for c in args.candidates], prior)
+            return 0
         args.rule = args.rule or SELECTION_RULE
         print(f"{args.name}: selected {run_dir}")
     else:
@@ -703,6 +787,8 @@ def main(argv=None) -> int:
     cands = [Path(c) for c in args.candidates] if args.candidates else None
     if cands and run_dir.resolve() not in {c.resolve() for c in cands}:
         cands.append(run_dir)
+    if cands:
+        cands += records
     assemble(args.name, run_dir, cands, args.rule, Path(args.refit) if args.refit else None)
     return 0
 

@@ -396,7 +396,10 @@ def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                              f"{list(expected[key].shape)}")
         if t.is_complex() or t.dtype.is_floating_point != want.is_floating_point:
             raise ValueError(f"{path}: {key} has dtype {t.dtype}, expected {want}")
-        tensors[key] = t.to(want)
+        # a copy in memory of the allocator's alignment: a tensor read from the file can sit at any byte offset,
+        # and some BLAS kernels (seen on AMD EPYC) round differently for unaligned data, so the loaded model
+        # would not compute exactly what the saved one did
+        tensors[key] = t.to(want, copy=True)
     return tensors
 
 

@@ -26,6 +26,7 @@ the speedup at the end::
         epochs: 2
         lr: 0.001
         freeze: true             # zero structures stay zero, group term off
+        dropout: 0.2             # optional: the rate of the model's dropout layers in this phase
     measure: {batch_sizes: [1, 64], repeats: 30, warmup: 5, threads: 1}
 
 Any unknown key or bad value raises :class:`RecipeError`, whose message starts with the
@@ -85,6 +86,7 @@ class Phase:
     zero_below: float | None = 1e-4               # zero regularised |w| below this after each step
     group_threshold: float | None = None          # zero groups with norm below this at phase end
     freeze: bool = False                          # freeze zero structures at phase start, term off
+    dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
 
     @property
     def sparsifying(self) -> bool:
@@ -136,6 +138,9 @@ class Recipe:
         for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False)):
             if d[key] == default:
                 d.pop(key)
+        for phase in d["phases"]:
+            if phase["dropout"] is None:
+                phase.pop("dropout")
         return _jsonable(d)
 
 
@@ -254,7 +259,7 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
         "train_with_val", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method", "zero_below",
-          "group_threshold", "freeze")
+          "group_threshold", "freeze", "dropout")
 _SCHEDULE = ("kind", "milestones", "gamma")
 _MEASURE = ("batch_sizes", "repeats", "warmup", "threads")
 
@@ -296,6 +301,12 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         if phase.freeze and not any(q.sparsifying for q in phases):
             c.fail(f"phases[{i}].freeze", "nothing to freeze: no earlier phase has lambdas")
         phases.append(phase)
+    with_dropout = [i for i, q in enumerate(phases) if q.dropout is not None]
+    if with_dropout:
+        import torch.nn as nn
+        from .models import build_model
+        if not any(isinstance(m, nn.Dropout) for m in build_model(model, **model_args).modules()):
+            c.fail(f"phases[{with_dropout[0]}].dropout", f"model {model!r} has no dropout layers to set")
     kw["phases"] = tuple(phases)
     kw["measure"] = _parse_measure(c, raw.get("measure", {}), "measure")
     return Recipe(**kw)
@@ -343,6 +354,7 @@ def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | N
         zero_below=c.number(p.get("zero_below", 1e-4), at("zero_below"), minimum=0, optional=True),
         group_threshold=c.number(p.get("group_threshold"), at("group_threshold"), minimum=0, optional=True),
         freeze=c.boolean(p.get("freeze", False), at("freeze")),
+        dropout=c.number(p.get("dropout"), at("dropout"), minimum=0, maximum=0.99, optional=True),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
         lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), model, model_args),
     )

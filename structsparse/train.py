@@ -187,6 +187,7 @@ class Trainer:
         self.model = build_model(recipe.model, **recipe.model_args).to(self.device)
         if recipe.init_from is not None:
             load_weights(self.model, recipe.init_from)
+        self._dropouts = {m: m.p for m in self.model.modules() if isinstance(m, nn.Dropout)}   # phase.dropout
         self.masks: Masks | None = None
         self.history: list[dict] = []
 
@@ -252,6 +253,8 @@ class Trainer:
         for p in range(start_p, len(phases)):
             phase = phases[p]
             mid = p == start_p and start_e > 0
+            for m, rate in self._dropouts.items():
+                m.p = rate if phase.dropout is None else phase.dropout
             if phase.freeze and not mid:
                 self._set_masks(self._masks_for_freeze(p))
             gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])

@@ -169,3 +169,59 @@ def test_select_prefers_candidates_at_the_flop_target(tmp_path):
         runs.append(d)
     assert mod.select("lenet2", runs) == runs[1]          # a is above the paper's conv2 FLOP; b has the lower val
     assert mod.select("lenet2", runs[:1]) == runs[0]      # none at the target: the nearest structure
+
+
+def _record(run, val, own, compact=None):
+    r = {"run": run, "val_error": val, "structure_distance": 0.5,
+         "kept": {f"l{i}": {"flop_fraction": f} for i, f in enumerate(own)}}
+    return r if compact is None else {**r, "compact_layer_flops": list(compact)}
+
+
+def test_select_weighs_recorded_candidates_and_refuses_to_guess(tmp_path):
+    mod = _script()
+    d = tmp_path / "new"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"val_error": {"finetune": 0.011},
+                                                "sparsity": {"layers": _layers(0.20, 0.07)}}))
+    at = _record("old_at", 0.010, (0.20, 0.05))                  # own-zeros FLOP at the target: so is compact
+    assert mod.select("lenet2", [d, at]) is at
+    unknown_worse = _record("old_unknown", 0.012, (0.30, 0.05))  # whatever its place, the new run wins
+    assert mod.select("lenet2", [d, unknown_worse]) == d
+    unknown_better = _record("old_unknown", 0.010, (0.30, 0.05))
+    with pytest.raises(SystemExit, match="old_unknown"):
+        mod.select("lenet2", [d, unknown_better])
+    known = _record("old_known", 0.010, (0.30, 0.05), compact=(0.26, 0.05))   # recorded after compaction: above
+    assert mod.select("lenet2", [d, known]) == d
+
+
+def test_recorded_candidates_leave_out_the_runs_given(tmp_path):
+    mod = _script()
+    row = tmp_path / "lenet2"
+    row.mkdir()
+    recs = [_record("runs/mnist/a", 0.01, (0.2, 0.05)), _record("runs/mnist/b", 0.01, (0.2, 0.05))]
+    (row / "metrics.json").write_text(json.dumps({"selection": {"candidates": recs}}))
+    assert [r["run"] for r in mod.recorded_candidates("lenet2", [Path("runs/mnist/a")], tmp_path)] == ["runs/mnist/b"]
+
+
+def test_select_infers_a_record_from_the_committed_choice(tmp_path):
+    """A record whose FLOP after compaction is unknown, but which the committed row chose although a nearer
+    structure was within the slack, was at the target: the new choice can rest on that."""
+    mod = _script()
+    d = tmp_path / "new"
+    d.mkdir()
+    keys = ("filters_kept", "filters", "channels_kept", "channels", "columns_kept", "columns")
+    layers = [{**layer, **dict.fromkeys(keys, 1)} for layer in _layers(0.20, 0.07)]
+    (d / "metrics.json").write_text(json.dumps({"val_error": {"finetune": 0.011}, "recipe": "recipes/x.yaml",
+                                                "sparsity": {"layers": layers, "compact_flop_fraction": 0.1}}))
+    chosen = {**_record("old_chosen", 0.010, (0.30, 0.05)), "chosen": True}
+    near = {**_record("old_near", 0.011, (0.30, 0.05)), "structure_distance": 0.1, "chosen": False}
+    prior = [chosen, near]
+    with pytest.raises(SystemExit):
+        mod.select("lenet2", [d, chosen, near])                 # without the committed choice: unknown
+    assert mod.select("lenet2", [d, chosen, near], prior) is chosen
+    row = tmp_path / "lenet2"
+    row.mkdir()
+    (row / "metrics.json").write_text(json.dumps({"selection": {"candidates": prior}}))
+    mod.add_candidates("lenet2", [d], prior, tmp_path)
+    runs = [c["run"] for c in json.loads((row / "metrics.json").read_text())["selection"]["candidates"]]
+    assert runs == ["old_chosen", "old_near", str(d)]
