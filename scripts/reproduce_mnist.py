@@ -321,7 +321,7 @@ def add_candidates(name: str, runs: list[Path], prior: list[dict], results: Path
         {"runs": sorted(given), "command": "python scripts/reproduce_mnist.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
     path.write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
     print(f"{name}: the committed choice {next(c['run'] for c in prior if c['chosen'])} stands; "
-          f"{len(runs)} more candidates recorded in {path}")
+          f"{len(runs)} more candidate{'s' if len(runs) != 1 else ''} recorded in {path}")
 
 
 def recorded_candidates(name: str, given: list, results: Path = RESULTS) -> list[dict]:
