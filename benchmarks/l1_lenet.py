@@ -83,7 +83,8 @@ def candidates() -> list[dict]:
 
 
 def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = False) -> dict:
-    recipe = load_recipe(row_recipe(final))
+    recipe_path = row_recipe(final)
+    recipe = load_recipe(recipe_path)
     ssl_index = next(i for i, p in enumerate(recipe.phases) if p.sparsifying)
     ft_index = len(recipe.phases) - 1
     l1_phase = dataclasses.replace(recipe.phases[ssl_index], name="l1", lambdas={})
@@ -111,7 +112,7 @@ def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = F
     WORK.mkdir(parents=True, exist_ok=True)
     path = WORK / f"{_tag(lam, final)}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    rec = {"lambda": lam, "recipe": str(row_recipe(final).relative_to(ROOT)), "train_with_val": recipe.train_with_val,
+    rec = {"lambda": lam, "recipe": str(recipe_path.relative_to(ROOT)), "train_with_val": recipe.train_with_val,
            "layers": list(LAYERS), "zero_below": zero_below, "weights": str(path.relative_to(ROOT)),
            "dense_start": str(dense_dir), "val_error": hist[-1]["val_error"], "history": hist,
            "train_seconds": secs, "phases": {"l1": {**dataclasses.asdict(l1_phase), "phase_index_for_shuffles": ssl_index},
@@ -243,8 +244,8 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chosen_lambda() -> dict:
-    cands = candidates()
+def chosen_lambda(cands: list[dict]) -> dict:
+    """The λ :func:`select` picks among the trained ``cands`` (``--train``)."""
     if not cands:
         raise SystemExit(f"no trained λ in {WORK}; run --train first")
     return select(cands, json.loads(ROW.read_text())["val_error"])
@@ -253,7 +254,7 @@ def chosen_lambda() -> dict:
 def assemble(args) -> dict:
     cands = candidates()
     lenet2 = json.loads(ROW.read_text())
-    chosen = chosen_lambda()
+    chosen = chosen_lambda(cands)
     final_json = WORK / f"{_tag(chosen['lambda'], final=True)}.json"
     if not final_json.is_file():
         raise SystemExit(f"{final_json} missing: run --refit first (the chosen λ on train + val)")
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
     for lam in args.train or []:
         train(lam, ROOT / args.dense)
     if args.refit:
-        train(chosen_lambda()["lambda"], ROOT / args.dense_final, final=True)
+        train(chosen_lambda(candidates())["lambda"], ROOT / args.dense_final, final=True)
     if args.assemble:
         assemble(args)
     return 0

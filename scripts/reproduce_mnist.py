@@ -314,14 +314,18 @@ def add_candidates(name: str, runs: list[Path], prior: list[dict], results: Path
     (a run given for a recorded candidate replaces its record) and leave the row's model as it is."""
     path = results / name / "metrics.json"
     m = json.loads(path.read_text())
-    given = {str(r) for r in runs}
-    m["selection"]["candidates"] = ([c for c in prior if c["run"] not in given]
-                                    + [candidate_entry(name, r, False) for r in runs])
+    m["selection"]["candidates"] = not_given(prior, runs) + [candidate_entry(name, r, False) for r in runs]
     m["selection"].setdefault("added_later", []).append(
-        {"runs": sorted(given), "command": "python scripts/reproduce_mnist.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
+        {"runs": sorted(str(r) for r in runs), "command": "python scripts/reproduce_mnist.py " + " ".join(map(shlex.quote, sys.argv[1:]))})
     path.write_text(json.dumps(m, indent=1) + "\n", encoding="utf-8")
     print(f"{name}: the committed choice {next(c['run'] for c in prior if c['chosen'])} stands; "
           f"{len(runs)} more candidate{'s' if len(runs) != 1 else ''} recorded in {path}")
+
+
+def not_given(records: list[dict], given: list) -> list[dict]:
+    """The ``records`` whose run directories are not among ``given`` (a run given replaces its record)."""
+    runs = {str(Path(g)) for g in given}
+    return [c for c in records if c["run"] not in runs]
 
 
 def recorded_candidates(name: str, given: list, results: Path = RESULTS) -> list[dict]:
@@ -329,8 +333,7 @@ def recorded_candidates(name: str, given: list, results: Path = RESULTS) -> list
     path = results / name / "metrics.json"
     if not path.is_file():
         raise SystemExit(f"--recorded: {path} does not exist")
-    runs = {str(Path(g)) for g in given}
-    return [c for c in json.loads(path.read_text())["selection"]["candidates"] if c["run"] not in runs]
+    return not_given(json.loads(path.read_text())["selection"]["candidates"], given)
 
 
 def check_refit(chosen: Path, final: Path) -> None:
@@ -763,7 +766,7 @@ def main(argv=None) -> int:
     if args.name is None:
         ap.error("name a row, or pass --verify or --table")
     prior = recorded_candidates(args.name, []) if args.recorded else None
-    records = recorded_candidates(args.name, args.candidates or []) if args.recorded else []
+    records = not_given(prior, args.candidates or []) if args.recorded else []
     if args.seeds:
         add_seeds(args.name, [Path(d) for d in args.seeds])
         return 0
