@@ -256,7 +256,7 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
 
     example = splits["test"].images[:1]
     with torch.no_grad():
-        small = compact(model, example)
+        small = compact(model, example, lowered_below=recipe.lowered_below)
     report = sparsity_report(model, example, compacted=small)
     test_original = results["test_error"]
     test_compact = evaluate(small, splits["test"], recipe.eval_batch_size)

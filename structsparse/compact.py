@@ -34,6 +34,7 @@ from .timing import time_interleaved
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
+LOWERED_BELOW = 0.5   # default: lower a conv that keeps at most half of its weight-matrix columns
 
 
 class IndexSelect(nn.Module):
@@ -185,7 +186,7 @@ def _mask(like: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.
     return out
 
 
-def lower_conv(m: nn.Module, lowered_below: float | str = 0.5,
+def lower_conv(m: nn.Module, lowered_below: float | str = LOWERED_BELOW,
                input_shape: tuple[int, ...] | None = None) -> nn.Module:
     """``m`` as a :class:`LoweredConv2d` if it keeps at most ``lowered_below`` of its weight-matrix
     columns (and is a plain zero-padded, ungrouped Conv2d); otherwise ``m`` itself.
@@ -437,7 +438,7 @@ def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) 
     return steps
 
 
-def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = 0.5,
+def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = LOWERED_BELOW,
             check: bool = True) -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 

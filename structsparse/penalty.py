@@ -272,28 +272,38 @@ class GroupLasso:
             w.masked_fill_(w.abs() < threshold, 0.0)
 
     @torch.no_grad()
-    def zero_groups_(self, threshold: float) -> int:
-        """Set every regularised group whose norm is below ``threshold`` exactly to zero; returns how many."""
+    def zero_groups_(self, threshold: float | None = None,
+                     relative: float | Mapping[str, float] | None = None) -> int:
+        """Set every regularised group exactly to zero whose norm is below ``threshold``, or below
+        ``relative`` times the largest norm of the same kind in the same layer (one fraction for
+        every kind, or ``{kind: fraction}``; the coupled channel groups count as one layer).
+        Returns how many groups it zeroed."""
+        def small(norms: torch.Tensor, kind: str) -> torch.Tensor:
+            out = _small(norms, threshold) if threshold is not None else torch.zeros_like(norms, dtype=torch.bool)
+            r = relative.get(kind) if isinstance(relative, Mapping) else relative
+            if r and norms.numel():
+                out |= _small(norms, r * norms.max())
+            return out
+
         count = 0
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             view = group_view(w, g)
             for kind in t.lambdas:
-                norms = group_norms(w, kind, g, keepdim=True)
-                small = _small(norms, threshold)
-                count += int(small.sum())
-                view.masked_fill_(small.expand_as(view), 0.0)
+                s = small(group_norms(w, kind, g, keepdim=True), kind)
+                count += int(s.sum())
+                view.masked_fill_(s.expand_as(view), 0.0)
         if self.coupled is not None:
             norms = self.coupled.norms()
-            small = _small(norms, threshold)
-            count += int(small.sum())
-            self.coupled.scale_((~small).to(norms.dtype))
+            s = small(norms, "channel")
+            count += int(s.sum())
+            self.coupled.scale_((~s).to(norms.dtype))
         for t in self.norm_terms:
             for kind in t.lambdas:
                 norms = norm_group_norms(t.module, kind)
-                small = _small(norms, threshold)
-                count += int(small.sum())
-                _scale_norm_(t.module, (~small).to(norms.dtype))
+                s = small(norms, kind)
+                count += int(s.sum())
+                _scale_norm_(t.module, (~s).to(norms.dtype))
         return count
 
     def zero_masks(self) -> dict[str, torch.Tensor]:

@@ -10,6 +10,8 @@ the speedup at the end::
     augment: null                # optional, e.g. {crop_padding: 4, flip: true} (training batches only)
     train_with_val: false        # true: train on train + val (a final run after choosing on val;
                                  # its val errors are then not held out)
+    lowered_below: 0.5           # compaction: a conv keeping at most this fraction of its weight-matrix
+                                 # columns becomes a LoweredConv2d (1.0: every conv with a zero column)
     seed: 0
     batch_size: 64
     phases:
@@ -22,6 +24,7 @@ the speedup at the end::
         method: prox             # prox (proximal step) | penalty (term added to the loss)
         lambdas: {conv1: {filter: 0.01}, conv2: {filter: 0.01, channel: 0.01}}
         group_threshold: 1.0e-3  # at phase end, zero the groups whose norm is below this
+        relative_threshold: 0.05  # and those below 0.05 × the largest norm of their kind and layer ({kind: r}: per kind)
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -44,6 +47,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .compact import LOWERED_BELOW
 from .groups import KINDS
 from .models import MODELS
 
@@ -85,6 +89,7 @@ class Phase:
     method: str = "prox"
     zero_below: float | None = 1e-4               # zero regularised |w| below this after each step
     group_threshold: float | None = None          # zero groups with norm below this at phase end
+    relative_threshold: float | dict | None = None  # zero groups below this × the largest of kind and layer
     freeze: bool = False                          # freeze zero structures at phase start, term off
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
 
@@ -124,6 +129,7 @@ class Recipe:
     data_root: str | None = None
     init_from: str | None = None   # safetensors weights to start from (e.g. a dense run's trained.safetensors)
     train_with_val: bool = False   # train on train + val (val errors are then not held out)
+    lowered_below: float = LOWERED_BELOW   # compact(): convs keeping at most this fraction of their columns are lowered
     train_subset: int | None = None
     val_subset: int | None = None
     test_subset: int | None = None
@@ -135,12 +141,14 @@ class Recipe:
         d = dataclasses.asdict(self)
         d.pop("path")
         # keys at their defaults are left out, as before these keys existed, so older checkpoints still resume
-        for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False)):
+        for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False),
+                             ("lowered_below", LOWERED_BELOW)):
             if d[key] == default:
                 d.pop(key)
         for phase in d["phases"]:
-            if phase["dropout"] is None:
-                phase.pop("dropout")
+            for key in ("dropout", "relative_threshold"):
+                if phase[key] is None:
+                    phase.pop(key)
         return _jsonable(d)
 
 
@@ -256,10 +264,10 @@ def _show(value) -> str:
 
 
 _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "seed", "batch_size", "eval_batch_size",
-        "train_with_val", "train_subset", "val_subset", "test_subset", "phases", "measure")
+        "train_with_val", "lowered_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method", "zero_below",
-          "group_threshold", "freeze", "dropout")
+          "group_threshold", "relative_threshold", "freeze", "dropout")
 _SCHEDULE = ("kind", "milestones", "gamma")
 _MEASURE = ("batch_sizes", "repeats", "warmup", "threads")
 
@@ -283,6 +291,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         batch_size=c.integer(raw.get("batch_size", 64), "batch_size", minimum=1),
         eval_batch_size=c.integer(raw.get("eval_batch_size", 1000), "eval_batch_size", minimum=1),
         train_with_val=c.boolean(raw.get("train_with_val", False), "train_with_val"),
+        lowered_below=c.number(raw.get("lowered_below", LOWERED_BELOW), "lowered_below", minimum=0, maximum=1),
         path=None if source == "<recipe>" else source,
     )
     for key in ("train_subset", "val_subset", "test_subset"):
@@ -353,6 +362,7 @@ def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | N
         method=c.choice(p.get("method", "prox"), at("method"), METHODS, "method"),
         zero_below=c.number(p.get("zero_below", 1e-4), at("zero_below"), minimum=0, optional=True),
         group_threshold=c.number(p.get("group_threshold"), at("group_threshold"), minimum=0, optional=True),
+        relative_threshold=_parse_relative(c, p.get("relative_threshold"), at("relative_threshold")),
         freeze=c.boolean(p.get("freeze", False), at("freeze")),
         dropout=c.number(p.get("dropout"), at("dropout"), minimum=0, maximum=0.99, optional=True),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
@@ -361,9 +371,26 @@ def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | N
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
                               "(it freezes the zeros of the earlier phases' lambdas)")
-    if kw["group_threshold"] is not None and not kw["lambdas"]:
-        c.fail(at("group_threshold"), "needs lambdas in this phase (it zeroes the regularised groups)")
+    for key in ("group_threshold", "relative_threshold"):
+        if kw[key] is not None and not kw["lambdas"]:
+            c.fail(at(key), "needs lambdas in this phase (it zeroes the regularised groups)")
     return Phase(**kw)
+
+
+def _parse_relative(c: _Checker, r, where: str) -> float | dict | None:
+    """A fraction in (0, 1) for every group kind, or ``{kind: fraction}``."""
+    if r is None:
+        return None
+    if not isinstance(r, Mapping):
+        return c.number(r, where, positive=True, maximum=1)
+    out = {}
+    for kind, value in r.items():
+        if kind not in KINDS:
+            c.fail(_join(where, kind), f"unknown group kind; known kinds: {', '.join(KINDS)}")
+        out[kind] = c.number(value, _join(where, kind), positive=True, maximum=1)
+    if not out:
+        c.fail(where, "expected a fraction or a non-empty mapping of group kinds to fractions")
+    return out
 
 
 def _parse_schedule(c: _Checker, s, where: str, epochs) -> LRSchedule:

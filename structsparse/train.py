@@ -7,7 +7,8 @@ Per phase: SGD with momentum (a fresh optimizer per phase), cross-entropy loss. 
 with ``lambdas`` builds a :class:`GroupLasso` and either adds its penalty to the loss
 (``method: penalty``) or takes the proximal step after ``opt.step()`` (``method: prox``),
 then zeroes regularised weights below ``zero_below``; at the phase end, groups below
-``group_threshold`` are zeroed. A ``freeze`` phase first freezes every zero structure of
+``group_threshold``, or below ``relative_threshold`` times the largest group norm of their
+kind in their layer, are zeroed. A ``freeze`` phase first freezes every zero structure of
 the layers regularised earlier (group term off); frozen masks stay in force in all later
 phases. The shuffle order of every epoch comes from a generator seeded with
 (seed, phase, epoch), so a resumed run needs no generator state and ends bit-identical.
@@ -301,11 +302,14 @@ class Trainer:
                                 f"{what}; {kept}. Try a lower lr.")
 
     def _end_phase(self, phase: Phase, gl: GroupLasso | None) -> None:
-        if gl is not None and phase.group_threshold is not None:
-            n = gl.zero_groups_(phase.group_threshold)
+        if gl is not None and (phase.group_threshold is not None or phase.relative_threshold is not None):
+            n = gl.zero_groups_(phase.group_threshold, phase.relative_threshold)
             if self.masks is not None:
                 self.masks.apply_()
-            self.log(f"{phase.name}: zeroed {n} groups with norm < {phase.group_threshold:g}")
+            below = [f"< {phase.group_threshold:g}"] if phase.group_threshold is not None else []
+            if phase.relative_threshold is not None:
+                below.append(f"< {phase.relative_threshold} × the largest of their kind and layer")
+            self.log(f"{phase.name}: zeroed {n} groups with norm {' or '.join(below)}")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
         phase = self.recipe.phases[p]

@@ -307,3 +307,19 @@ def test_bench_model_times_a_run(full_run, tmp_path, capsys):
 def test_bench_bad_arguments_are_named(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_recipe_lowered_below_reaches_compaction(env, tmp_path, monkeypatch):
+    """The recipe's ``lowered_below`` is what the run compacts with (default: compact()'s)."""
+    import sys
+    from structsparse.compact import LOWERED_BELOW, compact
+    compact_module = sys.modules["structsparse.compact"]   # (the package's `compact` is the function)
+    base, _ = env
+    seen = []
+    monkeypatch.setattr(compact_module, "compact", lambda *a, **kw: (seen.append(kw["lowered_below"]), compact(*a, **kw))[1])
+    for extra, want in (({}, LOWERED_BELOW), ({"lowered_below": 1.0}, 1.0)):
+        recipe = tmp_path / f"r{len(seen)}.yaml"
+        recipe.write_text(yaml.safe_dump({**RECIPE, **extra, "data_root": str(base / "data"),
+                                          "phases": [{"name": "dense", "epochs": 0, "lr": 0.1}]}))
+        assert cli.main(["run", str(recipe), "--out", str(tmp_path / recipe.stem)]) == 0
+        assert seen[-1] == want

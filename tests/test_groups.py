@@ -130,6 +130,29 @@ def test_zero_small_matches_paper_threshold():
     assert model.fc1.weight[0, 0] == 0 and model.fc1.weight[0, 1] == 2e-4
 
 
+def test_zero_groups_relative_threshold_is_per_layer_and_kind():
+    model = LeNet()
+    with torch.no_grad():
+        w = model.conv2.weight
+        w.fill_(1.0)
+        w[:, 0, 0, 0] = 0.05     # column norm 0.05·√50 against the largest √50: below 0.1 of it
+        w[:, 1, 0, 0] = 0.2      # 0.2 of the largest: kept
+        w[:, 2, 0, 0] = 0.0      # already zero: not counted again
+        model.conv1.weight.fill_(1.0)
+        model.conv1.weight[3] *= 1e-3   # a small conv1 filter: its kind is not in the mapping
+    gl = GroupLasso(model, {"conv1": {"filter": 0.1}, "conv2": {"shape": 0.1, "filter": 0.1}})
+    assert gl.zero_groups_(relative={"shape": 0.1}) == 1
+    assert (model.conv2.weight[:, 0, 0, 0] == 0).all()
+    assert (model.conv2.weight[:, 1, 0, 0] == 0.2).all()
+    assert (model.conv1.weight[3] != 0).all()
+    # a single fraction applies to every kind; an absolute threshold still works beside it
+    assert gl.zero_groups_(relative=0.01) == 1 and (model.conv1.weight[3] == 0).all()
+    with torch.no_grad():
+        model.conv2.weight[:, 4, 2, 2] = 1e-3
+    assert gl.zero_groups_(threshold=0.1, relative=1e-6) == 1 and (model.conv2.weight[:, 4, 2, 2] == 0).all()
+    assert (model.conv2.weight[:, 5] == 1).all()
+
+
 def test_freeze_keeps_zero_groups_at_zero_during_training():
     torch.manual_seed(0)
     model = LeNet()
@@ -171,3 +194,23 @@ def test_spec_patterns_override_defaults():
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(ValueError, match=message):
         GroupLasso(LeNet(), spec)
+
+
+def test_relative_threshold_phase_key_zeroes_at_phase_end():
+    """``relative_threshold`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
+    from structsparse.recipe import parse_recipe
+    from structsparse.train import Split, Trainer
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    phases = [{"name": "ssl", "epochs": 1, "lr": 0.01, "lambdas": {"fc1": {"filter": 1e-3}},
+               "relative_threshold": {"filter": 0.97}}]
+    recipe = parse_recipe({"model": "mlp", "data": "mnist", "batch_size": 8, "phases": phases})
+    lines = []
+    t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lines.append)
+    t.run()
+    norms = t.model.fc1.weight.detach().norm(dim=1)
+    kept = norms[norms > 0]
+    assert 0 < len(kept) < 500 and kept.min() >= 0.97 * kept.max()
+    assert any(f"zeroed {500 - len(kept)} groups with norm < {{'filter': 0.97}}" in s for s in lines)
+    assert "relative_threshold" not in parse_recipe({"model": "mlp", "data": "mnist", "phases": [
+        {"name": "a", "epochs": 1, "lr": 0.1}]}).to_dict()["phases"][0]
