@@ -9,9 +9,12 @@
 * :func:`lenet_from_state`: rebuild a LeNet whose layers were shrunk (by Torch-Pruning) from
   its safetensors state dict alone (no pickled modules).
 * :func:`layer_macs`: multiply-adds of every Conv2d / Linear of a plain model at one input.
+* :func:`row_metrics`, :func:`row_recipe_path`: a committed row's ``results/mnist/<row>/metrics.json``
+  and its recipe (the final run's, or the chosen candidate's).
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,6 +29,19 @@ from structsparse.recipe import Phase
 from structsparse.train import Split, epoch_seed, evaluate, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def row_metrics(row: str) -> dict:
+    """The committed row's ``results/mnist/<row>/metrics.json``."""
+    return json.loads((ROOT / "results" / "mnist" / row / "metrics.json").read_text())
+
+
+def row_recipe_path(metrics: dict, final: bool = True) -> str:
+    """A row's recipe, relative to the repository: its final run's (train + val), or with ``final=False``
+    its chosen candidate's (the 50k training images)."""
+    if final:
+        return metrics["recipe"]
+    return next(c for c in metrics["selection"]["candidates"] if c["chosen"])["recipe"]
 
 
 def train_phase(model: nn.Module, splits: dict[str, Split], phase: Phase, seed: int, phase_index: int,

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist_common import ROOT, train_phase  # noqa: E402
+from _mnist_common import ROOT, row_metrics, row_recipe_path, train_phase  # noqa: E402
 
 from structsparse import Masks, compact, load_compact, sparsity_report  # noqa: E402
 from structsparse.bench import ConvShape, lowered_conv  # noqa: E402
@@ -61,7 +61,7 @@ from structsparse.train import evaluate, load_splits  # noqa: E402
 LAYERS = ("conv1", "conv2", "fc1")
 WORK = ROOT / "runs" / "mnist" / "peers" / "l1"
 OUT = ROOT / "results" / "mnist" / "peers"
-ROW = ROOT / "results" / "mnist" / "lenet2" / "metrics.json"
+ROW = "lenet2"   # the SSL row this peer is set beside (results/mnist/lenet2)
 VAL_SLACK = 0.002
 LENET_CONVS = (ConvShape("conv1", 1, 20, 5, 1, 0, 1, 28), ConvShape("conv2", 20, 50, 5, 1, 0, 1, 12))
 
@@ -70,20 +70,13 @@ def _tag(lam: float, final: bool = False) -> str:
     return f"lam{lam:g}" + ("_final" if final else "")
 
 
-def row_recipe(final: bool = False) -> Path:
-    """The LeNet 2 row's recipe: its chosen candidate's (50k training images), or its final run's (train + val)."""
-    m = json.loads(ROW.read_text())
-    chosen = next(c for c in m["selection"]["candidates"] if c["chosen"])
-    return ROOT / (m["recipe"] if final else chosen["recipe"])
-
-
 def candidates() -> list[dict]:
     """The λs trained on the 50k training images (``--train``)."""
     return [json.loads(p.read_text()) for p in sorted(WORK.glob("lam*.json")) if not p.stem.endswith("_final")]
 
 
 def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = False) -> dict:
-    recipe_path = row_recipe(final)
+    recipe_path = ROOT / row_recipe_path(row_metrics(ROW), final)   # candidate's (50k) or final run's (train + val)
     recipe = load_recipe(recipe_path)
     ssl_index = next(i for i, p in enumerate(recipe.phases) if p.sparsifying)
     ft_index = len(recipe.phases) - 1
@@ -244,22 +237,22 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chosen_lambda(cands: list[dict]) -> dict:
-    """The λ :func:`select` picks among the trained ``cands`` (``--train``)."""
+def chosen_lambda(cands: list[dict], row: dict) -> dict:
+    """The λ :func:`select` picks among the trained ``cands`` (``--train``), beside the SSL ``row``'s metrics."""
     if not cands:
         raise SystemExit(f"no trained λ in {WORK}; run --train first")
-    return select(cands, json.loads(ROW.read_text())["val_error"])
+    return select(cands, row["val_error"])
 
 
 def assemble(args) -> dict:
     cands = candidates()
-    lenet2 = json.loads(ROW.read_text())
-    chosen = chosen_lambda(cands)
+    lenet2 = row_metrics(ROW)
+    chosen = chosen_lambda(cands, lenet2)
     final_json = WORK / f"{_tag(chosen['lambda'], final=True)}.json"
     if not final_json.is_file():
         raise SystemExit(f"{final_json} missing: run --refit first (the chosen λ on train + val)")
     final = json.loads(final_json.read_text())
-    splits = load_splits(load_recipe(row_recipe()))   # the test images; the val images of the candidates
+    splits = load_splits(load_recipe(ROOT / row_recipe_path(lenet2, final=False)))   # the test images; the val images of the candidates
     model = LeNet()
     model.load_state_dict(load_file(ROOT / final["weights"]))
     model.eval()
@@ -339,7 +332,7 @@ def main(argv=None) -> int:
     for lam in args.train or []:
         train(lam, ROOT / args.dense)
     if args.refit:
-        train(chosen_lambda(candidates())["lambda"], ROOT / args.dense_final, final=True)
+        train(chosen_lambda(candidates(), row_metrics(ROW))["lambda"], ROOT / args.dense_final, final=True)
     if args.assemble:
         assemble(args)
     return 0

@@ -56,7 +56,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist_common import ROOT, lenet_from_state, layer_macs, total_flops, train_phase  # noqa: E402
+from _mnist_common import (ROOT, lenet_from_state, layer_macs, row_metrics, row_recipe_path,  # noqa: E402
+                           total_flops, train_phase)
 
 from structsparse import load_compact, measure_speedup  # noqa: E402
 from structsparse.cli import machine_info  # noqa: E402
@@ -72,8 +73,7 @@ WORK = ROOT / "runs" / "mnist" / "peers" / "torch_pruning"
 
 def targets(row: str) -> dict[str, int]:
     """Filters / neurons our compact model keeps per layer (what Torch-Pruning must keep)."""
-    m = json.loads((ROOT / "results" / "mnist" / row / "metrics.json").read_text())
-    s = m["compact_shapes"]
+    s = row_metrics(row)["compact_shapes"]
     return {"conv1": s["conv1"]["out_channels"], "conv2": s["conv2"]["out_channels"], "fc1": s["fc1"]["out_features"]}
 
 
@@ -111,13 +111,8 @@ def longer(phase, epochs: int):
     return dataclasses.replace(phase, epochs=epochs, name=f"{phase.name}_{epochs}ep")
 
 
-def row_recipe_path(row: str) -> str:
-    """The recipe of our committed row (results/mnist/<row>/metrics.json), relative to the repository."""
-    return json.loads((ROOT / "results" / "mnist" / row / "metrics.json").read_text())["recipe"]
-
-
 def row_recipe(row: str):
-    return load_recipe(ROOT / row_recipe_path(row))
+    return load_recipe(ROOT / row_recipe_path(row_metrics(row)))
 
 
 def train_rows(args, splits, dense: LeNet, dense_dir: Path) -> dict:
@@ -262,7 +257,7 @@ def main(argv=None) -> int:
     for row in args.rows:   # the dense run must be the rows' dense phase, on the same training images
         rr = row_recipe(row)
         if (rr.phases[0], rr.seed, rr.train_with_val) != (recipe.phases[0], recipe.seed, recipe.train_with_val):
-            raise SystemExit(f"{args.dense}: not the dense phase of {row}'s recipe {row_recipe_path(row)}")
+            raise SystemExit(f"{args.dense}: not the dense phase of {row}'s recipe {row_recipe_path(row_metrics(row))}")
     splits = load_splits(recipe)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +271,7 @@ def main(argv=None) -> int:
                "command": command, "torch_pruning_version": importlib.metadata.version("torch-pruning"),
                "dense": {"run": args.dense, "recipe": dm["recipe"], "command": dm["command"],
                          "test_error": evaluate(dense, splits["test"], 1000), "val_error": evaluate(dense, splits["val"], 1000),
-                         "dense_phase_of": ", ".join(row_recipe_path(r) for r in args.rows)},
+                         "dense_phase_of": ", ".join(row_recipe_path(row_metrics(r)) for r in args.rows)},
                "rows": train_rows(args, splits, dense, dense_dir)}
     res["machine"] = machine_info(1)
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -285,9 +280,9 @@ def main(argv=None) -> int:
     dense_macs = layer_macs(dense, example)
     dense_flops = total_flops(dense, example)
     for row, r in res["rows"].items():
-        ours = json.loads((ROOT / "results" / "mnist" / row / "metrics.json").read_text())
+        ours = row_metrics(row)
         L = {l["name"]: l for l in ours["layers"]}
-        train_epochs = sum(p.epochs for p in load_recipe(ROOT / ours["recipe"]).phases)
+        train_epochs = sum(p.epochs for p in load_recipe(ROOT / row_recipe_path(ours)).phases)
         r["ours"] = {"result": f"results/mnist/{row}/metrics.json", "test_error": ours["test_error"],
                      "val_error": ours["val_error"], "epochs": train_epochs,
                      "filters": [ours["compact_shapes"]["conv1"]["out_channels"], ours["compact_shapes"]["conv2"]["out_channels"]],

@@ -257,13 +257,18 @@ def _candidate(name: str, c) -> dict:
             "at_target": _at_target(name, flops), "flops": flops}
 
 
+def _near_best(val: float, best: float) -> bool:
+    """Within the rule's slack of the best validation error."""
+    return val <= best + VAL_SLACK + 1e-12
+
+
 def _pick(cands: list[dict], at_target: list[bool]) -> int:
     """:data:`SELECTION_RULE` on candidate summaries with the given target flags: the index chosen."""
     idx = range(len(cands))
     if any(at_target):
         return min((i for i in idx if at_target[i]), key=lambda i: cands[i]["val"])
     best = min(c["val"] for c in cands)
-    ok = [i for i in idx if cands[i]["val"] <= best + VAL_SLACK + 1e-12]
+    ok = [i for i in idx if _near_best(cands[i]["val"], best)]
     return min(ok, key=lambda i: (round(cands[i]["distance"], 6), cands[i]["val"]))
 
 
@@ -280,7 +285,7 @@ def select(name: str, candidates: list, prior: list[dict] | None = None):
         where = ("after compaction " + "—".join(f"{100 * f:.2f}%" for f in c["flops"])) if c["flops"] else \
             "after compaction not recorded"
         print(f"  {c['label']}: val {100 * c['val']:.2f}%"
-              f"{'' if c['val'] <= best + VAL_SLACK + 1e-12 else ' (0.2+ above the best)'}, per-layer FLOP {where}"
+              f"{'' if _near_best(c['val'], best) else ' (0.2+ above the best)'}, per-layer FLOP {where}"
               + {True: "", False: " (above the paper's)", None: " (at the paper's: unknown)"}[c["at_target"]]
               + f", structure distance {c['distance']:.3f}")
     old = [_candidate(name, r) for r in prior or []]

@@ -377,17 +377,23 @@ def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | N
     return Phase(**kw)
 
 
+def _kind_numbers(c: _Checker, mapping: Mapping, where: str, **bounds) -> dict[str, float]:
+    """``{kind: number}`` with every key a group kind and every value within ``bounds`` (see ``_Checker.number``)."""
+    out = {}
+    for kind, value in mapping.items():
+        if kind not in KINDS:
+            c.fail(f"{where}.{kind}", f"unknown group kind; known kinds: {', '.join(KINDS)}")
+        out[kind] = c.number(value, f"{where}.{kind}", **bounds)
+    return out
+
+
 def _parse_relative(c: _Checker, r, where: str) -> float | dict | None:
     """A fraction in (0, 1) for every group kind, or ``{kind: fraction}``."""
     if r is None:
         return None
     if not isinstance(r, Mapping):
         return c.number(r, where, positive=True, maximum=1)
-    out = {}
-    for kind, value in r.items():
-        if kind not in KINDS:
-            c.fail(_join(where, kind), f"unknown group kind; known kinds: {', '.join(KINDS)}")
-        out[kind] = c.number(value, _join(where, kind), positive=True, maximum=1)
+    out = _kind_numbers(c, r, where, positive=True, maximum=1)
     if not out:
         c.fail(where, "expected a fraction or a non-empty mapping of group kinds to fractions")
     return out
@@ -428,12 +434,7 @@ def _parse_lambdas(c: _Checker, spec, where: str, model: str, model_args: Mappin
         if not isinstance(key, str):
             c.fail(_join(where, key), "keys must be group kinds or layer-name patterns")
         if isinstance(value, Mapping):   # a layer pattern
-            inner = {}
-            for kind, lam in value.items():
-                if kind not in KINDS:
-                    c.fail(f"{where}.{key}.{kind}", f"unknown group kind; known kinds: {', '.join(KINDS)}")
-                inner[kind] = c.number(lam, f"{where}.{key}.{kind}", minimum=0)
-            out[key] = inner
+            out[key] = _kind_numbers(c, value, f"{where}.{key}", minimum=0)
         elif key in KINDS:
             out[key] = c.number(value, _join(where, key), minimum=0)
         else:
