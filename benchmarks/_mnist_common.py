@@ -2,7 +2,7 @@
 
 * :func:`train_phase`: one recipe phase on any LeNet-shaped model, step for step as
   ``structsparse run`` trains it (SGD with momentum and weight decay, the phase's lr schedule
-  updated every step, cross-entropy, the epoch shuffles of :func:`structsparse.train.epoch_seed`
+  updated every step, cross-entropy, the epoch shuffles of :func:`structsparse.runner.trainer.epoch_seed`
   for the same ``(seed, phase index, epoch)``), with a hook after each optimizer step (an ℓ1
   proximal step, masks). Given the phase index of our fine-tuning phase, a peer's fine-tuning
   sees the same batches in the same order as ours.
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from structsparse.data import make_loader
-from structsparse.models import LeNet
-from structsparse.recipe import Phase
-from structsparse.train import Split, epoch_seed, evaluate, lr_at
+from structsparse.zoo.data import make_loader
+from structsparse.zoo.models import LeNet
+from structsparse.runner.recipe import Phase
+from structsparse.runner.trainer import Split, epoch_seed, evaluate, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def train_phase(model: nn.Module, splits: dict[str, Split], phase: Phase, seed: 
 
 
 def lenet_from_state(sd: dict[str, torch.Tensor]) -> LeNet:
-    """A :class:`~structsparse.models.LeNet` with the layer sizes of ``sd`` (e.g. after structured pruning)."""
+    """A :class:`~structsparse.zoo.models.LeNet` with the layer sizes of ``sd`` (e.g. after structured pruning)."""
     model = LeNet()
     w1, w2, f1, f2 = (sd[f"{n}.weight"] for n in ("conv1", "conv2", "fc1", "fc2"))
     model.conv1 = nn.Conv2d(w1.shape[1], w1.shape[0], w1.shape[2])

@@ -24,7 +24,7 @@ candidate's (the slack of scripts/reproduce_mnist.py's rule) — and trains that
 + val from the dense start on train + val, as the row's final run was. ``--assemble`` writes
 results/mnist/peers/l1.json and l1.md: that final model's test error, per-layer sparsity (zero
 weights; and how little of it is structure: all-zero filters and columns, and the FLOP left
-after :func:`structsparse.compact`), and the time of conv1/conv2 as the paper timed ℓ1 (im2col then CSR sparse × dense, ``torch.sparse.mm``) against dense
+after :func:`structsparse.compaction.surgery`), and the time of conv1/conv2 as the paper timed ℓ1 (im2col then CSR sparse × dense, ``torch.sparse.mm``) against dense
 (PyTorch's ``conv2d``, and im2col + dense GEMM, the paper's baseline), beside our compact LeNet 2
 layer, all in the same interleaved repetitions on one thread, batch 1 and 64::
 
@@ -51,12 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _mnist_common import ROOT, row_metrics, row_recipe_path, train_phase  # noqa: E402
 
 from structsparse import Masks, compact, load_compact, sparsity_report  # noqa: E402
-from structsparse.bench import ConvShape, lowered_conv  # noqa: E402
+from structsparse.speed.layer_bench import ConvShape, lowered_conv  # noqa: E402
 from structsparse.cli import machine_info  # noqa: E402
-from structsparse.models import LeNet  # noqa: E402
-from structsparse.recipe import load_recipe  # noqa: E402
-from structsparse.timing import time_interleaved  # noqa: E402
-from structsparse.train import evaluate, load_splits  # noqa: E402
+from structsparse.zoo.models import LeNet  # noqa: E402
+from structsparse.runner.recipe import load_recipe  # noqa: E402
+from structsparse.speed.timing import time_interleaved  # noqa: E402
+from structsparse.runner.trainer import evaluate, load_splits  # noqa: E402
 
 LAYERS = ("conv1", "conv2", "fc1")
 WORK = ROOT / "runs" / "mnist" / "peers" / "l1"
@@ -148,7 +148,7 @@ def layer_stats(model: LeNet) -> dict:
 
 def time_convs(model: LeNet, ours, repeats: int, warmup: int, l1_small=None) -> list[dict]:
     """conv1/conv2 of the ℓ1 model: dense conv2d, im2col+GEMM, im2col+CSR, the ℓ1 model's own compacted
-    layer (``l1_small``: :func:`structsparse.compact` of it, which removes the filters ℓ1 zeroed whole); and
+    layer (``l1_small``: :func:`structsparse.compaction.surgery` of it, which removes the filters ℓ1 zeroed whole); and
     our compact LeNet 2's layer."""
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -221,7 +221,7 @@ def markdown(res: dict) -> str:
                  f"{o['zero_filters'][0]}/20—{o['zero_filters'][1]}/50 | {o['zero_columns'][0]}/25—{o['zero_columns'][1]}/500 | "
                  f"{100 * o['compact_flop'][0]:.1f}%—{100 * o['compact_flop'][1]:.1f}% | {100 * o['compact_flop_total']:.1f}% |")
     lines += ["", "Time of one conv layer in ms (speedup against PyTorch's dense conv2d). ℓ1 CSR: the layer's weights as "
-              "CSR after im2col (`torch.sparse.mm`, as the paper timed ℓ1); ℓ1 compact: `structsparse.compact` of the ℓ1 "
+              "CSR after im2col (`torch.sparse.mm`, as the paper timed ℓ1); ℓ1 compact: `structsparse.compaction.surgery` of the ℓ1 "
               "model (keeps only its nonzero filters / read channels); SSL compact: our compact LeNet 2's layer. "
               "im2col + GEMM is the paper's dense baseline.", "",
               "| λ | layer | batch | dense conv2d | im2col + GEMM | ℓ1: im2col + CSR | ℓ1 compact | SSL compact |",

@@ -25,7 +25,7 @@ Same start, same target structure, same fine-tuning budget:
    momentum, weight decay, batch 64, and the same batches in the same order).
 4. Evaluate test error (10k MNIST test images) and time the dense model, our compact model
    (results/mnist/<row>/model) and the Torch-Pruning model on one thread, batch 1 and 64,
-   in interleaved repetitions (:func:`structsparse.timing.time_interleaved`), plus the
+   in interleaved repetitions (:func:`structsparse.speed.timing.time_interleaved`), plus the
    per-layer speedups of each against the dense model (:func:`structsparse.measure_speedup`).
 
 Our pipeline trains 4 dense + 8 SSL + 6 fine-tuning epochs; Torch-Pruning here gets
@@ -61,10 +61,10 @@ from _mnist_common import (ROOT, lenet_from_state, layer_macs, row_metrics, row_
 
 from structsparse import load_compact, measure_speedup  # noqa: E402
 from structsparse.cli import machine_info  # noqa: E402
-from structsparse.models import LeNet  # noqa: E402
-from structsparse.recipe import load_recipe  # noqa: E402
-from structsparse.timing import time_interleaved  # noqa: E402
-from structsparse.train import evaluate, load_splits  # noqa: E402
+from structsparse.zoo.models import LeNet  # noqa: E402
+from structsparse.runner.recipe import load_recipe  # noqa: E402
+from structsparse.speed.timing import time_interleaved  # noqa: E402
+from structsparse.runner.trainer import evaluate, load_splits  # noqa: E402
 
 ROWS = ("lenet2", "lenet3")
 OUT = ROOT / "results" / "mnist" / "peers"

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from structsparse.models import build_model  # noqa: E402
-from structsparse.measure import machine_info  # noqa: E402
-from structsparse.penalty import GroupLasso  # noqa: E402
+from structsparse.zoo.models import build_model  # noqa: E402
+from structsparse.speed.measure import machine_info  # noqa: E402
+from structsparse.sparsity.penalty import GroupLasso  # noqa: E402
 
 
 def make_step(model, gl, x, y, method="penalty", lr=0.01):

@@ -47,25 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "mnist"
 
-# The paper's rows (Wen et al. 2016, MNIST tables; see the project's reference notes).
-PAPER = {
-    "lenet1": {"paper_row": "LeNet 1", "model": "lenet", "error": 0.009, "filters": [20, 50], "channels": [1, 20],
-               "filter_size": [25, 500], "flop": [1.0, 1.0]},
-    "lenet2": {"paper_row": "LeNet 2", "model": "lenet", "error": 0.008, "filters": [5, 19], "channels": [1, 4],
-               "flop": [0.25, 0.076], "speedup": [1.64, 5.23]},
-    "lenet3": {"paper_row": "LeNet 3", "model": "lenet", "error": 0.010, "filters": [3, 12], "channels": [1, 3],
-               "flop": [0.15, 0.036], "speedup": [1.99, 7.44]},
-    "lenet4": {"paper_row": "LeNet 4", "model": "lenet", "error": 0.008, "filter_size": [21, 41], "channels": [1, 2],
-               "flop": [0.084, 0.082], "speedup": [2.33, 6.93]},
-    "lenet5": {"paper_row": "LeNet 5", "model": "lenet", "error": 0.010, "filter_size": [7, 14], "channels": [1, 1],
-               "flop": [0.014, 0.028], "speedup": [5.19, 10.82]},
-    "mlp1": {"paper_row": "MLP 1", "model": "mlp", "error": 0.0143, "neurons": [784, 500, 300, 10],
-             "flop": [1.0, 1.0, 1.0]},
-    "mlp2": {"paper_row": "MLP 2", "model": "mlp", "error": 0.0134, "neurons": [469, 294, 166, 10],
-             "flop": [0.3518, 0.3254, 0.5533]},
-    "mlp3": {"paper_row": "MLP 3", "model": "mlp", "error": 0.0153, "neurons": [434, 174, 78, 10],
-             "flop": [0.1926, 0.0905, 0.2600]},
-}
+from structsparse.paper import PAPER_MNIST as PAPER
+
 ORDER = list(PAPER)
 LAYER_KEYS = ("name", "type", "filters", "filters_kept", "channels", "channels_kept", "columns", "columns_kept",
               "params", "params_kept", "macs", "macs_kept", "flop_fraction", "compact_flop_fraction")
@@ -92,8 +75,8 @@ def compact_shapes(model) -> dict:
     """Shapes of the weighted steps of a compact model (what really runs), and MLP neuron counts."""
     from torch import nn
 
-    from structsparse.compact import IndexSelect
-    from structsparse.kernels import LoweredConv2d
+    from structsparse.compaction.surgery import IndexSelect
+    from structsparse.compaction.kernels import LoweredConv2d
     out, gathers = {}, {}
     for name, m in model.steps():
         if isinstance(m, IndexSelect):
@@ -343,7 +326,7 @@ def recorded_candidates(name: str, given: list, results: Path = RESULTS) -> list
 
 def check_refit(chosen: Path, final: Path) -> None:
     """``final``'s recipe must be ``chosen``'s with only ``train_with_val: true`` added."""
-    from structsparse.recipe import load_recipe
+    from structsparse.runner.recipe import load_recipe
     rec = {}
     for d in (chosen, final):
         path = Path(json.loads((Path(d) / "metrics.json").read_text())["recipe"])
@@ -379,8 +362,8 @@ def assemble(name: str, run_dir: Path, candidates: list[Path] | None = None, rul
                          "are not held out, so the row's val_error is the chosen candidate's",
                  "val_error_by_phase_not_held_out": fm["val_error"]}
     from structsparse import load_compact
-    from structsparse.data import load_dataset
-    from structsparse.train import Split, evaluate
+    from structsparse.zoo.data import load_dataset
+    from structsparse.runner.trainer import Split, evaluate
 
     run_dir = Path(run_dir)
     selected = json.loads((run_dir / "metrics.json").read_text())
@@ -441,8 +424,8 @@ def verify(results: Path = RESULTS, data: str = "mnist", rows: set[str] | None =
     """Load every ``results/*/model``, evaluate on the ``data`` test images, compare with metrics.json
     (whose ``row_key`` must be one of ``rows``, default the paper's MNIST rows); returns problems."""
     from structsparse import load_compact
-    from structsparse.data import load_dataset
-    from structsparse.train import Split, evaluate
+    from structsparse.zoo.data import load_dataset
+    from structsparse.runner.trainer import Split, evaluate
 
     rows = rows if rows is not None else {p["paper_row"] for p in PAPER.values()}
     x, y = load_dataset(data, "test")
@@ -480,7 +463,7 @@ SEED_LAYER_KEYS = ("filters_kept", "channels_kept", "columns_kept", "flop_fracti
 
 def _seed_entry(run_dir: Path, m: dict, test_error: float, shapes: dict | None) -> dict:
     """One seed's record: where it came from and what it kept."""
-    from structsparse.recipe import load_recipe
+    from structsparse.runner.recipe import load_recipe
     recipe = Path(m["recipe"])
     seed = load_recipe(recipe if recipe.is_absolute() else ROOT / recipe).seed
     return {"seed": seed, "recipe": m["recipe"], "command": m["command"], "run": str(run_dir),
@@ -520,7 +503,7 @@ def add_seeds(name: str, run_dirs: list[Path]) -> dict:
     """Record the committed result (seed 0) and the runs ``run_dirs`` (other seeds of the same recipe)
     under ``seeds`` in results/mnist/<name>/metrics.json; the rest of the file is left as it is."""
     from structsparse import load_compact
-    from structsparse.recipe import load_recipe
+    from structsparse.runner.recipe import load_recipe
 
     path = RESULTS / name / "metrics.json"
     r = json.loads(path.read_text())

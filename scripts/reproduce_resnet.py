@@ -52,7 +52,7 @@ def blocks(model) -> dict[str, list[int]]:
 def conv_layers(model) -> int:
     from torch import nn
 
-    from structsparse.kernels import LoweredConv2d
+    from structsparse.compaction.kernels import LoweredConv2d
 
     return sum(isinstance(m, (nn.Conv2d, LoweredConv2d)) for m in model.modules())
 
@@ -85,8 +85,8 @@ def _select(row: str, candidates: list[Path]) -> Path:
 def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None) -> dict:
     """Write results/resnet/<row>/ from a finished ``structsparse run`` directory."""
     from structsparse import load_compact
-    from structsparse.data import load_dataset
-    from structsparse.train import Split, evaluate
+    from structsparse.zoo.data import load_dataset
+    from structsparse.runner.trainer import Split, evaluate
 
     m = json.loads((run_dir / "metrics.json").read_text())
     if m["data"] != DATA:

@@ -4,14 +4,11 @@ Train with group-Lasso terms so whole filters, channels, filter-shape columns an
 become exactly zero, cut them out to get a smaller dense model with the same outputs,
 and measure the speedup.
 """
-from .groups import KINDS, group_norms
-from .penalty import GroupLasso, Masks
+from .sparsity import KINDS, GroupLasso, Masks, group_norms
 from .report import SparsityReport, sparsity_report
-from .compact import compact
-from .kernels import LoweredConv2d
-from .io import load_compact, save_compact
-from .measure import measure_speedup
-from .export import export_onnx
+from .compaction import LoweredConv2d, compact
+from .storage import export_onnx, load_compact, save_compact
+from .speed.measure import measure_speedup
 
 __version__ = "0.1.0"
 

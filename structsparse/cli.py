@@ -78,7 +78,7 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run_bench(args: argparse.Namespace) -> None:
     """What ``structsparse bench ...`` does: run one benchmark, print markdown, write JSON/markdown/PNG."""
-    from . import bench
+    from .speed import layer_bench as bench
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: CUDA is not available on this machine")
     batches, threads = _ints(args.batch, "batch"), _ints(args.threads, "threads")
@@ -114,7 +114,7 @@ def run_bench(args: argparse.Namespace) -> None:
         bench.write(res, out, f"sweep_{args.layer}", md)
         bench.sweep_plot(res, out / f"sweep_{args.layer}.png")
     else:
-        from .measure import measure_speedup
+        from .speed.measure import measure_speedup
         from .report import sparsity_report
         if args.onnx and args.device != "cpu":
             raise CLIError("--onnx: ONNX Runtime is timed on the CPU; use --device cpu")
@@ -131,7 +131,7 @@ def run_bench(args: argparse.Namespace) -> None:
         res = {"benchmark": "model", "run_dir": str(args.run_dir), "speed": speed.to_dict(),
                "sparsity": report.to_dict(), "command": "structsparse " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
         if args.onnx:
-            from .export import ONNXExportError
+            from .storage.export import ONNXExportError
             try:
                 res["onnx"] = bench.onnx_model_timing(original, small, example, out, batch_sizes=batches,
                                                       threads=threads[0], repeats=args.repeats, warmup=args.warmup)
@@ -143,8 +143,8 @@ def run_bench(args: argparse.Namespace) -> None:
 
 
 def machine_info(measure_threads: int | None = None) -> dict:
-    """:func:`structsparse.measure.machine_info` plus the thread count used for measuring."""
-    from .measure import machine_info as info
+    """:func:`structsparse.speed.measure.machine_info` plus the thread count used for measuring."""
+    from .speed.measure import machine_info as info
     return {**info(), "measure_threads": measure_threads}
 
 
@@ -154,7 +154,7 @@ TRAINED = "trained.safetensors"  # the trained model before compaction, same sha
 def save_trained(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save
 
-    from .files import atomic_write
+    from .storage.files import atomic_write
     atomic_write(path, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
 
 
@@ -162,8 +162,8 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Modu
     """The trained model, its compact model and metrics of a ``structsparse run`` output directory."""
     from safetensors.torch import load_file
 
-    from .io import load_compact
-    from .models import build_model
+    from .storage.compact_io import load_compact
+    from .zoo.models import build_model
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.is_file():
@@ -171,7 +171,7 @@ def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Modu
     metrics = json.loads(metrics_path.read_text())
     args = metrics.get("model_args")
     if args is None and Path(metrics.get("recipe", "")).is_file():  # runs from before metrics kept them
-        from .recipe import load_recipe
+        from .runner.recipe import load_recipe
         args = load_recipe(metrics["recipe"]).model_args
     model = build_model(metrics["model"], **(args or {}))
     try:
@@ -186,15 +186,15 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
                on_epoch_end: Callable | None = None, tensorboard: bool = False) -> dict | None:
     """What ``structsparse run`` does; returns the metrics it writes to ``OUT/metrics.json``
     (``None`` in the processes other than rank 0 of a distributed run, which write nothing)."""
-    from . import distributed
-    from .checkpoint import has_checkpoint
-    from .compact import compact
-    from .io import save_compact
-    from .measure import measure_speedup
-    from .recipe import load_recipe
+    from .runner import distributed
+    from .storage.checkpoint import has_checkpoint
+    from .compaction.surgery import compact
+    from .storage.compact_io import save_compact
+    from .speed.measure import measure_speedup
+    from .runner.recipe import load_recipe
     from .report import sparsity_report
-    from .runlog import RunLog
-    from .train import Trainer, evaluate, load_splits
+    from .runner.runlog import RunLog
+    from .runner.trainer import Trainer, evaluate, load_splits
 
     recipe = load_recipe(recipe_path)
     try:
@@ -307,9 +307,9 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .recipe import RecipeError
-    from .train import TrainingDiverged
+    from .storage.checkpoint import CheckpointError
+    from .runner.recipe import RecipeError
+    from .runner.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     # Under torchrun every process meets these errors alike; rank 0 alone reports them.

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from structsparse.bench import (ALEXNET, ConvShape, _GroupedCompact, lowered_conv, alexnet_table4, column_sweep,
+from structsparse.speed.layer_bench import (ALEXNET, ConvShape, _GroupedCompact, lowered_conv, alexnet_table4, column_sweep,
                                 sparse_conv_weight, table4_markdown)
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from helpers import write_tiny_mnist
-from structsparse import checkpoint as ckpt
+from structsparse.storage import checkpoint as ckpt
 from structsparse import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_run_writes_outputs(full_run, capsys):
     report = (out / "report.md").read_text()
     assert "Test error" in report and "Sparsity" in report
     # The group term really removed structures, and the compact model is smaller.
-    from structsparse.io import load_compact
+    from structsparse.storage.compact_io import load_compact
     small = load_compact(out / "compact")
     n_small = sum(p.numel() for p in small.parameters())
     n_full = sum(v.numel() for k, v in _final_weights(out).items())
@@ -117,8 +117,9 @@ def test_checkpoint_is_safetensors_and_json(full_run):
 
 
 def test_no_pickle_in_checkpoint_code():
-    for name in ("checkpoint.py", "train.py", "cli.py"):
-        text = (ROOT / "structsparse" / name).read_text()
+    pkg = ROOT / "structsparse"
+    for name in ("storage/checkpoint.py", "storage/compact_io.py", "runner/trainer.py", "cli.py"):
+        text = (pkg / name).read_text()
         for bad in ("torch.save", "torch.load", "import pickle"):
             assert bad not in text, (name, bad)
 
@@ -312,8 +313,8 @@ def test_bench_bad_arguments_are_named(argv, message, capsys):
 def test_recipe_lowered_below_reaches_compaction(env, tmp_path, monkeypatch):
     """The recipe's ``lowered_below`` is what the run compacts with (default: compact()'s)."""
     import sys
-    from structsparse.compact import LOWERED_BELOW, compact
-    compact_module = sys.modules["structsparse.compact"]   # (the package's `compact` is the function)
+    from structsparse.compaction.surgery import LOWERED_BELOW, compact
+    compact_module = sys.modules["structsparse.compaction.surgery"]   # (the package's `compact` is the function)
     base, _ = env
     seen = []
     monkeypatch.setattr(compact_module, "compact", lambda *a, **kw: (seen.append(kw["lowered_below"]), compact(*a, **kw))[1])

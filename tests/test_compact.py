@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from structsparse import LoweredConv2d, compact, sparsity_report
-from structsparse.compact import ATOL, RTOL, CompactNet, IndexSelect
+from structsparse.compaction.surgery import ATOL, RTOL, CompactNet, IndexSelect
 from structsparse.graph import UnsupportedModelError
-from structsparse.models import LeNet, MLP
+from structsparse.zoo.models import LeNet, MLP
 
 ACTS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, lambda: nn.LeakyReLU(0.1)]
 

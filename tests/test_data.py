@@ -1,4 +1,4 @@
-"""Tests for structsparse.data on small generated files: offline, fast, never the real cache."""
+"""Tests for structsparse.zoo.data on small generated files: offline, fast, never the real cache."""
 from __future__ import annotations
 
 import gzip
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from structsparse import data
+from structsparse.zoo import data
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -424,8 +424,8 @@ def test_real_fashion_mnist_tampered_copy_rejected(tmp_path):
 def test_train_with_val_trains_on_both_splits(tmp_path):
     """``train_with_val: true``: the training split is train followed by val; val and test unchanged."""
     from helpers import write_tiny_mnist
-    from structsparse.recipe import parse_recipe
-    from structsparse.train import load_splits
+    from structsparse.runner.recipe import parse_recipe
+    from structsparse.runner.trainer import load_splits
     write_tiny_mnist(tmp_path, sizes=(30, 20, 10))
     raw = {"model": "lenet", "data": "mnist", "data_root": str(tmp_path),
            "phases": [{"name": "dense", "epochs": 1, "lr": 0.01}]}

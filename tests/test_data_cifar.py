@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from structsparse import data
+from structsparse.zoo import data
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 import yaml
 
 from helpers import write_tiny_mnist
-from structsparse import checkpoint as ckpt
+from structsparse.storage import checkpoint as ckpt
 from structsparse import cli
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),

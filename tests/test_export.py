@@ -10,11 +10,11 @@ from torch import nn
 
 import structsparse
 from structsparse import LoweredConv2d, compact, export_onnx
-from structsparse import export as export_mod
-from structsparse.compact import IndexSelect
-from structsparse.export import ONNXExportError, ort_session
+from structsparse.storage import export as export_mod
+from structsparse.compaction.surgery import IndexSelect
+from structsparse.storage.export import ONNXExportError, ort_session
 from structsparse.layers import Add, Cat, ChannelPad, Constant
-from structsparse.models import MLP, LeNet
+from structsparse.zoo.models import MLP, LeNet
 
 onnx = pytest.importorskip("onnx")  # installed by scripts/setup.sh (the `export` extra)
 ort = pytest.importorskip("onnxruntime")
@@ -178,7 +178,7 @@ def _caches(model):
 
 def test_bench_model_onnx(sparse_lenet, compact_lenet, tmp_path, capsys):
     from structsparse import cli
-    from structsparse.io import save_compact
+    from structsparse.storage.compact_io import save_compact
     run = tmp_path / "run"
     run.mkdir()
     cli.save_trained(sparse_lenet, run / cli.TRAINED)

@@ -48,7 +48,7 @@ from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
 from structsparse import compact, load_compact, save_compact  # noqa: E402
-from structsparse.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
+from structsparse.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

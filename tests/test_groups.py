@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from structsparse import GroupLasso, group_norms
-from structsparse.models import LeNet, MLP
-from structsparse.penalty import resolve_spec
+from structsparse.zoo.models import LeNet, MLP
+from structsparse.sparsity.penalty import resolve_spec
 
 
 def conv_weight():
@@ -198,8 +198,8 @@ def test_bad_specs_name_the_key(spec, message):
 
 def test_relative_threshold_phase_key_zeroes_at_phase_end():
     """``relative_threshold`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
-    from structsparse.recipe import parse_recipe
-    from structsparse.train import Split, Trainer
+    from structsparse.runner.recipe import parse_recipe
+    from structsparse.runner.trainer import Split, Trainer
     torch.manual_seed(0)
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     phases = [{"name": "ssl", "epochs": 1, "lr": 0.01, "lambdas": {"fc1": {"filter": 1e-3}},

@@ -3,9 +3,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from structsparse.models import LeNet, MLP
-from structsparse.recipe import RecipeError, parse_recipe
-from structsparse.train import Split, Trainer
+from structsparse.zoo.models import LeNet, MLP
+from structsparse.runner.recipe import RecipeError, parse_recipe
+from structsparse.runner.trainer import Split, Trainer
 
 BASE = {"model": "lenet", "data": "mnist", "phases": [{"name": "dense", "epochs": 0, "lr": 0.01}]}
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from structsparse import LoweredConv2d, compact, load_compact, save_compact
-from structsparse.models import LeNet, MLP
+from structsparse.zoo.models import LeNet, MLP
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_loaded_weights_are_real_tensors(tmp_path, compacted):
 
 
 def test_unsavable_function_arguments_are_refused(tmp_path, compacted):
-    from structsparse.compact import CompactNet
+    from structsparse.compaction.surgery import CompactNet
     from structsparse.graph import Op
     net = CompactNet([("flat", Op("flatten", {1: 2}))])
     with pytest.raises(TypeError, match="keys must be strings"):

@@ -9,8 +9,8 @@ import torch.fx
 from torch import nn
 
 from structsparse import layers
-from structsparse.bench import ALEXNET
-from structsparse.models import MODELS, BasicBlock, CaffeNet, WithinChannelLRN, build_model
+from structsparse.speed.layer_bench import ALEXNET
+from structsparse.zoo.models import MODELS, BasicBlock, CaffeNet, WithinChannelLRN, build_model
 
 
 def n_params(m: nn.Module) -> int:
@@ -190,7 +190,7 @@ def test_unknown_model():
 
 def test_mlp_dropout_trains_only_and_compacts_away():
     """MLP(dropout=p): dropout in training, the plain MLP at inference; compaction removes it exactly."""
-    from structsparse.compact import compact
+    from structsparse.compaction.surgery import compact
     torch.manual_seed(0)
     plain, drop = build_model("mlp"), build_model("mlp", dropout=0.5)
     drop.load_state_dict(plain.state_dict())   # dropout adds no parameters
@@ -209,8 +209,8 @@ def test_mlp_dropout_trains_only_and_compacts_away():
 
 def test_phase_dropout_sets_the_rate_for_that_phase_only():
     """A phase's ``dropout`` sets every dropout layer's rate during that phase; the others use the model's."""
-    from structsparse.recipe import RecipeError, parse_recipe
-    from structsparse.train import Split, Trainer
+    from structsparse.runner.recipe import RecipeError, parse_recipe
+    from structsparse.runner.trainer import Split, Trainer
     seen = []
     x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
     recipe = parse_recipe({"model": "mlp", "data": "mnist", "model_args": {"dropout": 0.1}, "batch_size": 4,

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from structsparse import compact
-from structsparse.compact import ATOL, RTOL
-from structsparse.models import build_model
+from structsparse.compaction.surgery import ATOL, RTOL
+from structsparse.zoo.models import build_model
 
 
 def zero_random_structures(model, seed):

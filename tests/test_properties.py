@@ -3,7 +3,7 @@
 For every generated model and input ``x``:
 
 * ``compact(model, x)`` gives the original's outputs (``RTOL``/``ATOL`` of
-  :mod:`structsparse.compact`) on ``x`` *and* on fresh random inputs of the same shape;
+  :mod:`structsparse.compaction.surgery`) on ``x`` *and* on fresh random inputs of the same shape;
 * the compact model never has more parameters than the original;
 * ``save_compact`` / ``load_compact`` gives back a model with the same outputs.
 
@@ -31,7 +31,7 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from structsparse import LoweredConv2d, compact, load_compact, save_compact  # noqa: E402
-from structsparse.compact import ATOL, RTOL, IndexSelect  # noqa: E402
+from structsparse.compaction.surgery import ATOL, RTOL, IndexSelect  # noqa: E402
 from structsparse.layers import Add, Cat, ChannelPad  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from structsparse.recipe import LRSchedule, RecipeError, load_recipe, parse_recipe
+from structsparse.runner.recipe import LRSchedule, RecipeError, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import yaml
 
-from structsparse import checkpoint as ckpt
-from structsparse import train as train_mod
-from structsparse.penalty import resolve_spec
-from structsparse.models import build_model
-from structsparse.recipe import Augment, RecipeError, load_recipe, parse_recipe
-from structsparse.train import Split, Trainer
+from structsparse.storage import checkpoint as ckpt
+from structsparse.runner import trainer as train_mod
+from structsparse.sparsity.penalty import resolve_spec
+from structsparse.zoo.models import build_model
+from structsparse.runner.recipe import Augment, RecipeError, load_recipe, parse_recipe
+from structsparse.runner.trainer import Split, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

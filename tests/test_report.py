@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from structsparse import compact, sparsity_report
-from structsparse.models import LeNet, MLP
+from structsparse.zoo.models import LeNet, MLP
 
 
 def lenet2():

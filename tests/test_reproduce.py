@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from structsparse.data import default_root
+from structsparse.zoo.data import default_root
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "mnist"
@@ -49,7 +49,7 @@ def test_verify_reproduces_recorded_test_errors():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*.yaml")), ids=lambda p: p.name)
 def test_mnist_recipes_load(path):
-    from structsparse.recipe import load_recipe
+    from structsparse.runner.recipe import load_recipe
     r = load_recipe(path)
     assert r.data == "mnist" and r.model in ("lenet", "mlp")
 
@@ -63,7 +63,7 @@ def test_every_result_names_its_recipe_and_candidates():
         final = m["selection"].get("final")
         assert (final["recipe"] if final else chosen[0]["recipe"]) == m["recipe"], path
         if final:   # the row's run is the chosen candidate's recipe with only train_with_val added
-            from structsparse.recipe import load_recipe
+            from structsparse.runner.recipe import load_recipe
             a, b = load_recipe(ROOT / m["recipe"]).to_dict(), load_recipe(ROOT / chosen[0]["recipe"]).to_dict()
             assert a.pop("train_with_val") is True and a == b, path
             assert m["val_error"] == chosen[0]["val_error"], path
@@ -71,7 +71,7 @@ def test_every_result_names_its_recipe_and_candidates():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*_s[0-9].yaml")), ids=lambda p: p.name)
 def test_seed_recipes_differ_from_their_row_only_in_the_seed(path):
-    from structsparse.recipe import load_recipe
+    from structsparse.runner.recipe import load_recipe
     base = path.with_name(path.name.rsplit("_s", 1)[0] + ".yaml")
     a, b = load_recipe(path).to_dict(), load_recipe(base).to_dict()
     assert a.pop("seed") == int(path.stem.rsplit("_s", 1)[1]) and b.pop("seed") == 0

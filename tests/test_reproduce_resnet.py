@@ -29,7 +29,7 @@ def test_metrics_are_complete_and_targets_are_stated():
 
 
 def test_committed_models_reproduce_their_test_error(one_thread):
-    from structsparse.data import load_dataset
+    from structsparse.zoo.data import load_dataset
 
     if not _results():
         pytest.skip("no results/resnet/*/metrics.json committed")

@@ -4,10 +4,10 @@ import torch
 from torch import nn
 
 from structsparse import compact, load_compact, save_compact
-from structsparse.compact import ATOL, RTOL
+from structsparse.compaction.surgery import ATOL, RTOL
 from structsparse.graph import channel_units, trace_graph
 from structsparse.layers import Cat, ChannelPad, Constant
-from structsparse.models import BasicBlock as Block
+from structsparse.zoo.models import BasicBlock as Block
 
 
 class TinyResNet(nn.Module):
@@ -249,8 +249,8 @@ def test_residual_compact_model_round_trips(tmp_path):
 # ---- coupled channel groups ------------------------------------------------------------------
 
 from structsparse import GroupLasso  # noqa: E402
-from structsparse.groups import group_norms  # noqa: E402
-from structsparse.models import LeNet  # noqa: E402
+from structsparse.sparsity.groups import group_norms  # noqa: E402
+from structsparse.zoo.models import LeNet  # noqa: E402
 
 
 def test_chains_have_no_coupled_groups_and_the_same_penalty():

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from structsparse.runlog import CSV_NAME, PLOT_NAME, RunLog, csv_table
+from structsparse.runner.runlog import CSV_NAME, PLOT_NAME, RunLog, csv_table
 
 
 def _history(n: int = 3) -> list[dict]:

@@ -4,7 +4,7 @@ A recipe names a model and a data set and lists training *phases* (dense baselin
 group-Lasso training → fine-tuning with the zero structures frozen), plus how to measure
 the speedup at the end::
 
-    model: lenet                 # a name in structsparse.models.MODELS
+    model: lenet                 # a name in structsparse.zoo.models.MODELS
     model_args: {}               # optional constructor arguments, e.g. {shortcut: B} for resnet20
     data: mnist                  # mnist | fashion-mnist | cifar10
     augment: null                # optional, e.g. {crop_padding: 4, flip: true} (training batches only)
@@ -47,9 +47,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .compact import LOWERED_BELOW
-from .groups import KINDS
-from .models import MODELS
+from ..compaction.surgery import LOWERED_BELOW
+from ..sparsity.groups import KINDS
+from ..zoo.models import MODELS
 
 __all__ = ["RecipeError", "Recipe", "Phase", "LRSchedule", "MeasureConfig", "Augment", "load_recipe", "parse_recipe",
            "DATASETS", "METHODS"]
@@ -109,7 +109,7 @@ class MeasureConfig:
 
 @dataclass(frozen=True)
 class Augment:
-    """Training-batch augmentation (:func:`structsparse.data.random_crop_flip`): zero-pad by
+    """Training-batch augmentation (:func:`structsparse.zoo.data.random_crop_flip`): zero-pad by
     ``crop_padding`` and crop back to the input size at a random offset; random horizontal flips."""
 
     crop_padding: int = 0
@@ -313,7 +313,7 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     with_dropout = [i for i, q in enumerate(phases) if q.dropout is not None]
     if with_dropout:
         import torch.nn as nn
-        from .models import build_model
+        from ..zoo.models import build_model
         if not any(isinstance(m, nn.Dropout) for m in build_model(model, **model_args).modules()):
             c.fail(f"phases[{with_dropout[0]}].dropout", f"model {model!r} has no dropout layers to set")
     kw["phases"] = tuple(phases)
@@ -333,7 +333,7 @@ def _parse_model_args(c: _Checker, args, where: str, model: str) -> dict:
         if key not in params:
             c.fail(_join(where, key), f"not a parameter of model {model!r}; its parameters: {', '.join(params)}")
     args = dict(args)
-    from .models import build_model
+    from ..zoo.models import build_model
     try:
         build_model(model, **args)
     except (TypeError, ValueError) as e:
@@ -441,8 +441,8 @@ def _parse_lambdas(c: _Checker, spec, where: str, model: str, model_args: Mappin
             c.fail(_join(where, key), f"unknown group kind; known kinds: {', '.join(KINDS)} "
                                       "(or a layer-name pattern mapping kinds to λ)")
     # Layer patterns must match layers of the model: check against a freshly built one.
-    from .models import build_model
-    from .penalty import resolve_spec
+    from ..zoo.models import build_model
+    from ..sparsity.penalty import resolve_spec
     try:
         resolve_spec(build_model(model, **(model_args or {})), out)
     except ValueError as e:

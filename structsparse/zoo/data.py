@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 
-from .files import atomic_write
+from ..storage.files import atomic_write
 
 __all__ = [
     "DATASETS", "SPLITS", "load_dataset", "default_root", "make_loader",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
+from ..layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
 
 __all__ = ["Node", "Graph", "trace_graph", "ChannelUnits", "channel_units", "Op", "FUNCTIONS",
            "UnsupportedModelError"]

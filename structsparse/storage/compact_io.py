@@ -1,7 +1,7 @@
 """Saving and loading compact models: safetensors weights plus a JSON architecture. No pickle.
 
 A directory written by :func:`save_compact` holds ``architecture.json`` (the steps of the
-:class:`~structsparse.compact.CompactNet`, each a module type from an allow-list with its
+:class:`~structsparse.compaction.surgery.CompactNet`, each a module type from an allow-list with its
 constructor arguments) and ``model.safetensors``. :func:`load_compact` validates both and
 names the file and the entry whenever something is wrong: every problem is a ``ValueError``
 (or ``FileNotFoundError`` for a missing file) whose message starts with the file's path.
@@ -26,11 +26,11 @@ from safetensors.torch import save
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode  # sees every aten op, inside composites too
 
-from .compact import CompactNet, IndexSelect
+from ..compaction.surgery import CompactNet, IndexSelect
 from .files import atomic_write
-from .graph import _MODULES, FUNCTIONS, Op
-from .kernels import LoweredConv2d
-from .layers import Add, Cat, ChannelPad, Constant
+from ..graph.trace import _MODULES, FUNCTIONS, Op
+from ..compaction.kernels import LoweredConv2d
+from ..layers import Add, Cat, ChannelPad, Constant
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
 
@@ -106,9 +106,9 @@ def _check_round_trip(name: str, m: nn.Module, cfg: dict) -> None:
 
 
 def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
-    """Write ``model`` (made by :func:`structsparse.compact`) to ``directory``; returns the path."""
+    """Write ``model`` (made by :func:`structsparse.compaction.surgery`) to ``directory``; returns the path."""
     if not isinstance(model, CompactNet):
-        raise TypeError(f"save_compact saves models made by structsparse.compact(), got {type(model).__name__}; "
+        raise TypeError(f"save_compact saves models made by structsparse.compaction.surgery(), got {type(model).__name__}; "
                         "call compact(model, example_input) first")
     directory = Path(directory)
     steps = []
@@ -327,7 +327,7 @@ def _input_shape(value, where: Path) -> list[int] | None:
         n *= s
     if 2 * n > MAX_ELEMENTS:
         raise ValueError(f"{where}: 'input_shape' {value} has {n} elements; at most {MAX_ELEMENTS // 2} are allowed "
-                         "(raise structsparse.io.MAX_ELEMENTS for larger models)")
+                         "(raise structsparse.storage.compact_io.MAX_ELEMENTS for larger models)")
     return value
 
 
@@ -342,7 +342,7 @@ class _SizeLimit(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and t.numel() > MAX_ELEMENTS:
                 raise ValueError(f"it would make a tensor of shape {list(t.shape)} ({t.numel()} elements; at most "
-                                 f"{MAX_ELEMENTS} are allowed: raise structsparse.io.MAX_ELEMENTS for larger models)")
+                                 f"{MAX_ELEMENTS} are allowed: raise structsparse.storage.compact_io.MAX_ELEMENTS for larger models)")
         return out
 
 

@@ -2,7 +2,7 @@
 
 ``export_onnx(model, example_input, path)`` hands the ``nn.Module`` to torch's own exporter,
 so anything it can export works: every step of a compact model (Conv2d, Linear,
-BatchNorm, pooling, :class:`~structsparse.kernels.LoweredConv2d`, ``IndexSelect``, ``Op``,
+BatchNorm, pooling, :class:`~structsparse.compaction.kernels.LoweredConv2d`, ``IndexSelect``, ``Op``,
 the multi-input modules of :mod:`structsparse.layers`) and plain models. The exporter is
 torch's ``torch.export``-based one (``dynamo=True``, needs ``onnxscript``); where that is
 missing or fails, the TorchScript-based one is tried. With ``check`` the written bytes

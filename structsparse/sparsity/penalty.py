@@ -174,7 +174,7 @@ class GroupLasso:
     graph: a channel read by several layers (a residual stream, a fork) is one *coupled*
     group made of the input columns of all its readers, with the largest of their channel
     λs, since it can only be removed when none of them reads it (see
-    :class:`~structsparse.groups.CoupledChannels`). Channels read by one layer keep the
+    :class:`~structsparse.sparsity.groups.CoupledChannels`). Channels read by one layer keep the
     paper's per-layer groups, so chains behave the same with or without ``example_input``.
     """
 

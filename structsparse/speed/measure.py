@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .compact import CompactNet, IndexSelect
-from .groups import covered_modules
+from ..compaction.surgery import CompactNet, IndexSelect
+from ..sparsity.groups import covered_modules
 from .timing import machine_info, time_interleaved
 
 __all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]  # the last two re-exported

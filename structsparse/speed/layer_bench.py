@@ -1,7 +1,7 @@
 """Speed benchmarks: the paper's AlexNet Table 4 layers, and a column-sparsity sweep of one layer.
 
 Every configuration is timed in interleaved repetitions after a warm-up, with the thread
-count pinned (:func:`structsparse.measure.time_interleaved`), and only ratios from the same
+count pinned (:func:`structsparse.speed.measure.time_interleaved`), and only ratios from the same
 run are compared. Four implementations of one conv layer:
 
 * ``conv2d``: PyTorch's dense ``F.conv2d`` (oneDNN / cuDNN), the strongest dense baseline;
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import statistics
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,48 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compact import lower_conv
+from ..compaction.surgery import lower_conv
+from ..paper import ALEXNET, PAPER_TABLE4, ConvShape
 from .timing import machine_info, time_interleaved
 
 __all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "lowered_conv", "sparse_conv_weight", "time_conv_layer",
            "alexnet_table4", "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",
            "onnx_model_timing", "onnx_markdown"]
-
-
-@dataclass(frozen=True)
-class ConvShape:
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    padding: int
-    groups: int
-    in_size: int
-
-
-# CaffeNet conv1–conv5 (groups=2 in conv2, conv4, conv5), with their input sizes.
-ALEXNET = (
-    ConvShape("conv1", 3, 96, 11, 4, 0, 1, 227),
-    ConvShape("conv2", 96, 256, 5, 1, 2, 2, 27),
-    ConvShape("conv3", 256, 384, 3, 1, 1, 1, 13),
-    ConvShape("conv4", 384, 384, 3, 1, 1, 2, 13),
-    ConvShape("conv5", 384, 256, 3, 1, 1, 2, 13),
-)
-
-# The paper's Table 4 (AlexNet on ImageNet): sparsity per layer and its speedups against the
-# lowered-GEMM baseline (CPU: MKL, one thread; GPU: cuBLAS on a GTX Titan Black).
-PAPER_TABLE4 = {
-    1: {"method": "l1", "top1_error": 0.4467, "sparsity": [0.676, 0.924, 0.972, 0.966, 0.943],
-        "cpu": [0.80, 2.91, 4.84, 3.83, 2.76], "gpu": [0.25, 0.52, 1.38, 1.04, 1.36]},
-    2: {"method": "ssl", "top1_error": 0.4466, "column": [0.0, 0.632, 0.769, 0.847, 0.807],
-        "row": [0.094, 0.129, 0.406, 0.469, 0.0],
-        "cpu": [1.05, 3.37, 6.27, 9.73, 4.93], "gpu": [1.00, 2.37, 4.94, 4.03, 3.05]},
-    4: {"method": "l1", "top1_error": 0.4251, "sparsity": [0.147, 0.762, 0.853, 0.815, 0.763],
-        "cpu": [0.34, 0.99, 1.30, 1.10, 0.93], "gpu": [0.08, 0.17, 0.42, 0.30, 0.32]},
-    5: {"method": "ssl", "top1_error": 0.4253, "column": [0.0, 0.209, 0.397, 0.397, 0.246],
-        "row": [0.0] * 5, "cpu": [1.00, 1.27, 1.64, 1.68, 1.32], "gpu": [1.00, 1.25, 1.63, 1.72, 1.36]},
-}
 
 
 def sparse_conv_weight(shape: ConvShape, groups: int, row: float = 0.0, column: float = 0.0,
@@ -374,7 +338,7 @@ def onnx_model_timing(original: nn.Module, compact: nn.Module, example: torch.Te
     ``threads`` (0: all cores) is used by torch and by ONNX Runtime's intra-op pool alike."""
     import onnxruntime
 
-    from .export import export_onnx, ort_session
+    from ..storage.export import export_onnx, ort_session
     out.mkdir(parents=True, exist_ok=True)
     original, compact, example = original.cpu().eval(), compact.cpu().eval(), example.cpu()
     files = {n: export_onnx(m, example, out / f"{n}.onnx") for n, m in (("original", original), ("compact", compact))}

@@ -1,7 +1,7 @@
 """The training loop behind ``structsparse run``: the phases of a recipe, checkpointed per epoch.
 
 Users with their own loop don't need this; it uses only the public API of
-:mod:`structsparse.penalty` (``GroupLasso``, ``Masks``).
+:mod:`structsparse.sparsity.penalty` (``GroupLasso``, ``Masks``).
 
 Per phase: SGD with momentum (a fresh optimizer per phase), cross-entropy loss. A phase
 with ``lambdas`` builds a :class:`GroupLasso` and either adds its penalty to the loss
@@ -18,7 +18,7 @@ generator seeded from the same epoch seed, so it keeps that property.
 A loss (or group term) that is not finite stops the run with :class:`TrainingDiverged`
 before anything is written for that epoch: the previous epoch's checkpoint stays as it was.
 
-In a process group (``torchrun``, see :mod:`structsparse.distributed`) the model is wrapped
+In a process group (``torchrun``, see :mod:`structsparse.runner.distributed`) the model is wrapped
 in ``DistributedDataParallel``: every process draws the same global batches, trains on its
 slice of each, and DDP averages the gradients, so the update equals one process's at the
 same global batch (up to summation order). The proximal step, the zeroing and the masks
@@ -44,14 +44,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import checkpoint as ckpt
+from ..storage import checkpoint as ckpt
 from . import distributed as dist_
-from .data import load_dataset, make_loader, random_crop_flip
-from .groups import covered_modules, group_norms
-from .models import build_model
-from .penalty import GroupLasso, Masks, resolve_spec
+from ..zoo.data import load_dataset, make_loader, random_crop_flip
+from ..sparsity.groups import covered_modules, group_norms
+from ..zoo.models import build_model
+from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
 from .recipe import Phase, Recipe
-from .report import sparsity_report
+from ..report import sparsity_report
 
 __all__ = ["Trainer", "TrainingDiverged", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
 

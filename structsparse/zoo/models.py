@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bench import ALEXNET
-from .layers import Add, ChannelPad, WithinChannelLRN
+from ..paper import ALEXNET
+from ..layers import Add, ChannelPad, WithinChannelLRN
 
 __all__ = ["LeNet", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "ConvNetCifar",
            "WithinChannelLRN", "CaffeNet", "alexnet", "MODELS", "build_model"]
@@ -229,7 +229,7 @@ class CaffeNet(nn.Module):
     conv1 96@11×11/4 → relu → maxpool 3/2 → LRN → conv2 256@5×5 → relu → maxpool → LRN →
     conv3 384@3×3 → relu → conv4 384@3×3 → relu → conv5 256@3×3 → relu → maxpool → fc6 4096 →
     relu → dropout → fc7 4096 → relu → dropout → fc8. The conv shapes are those of
-    :data:`structsparse.bench.ALEXNET`; conv2, conv4 and conv5 are split into ``groups``
+    :data:`structsparse.speed.layer_bench.ALEXNET`; conv2, conv4 and conv5 are split into ``groups``
     groups (2 in CaffeNet, 1 gives the single-GPU AlexNet). LRN is Caffe's
     ``ACROSS_CHANNELS`` (``nn.LocalResponseNorm(5, 1e-4, 0.75)``). Pools round up as Caffe
     does, so 224×224 inputs give the same 6×6 maps as 227×227.

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED, Graph, Node,
+from ..graph.trace import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED, Graph, Node,
                     channel_units, trace_graph)
 from .kernels import LoweredConv2d
-from .layers import Constant
-from .timing import time_interleaved
+from ..layers import Constant
+from ..speed.timing import time_interleaved
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .files import atomic_write
+from ..storage.files import atomic_write
 
 __all__ = ["RunLog", "csv_table", "plot_history", "CSV_NAME", "PLOT_NAME", "COLUMNS"]
 
