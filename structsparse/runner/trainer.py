@@ -161,17 +161,56 @@ def _kept_summary(kept: dict[str, list[int]]) -> str:
     return " ".join(f"{n}:{k[0]}/{k[1]}f,{k[2]}/{k[3]}c" for n, k in kept.items())
 
 
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+class _EpochSums:
+    """An epoch's loss and accuracy sums, and the first step whose loss or penalty is not finite with
+    both values, all kept on the device so that a GPU is synchronised only every ``_CHECK_EVERY`` steps."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_values = torch.zeros(2, device=device)
+        self.no_penalty = torch.zeros((), device=device)
+        self.seen = self.seen_here = 0
+
+    @torch.no_grad()
+    def add(self, i: int, n: int, batch_loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+            pen: torch.Tensor | None) -> None:
+        self.loss += batch_loss * n
+        self.correct += (logits.argmax(1) == y).sum()
+        values = torch.stack([batch_loss, self.no_penalty if pen is None else pen.detach()])
+        first = (self.bad_step < 0) & ~torch.isfinite(values).all()
+        self.bad_step = torch.where(first, i, self.bad_step)
+        self.bad_values = torch.where(first, values, self.bad_values)
+        self.seen += n
+        self.seen_here += len(y)
+
+
 class Trainer:
     """Runs a recipe's phases on ``model``, checkpointing into ``checkpoint_dir`` after every epoch.
 
-    ``on_epoch_end(trainer, phase_index, epoch)`` is called after each epoch's checkpoint
-    (tests use it to simulate an interruption).
+    Hooks, so that experiments and peers train through this loop instead of copying it:
+
+    * ``after_step(trainer, optimizer)``: after every optimizer step, once the proximal step, the
+      zeroing and the masks are applied (e.g. a peer's own proximal step or masks);
+    * ``on_epoch_end(trainer, phase_index, epoch)``: after each epoch's checkpoint (tests use it to
+      simulate an interruption).
+
+    ``model`` trains a model of the caller's (e.g. a pruned one) instead of building the recipe's;
+    :meth:`run_phase` trains one phase of the recipe, with that phase's shuffles.
     """
 
     def __init__(self, recipe: Recipe, splits: dict[str, Split], device: str | torch.device = "cpu",
                  checkpoint_dir: str | Path | None = None, progress: bool | None = None,
                  log: Callable[[str], None] | None = None,
-                 on_epoch_end: Callable[["Trainer", int, int], None] | None = None):
+                 on_epoch_end: Callable[["Trainer", int, int], None] | None = None,
+                 after_step: Callable[["Trainer", torch.optim.Optimizer], None] | None = None,
+                 model: nn.Module | None = None):
         self.recipe = recipe
         self.splits = splits
         self.device = torch.device(device)
@@ -179,15 +218,18 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda s: print(s, flush=True))
         self.on_epoch_end = on_epoch_end
+        self.after_step = after_step
         self.world, self.rank = dist_.world_size(), dist_.rank()
         if self.world > 1:
             dist_.local_batch_size(recipe.batch_size, self.world)  # the global batch must split evenly
             if self.rank:
                 self.progress, self.log = False, lambda s: None
         torch.manual_seed(recipe.seed)
-        self.model = build_model(recipe.model, **recipe.model_args).to(self.device)
-        if recipe.init_from is not None:
-            load_weights(self.model, recipe.init_from)
+        if model is None:
+            model = build_model(recipe.model, **recipe.model_args)
+            if recipe.init_from is not None:
+                load_weights(model, recipe.init_from)
+        self.model = model.to(self.device)
         self._dropouts = {m: m.p for m in self.model.modules() if isinstance(m, nn.Dropout)}   # phase.dropout
         self.masks: Masks | None = None
         self.history: list[dict] = []
@@ -250,33 +292,40 @@ class Trainer:
             raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the processes found different checkpoints; "
                                        "the output directory must be one directory that all nodes share")
         self.net = self._data_parallel()
-        phases = self.recipe.phases
-        for p in range(start_p, len(phases)):
-            phase = phases[p]
+        for p in range(start_p, len(self.recipe.phases)):
             mid = p == start_p and start_e > 0
-            for m, rate in self._dropouts.items():
-                m.p = rate if phase.dropout is None else phase.dropout
-            if phase.freeze and not mid:
-                self._set_masks(self._masks_for_freeze(p))
-            gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
-                  if phase.sparsifying else None)  # traced: channels coupled across residual adds
-            opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
-                                  weight_decay=phase.weight_decay)
-            if mid:
-                try:
-                    opt.load_state_dict(opt_state)
-                    _check_optimizer(opt)
-                except (ValueError, KeyError, TypeError, RuntimeError) as err:
-                    raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the checkpoint's optimizer state does "
-                                               f"not fit phase {phase.name!r}: {err}") from err
-            for e in range(start_e if mid else 0, phase.epochs):
-                stats = self._train_epoch(p, e, opt, gl)
-                if e == phase.epochs - 1:
-                    self._end_phase(phase, gl)
-                self._finish_epoch(p, e, opt, stats)
-            if phase.epochs == 0:
-                self._end_phase(phase, gl)
+            self.run_phase(p, start_e if mid else 0, opt_state if mid else None)
         return self.results()
+
+    def run_phase(self, p: int, start_epoch: int = 0, opt_state: dict | None = None) -> None:
+        """Train phase ``p`` of the recipe from ``start_epoch`` (with ``opt_state``, the optimizer
+        state of a checkpoint, when resuming mid-phase)."""
+        if not hasattr(self, "net"):
+            self.net = self._data_parallel()
+        phase = self.recipe.phases[p]
+        mid = start_epoch > 0
+        for m, rate in self._dropouts.items():
+            m.p = rate if phase.dropout is None else phase.dropout
+        if phase.freeze and not mid:
+            self._set_masks(self._masks_for_freeze(p))
+        gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
+              if phase.sparsifying else None)  # traced: channels coupled across residual adds
+        opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
+                              weight_decay=phase.weight_decay)
+        if mid:
+            try:
+                opt.load_state_dict(opt_state)
+                _check_optimizer(opt)
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise ckpt.CheckpointError(f"{self.checkpoint_dir}: the checkpoint's optimizer state does "
+                                           f"not fit phase {phase.name!r}: {err}") from err
+        for e in range(start_epoch, phase.epochs):
+            stats = self._train_epoch(p, e, opt, gl)
+            if e == phase.epochs - 1:
+                self._end_phase(phase, gl)
+            self._finish_epoch(p, e, opt, stats)
+        if phase.epochs == 0:
+            self._end_phase(phase, gl)
 
     def _data_parallel(self) -> nn.Module:
         """The model the training steps call: DDP around it in a process group, else itself."""
@@ -316,88 +365,78 @@ class Trainer:
         train = self.splits["train"]
         gen = torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e))
         loader = make_loader(train.images, train.labels, self.recipe.batch_size, shuffle=True, generator=gen)
-        aug = self.recipe.augment
-        aug_gen = torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e) ^ _AUGMENT_SEED) if aug else None
+        aug_gen = (torch.Generator().manual_seed(epoch_seed(self.recipe.seed, p, e) ^ _AUGMENT_SEED)
+                   if self.recipe.augment else None)
         steps = len(loader)
         use_penalty = gl is not None and phase.method == "penalty"
-        use_prox = gl is not None and phase.method == "prox"
-        constant_in_epoch = phase.lr_schedule.kind != "cosine"
-        if constant_in_epoch:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(phase, e, 0, steps)
+        per_step_lr = phase.lr_schedule.kind == "cosine"
+        if not per_step_lr:
+            _set_lr(opt, lr_at(phase, e, 0, steps))
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = seen_here = 0
-        # The first step whose loss or penalty is not finite, and both values, kept on the
-        # device so that a GPU is synchronised only every _CHECK_EVERY steps.
-        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        bad_values = torch.zeros(2, device=self.device)
-        no_penalty = torch.zeros((), device=self.device)
+        sums = _EpochSums(self.device)
         t0 = time.perf_counter()
         bar = None
         if self.progress:
             from tqdm import tqdm
             bar = tqdm(total=steps, desc=f"{phase.name} {e + 1}/{phase.epochs}", leave=False, dynamic_ncols=True)
-        for i, (x, y) in enumerate(loader):
-            if not constant_in_epoch:
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(phase, e, i, steps)
-            n = len(y)
-            if aug is not None:  # the whole global batch, identically in every process
-                x = random_crop_flip(x, aug.crop_padding, aug.flip, generator=aug_gen)
-            if self.world > 1:  # this process's slice of the global batch; DDP averages the gradients
-                x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-                logits = self.net(x)
-                loss = F.cross_entropy(logits, y, reduction="sum") * (self.world / n)
-            else:
-                logits = self.net(x)
-                loss = F.cross_entropy(logits, y)
-            pen = gl.penalty() if use_penalty else None
-            total = loss + pen if use_penalty else loss
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            if use_prox:
-                gl.prox_step(optimizer=opt)
-            if gl is not None and phase.zero_below is not None:
-                gl.zero_small_(phase.zero_below)
-            if self.masks is not None:
-                self.masks.apply_()
-            with torch.no_grad():
-                # the global batch's mean loss (the same in every process)
-                batch_loss = dist_.all_reduce_sum(loss.detach().clone()) / self.world if self.world > 1 \
-                    else loss.detach()
-                loss_sum += batch_loss * n
-                correct += (logits.argmax(1) == y).sum()
-                values = torch.stack([batch_loss, no_penalty if pen is None else pen.detach()])
-                first = (bad_step < 0) & ~torch.isfinite(values).all()
-                bad_step = torch.where(first, i, bad_step)
-                bad_values = torch.where(first, values, bad_values)
-            seen += n
-            seen_here += len(y)
-            if i % _CHECK_EVERY == 0 or i == steps - 1:
-                if bad_step.item() >= 0:
-                    if bar is not None:
-                        bar.close()
-                    v = bad_values.tolist()
+        try:
+            for i, (x, y) in enumerate(loader):
+                if per_step_lr:
+                    _set_lr(opt, lr_at(phase, e, i, steps))
+                sums.add(i, *self._step(x, y, opt, gl, phase, aug_gen, use_penalty))
+                if (i % _CHECK_EVERY == 0 or i == steps - 1) and sums.bad_step.item() >= 0:
+                    v = sums.bad_values.tolist()
                     what = f"loss {v[0]:.6g}" + (f", penalty {v[1]:.6g}" if use_penalty else "")
-                    raise self._diverged(p, e, f"step {int(bad_step) + 1}/{steps}", what)
+                    raise self._diverged(p, e, f"step {int(sums.bad_step) + 1}/{steps}", what)
+                if bar is not None:
+                    bar.update(1)
+                    if i % 25 == 0 or i == steps - 1:
+                        post = {"loss": f"{sums.loss.item() / sums.seen:.4f}",
+                                "acc": f"{sums.correct.item() / sums.seen_here:.4f}"}
+                        if gl is not None:
+                            post["pen"] = f"{self._penalty(gl):.4g}"
+                        bar.set_postfix(post, refresh=False)
+        finally:
             if bar is not None:
-                bar.update(1)
-                if i % 25 == 0 or i == steps - 1:
-                    post = {"loss": f"{loss_sum.item() / seen:.4f}", "acc": f"{correct.item() / seen_here:.4f}"}
-                    if gl is not None:
-                        post["pen"] = f"{self._penalty(gl):.4g}"
-                    bar.set_postfix(post, refresh=False)
-        if bar is not None:
-            bar.close()
-        dist_.all_reduce_sum(correct)
+                bar.close()
+        dist_.all_reduce_sum(sums.correct)
         penalty = None if gl is None else self._penalty(gl)
         if penalty is not None and not math.isfinite(penalty):
             raise self._diverged(p, e, "at its end", f"group term {penalty:.6g}")
-        return {"train_loss": loss_sum.item() / max(seen, 1), "train_error": 1 - correct.item() / max(seen, 1),
+        seen = max(sums.seen, 1)
+        return {"train_loss": sums.loss.item() / seen, "train_error": 1 - sums.correct.item() / seen,
                 "penalty": penalty, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, gl: GroupLasso | None,
+              phase: Phase, aug_gen: torch.Generator | None, use_penalty: bool):
+        """One optimizer step on the global batch ``(x, y)``; returns what :class:`_EpochSums` adds up."""
+        n = len(y)
+        aug = self.recipe.augment
+        if aug is not None:  # the whole global batch, identically in every process
+            x = random_crop_flip(x, aug.crop_padding, aug.flip, generator=aug_gen)
+        if self.world > 1:  # this process's slice of the global batch; DDP averages the gradients
+            x, y = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y, reduction="sum") * (self.world / n)
+        else:
+            logits = self.net(x)
+            loss = F.cross_entropy(logits, y)
+        pen = gl.penalty() if use_penalty else None
+        opt.zero_grad(set_to_none=True)
+        (loss + pen if use_penalty else loss).backward()
+        opt.step()
+        if gl is not None and phase.method == "prox":
+            gl.prox_step(optimizer=opt)
+        if gl is not None and phase.zero_below is not None:
+            gl.zero_small_(phase.zero_below)
+        if self.masks is not None:
+            self.masks.apply_()
+        if self.after_step is not None:
+            self.after_step(self, opt)
+        with torch.no_grad():  # the global batch's mean loss (the same in every process)
+            batch_loss = (dist_.all_reduce_sum(loss.detach().clone()) / self.world if self.world > 1
+                          else loss.detach())
+        return n, batch_loss, logits, y, pen
 
     @staticmethod
     @torch.no_grad()
