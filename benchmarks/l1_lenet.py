@@ -52,7 +52,7 @@ from _mnist_common import ROOT, row_metrics, row_recipe_path, train_phase  # noq
 
 from structsparse import Masks, compact, load_compact, sparsity_report  # noqa: E402
 from structsparse.speed.layer_bench import ConvShape, lowered_conv  # noqa: E402
-from structsparse.cli import machine_info  # noqa: E402
+from structsparse.speed.timing import machine_info  # noqa: E402
 from structsparse.zoo.models import LeNet  # noqa: E402
 from structsparse.runner.recipe import load_recipe  # noqa: E402
 from structsparse.speed.timing import time_interleaved  # noqa: E402

@@ -60,7 +60,7 @@ from _mnist_common import (ROOT, lenet_from_state, layer_macs, row_metrics, row_
                            total_flops, train_phase)
 
 from structsparse import load_compact, measure_speedup  # noqa: E402
-from structsparse.cli import machine_info  # noqa: E402
+from structsparse.speed.timing import machine_info  # noqa: E402
 from structsparse.zoo.models import LeNet  # noqa: E402
 from structsparse.runner.recipe import load_recipe  # noqa: E402
 from structsparse.speed.timing import time_interleaved  # noqa: E402

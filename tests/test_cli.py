@@ -14,6 +14,7 @@ import yaml
 from helpers import write_tiny_mnist
 from structsparse.storage import checkpoint as ckpt
 from structsparse import cli
+from structsparse.runner import pipeline, rundir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_resume_is_bit_identical(env, full_run, stop_at):
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        cli.run_recipe(str(recipe), str(out), on_epoch_end=stop)
+        pipeline.run_recipe(str(recipe), str(out), on_epoch_end=stop)
     assert not (out / "metrics.json").exists()
     assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
 
@@ -286,7 +287,7 @@ def test_python_m_entry_point(env, tmp_path):
 
 
 def test_bench_model_times_a_run(full_run, tmp_path, capsys):
-    original, small, metrics = cli.load_run(full_run)
+    original, small, metrics = rundir.load_run(full_run)
     assert metrics["model"] == "lenet"
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
@@ -312,12 +313,10 @@ def test_bench_bad_arguments_are_named(argv, message, capsys):
 
 def test_recipe_lowered_below_reaches_compaction(env, tmp_path, monkeypatch):
     """The recipe's ``lowered_below`` is what the run compacts with (default: compact()'s)."""
-    import sys
-    from structsparse.compaction.surgery import LOWERED_BELOW, compact
-    compact_module = sys.modules["structsparse.compaction.surgery"]   # (the package's `compact` is the function)
+    from structsparse.compaction import LOWERED_BELOW, compact
     base, _ = env
     seen = []
-    monkeypatch.setattr(compact_module, "compact", lambda *a, **kw: (seen.append(kw["lowered_below"]), compact(*a, **kw))[1])
+    monkeypatch.setattr(pipeline, "compact", lambda *a, **kw: (seen.append(kw["lowered_below"]), compact(*a, **kw))[1])
     for extra, want in (({}, LOWERED_BELOW), ({"lowered_below": 1.0}, 1.0)):
         recipe = tmp_path / f"r{len(seen)}.yaml"
         recipe.write_text(yaml.safe_dump({**RECIPE, **extra, "data_root": str(base / "data"),

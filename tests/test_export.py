@@ -178,10 +178,11 @@ def _caches(model):
 
 def test_bench_model_onnx(sparse_lenet, compact_lenet, tmp_path, capsys):
     from structsparse import cli
+    from structsparse.runner import rundir
     from structsparse.storage.compact_io import save_compact
     run = tmp_path / "run"
     run.mkdir()
-    cli.save_trained(sparse_lenet, run / cli.TRAINED)
+    rundir.save_trained(sparse_lenet, run / rundir.TRAINED)
     save_compact(compact_lenet, run / "compact")
     (run / "metrics.json").write_text(json.dumps({"model": "lenet"}))
     out = tmp_path / "bench"

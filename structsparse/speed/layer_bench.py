@@ -24,7 +24,7 @@ from torch import nn
 
 from ..compaction.surgery import lower_conv
 from ..paper import ALEXNET, PAPER_TABLE4, ConvShape
-from .timing import machine_info, time_interleaved
+from .timing import machine_info, summarize, time_interleaved
 
 __all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "lowered_conv", "sparse_conv_weight", "time_conv_layer",
            "alexnet_table4", "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",
@@ -124,8 +124,8 @@ def time_conv_layer(shape: ConvShape, weight: torch.Tensor, groups: int, batch: 
     out = {n: statistics.median(s) for n, s in zip(names, samples)}
     if spread is not None:
         for n, s in zip(names, samples):
-            q = statistics.quantiles(s, n=4) if len(s) > 1 else [s[0]] * 3
-            spread[n] = [q[0], q[2]]
+            q = summarize(s)
+            spread[n] = [q["q1_ms"] / 1e3, q["q3_ms"] / 1e3]
     return out
 
 
@@ -322,11 +322,6 @@ def write(res: dict, out: Path, name: str, markdown: str) -> None:
 
 # ---- bench model --onnx: ONNX Runtime beside PyTorch ------------------------------------
 
-def _ms(samples: list[float]) -> dict:
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
-
-
 ONNX_IMPLS = ("torch_original", "torch_compact", "ort_original", "ort_compact")
 
 
@@ -357,7 +352,7 @@ def onnx_model_timing(original: nn.Module, compact: nn.Module, example: torch.Te
                    lambda: sessions["compact"].run(None, feed["compact"])]
             with torch.inference_mode():
                 samples = time_interleaved(fns, repeats, warmup)
-            t = {n: _ms(s) for n, s in zip(ONNX_IMPLS, samples)}
+            t = {n: summarize(s) for n, s in zip(ONNX_IMPLS, samples)}
             med = {n: v["median_ms"] for n, v in t.items()}
             rows.append({"batch": int(b), **t,
                          "speedup_torch": med["torch_original"] / med["torch_compact"],

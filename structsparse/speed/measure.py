@@ -6,7 +6,6 @@ thread count pinned, and medians are compared.
 """
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -15,14 +14,9 @@ from torch import nn
 
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..sparsity.groups import covered_modules
-from .timing import machine_info, time_interleaved
+from .timing import machine_info, summarize, time_interleaved
 
-__all__ = ["measure_speedup", "SpeedReport", "time_interleaved", "machine_info"]  # the last two re-exported
-
-
-def _summary(samples: list[float]) -> dict:
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+__all__ = ["measure_speedup", "SpeedReport"]
 
 
 @dataclass
@@ -118,10 +112,10 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
                         scopes.append((name, mods_o[name], layer_c, ins_o[name], ins_c[first]))
                 for scope, fo, fc, xo, xc in scopes:
                     so, sc = time_interleaved([lambda: fo(xo), lambda: fc(xc)], repeats, warmup, device)
-                    o, c = _summary(so), _summary(sc)
+                    o, c = summarize(so), summarize(sc)
                     rows.append({"scope": scope, "batch": int(b), "original": o, "compact": c,
                                  "speedup": o["median_ms"] / c["median_ms"]})
     finally:
         torch.set_num_threads(old_threads)
         original.train(modes[0]), compact.train(modes[1])
-    return SpeedReport(rows, threads, repeats)
+    return SpeedReport(rows, threads, repeats, machine_info(measure_threads=threads))

@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import time
 from datetime import datetime, timezone
 from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_interleaved", "machine_info"]
+__all__ = ["time_interleaved", "summarize", "machine_info"]
 
 
-def machine_info() -> dict:
-    """Where a measurement ran: CPU model, cores, platform, torch version, threads, GPU, date (UTC)."""
+def machine_info(measure_threads: int | None = None) -> dict:
+    """Where a measurement ran: CPU model, cores, platform, torch version, threads, GPU, date (UTC), and
+    the thread count the measurement pinned (``measure_threads``; ``None``: torch's setting at the time)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -22,7 +24,7 @@ def machine_info() -> dict:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "measure_threads": measure_threads}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -70,3 +72,9 @@ def time_interleaved(fns: Sequence[Callable[[], object]], repeats: int = 30, war
                 fns[i]()
             samples[i].append((time.perf_counter() - t0) / inner[i])
     return samples
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """Median and quartiles of timing samples (seconds), in milliseconds."""
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
