@@ -197,13 +197,13 @@ def test_bad_specs_name_the_key(spec, message):
 
 
 def test_relative_threshold_phase_key_zeroes_at_phase_end():
-    """``relative_threshold`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
+    """``zero_groups_below_relative`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
     from structsparse.runner.recipe import parse_recipe
     from structsparse.runner.trainer import Split, Trainer
     torch.manual_seed(0)
     x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
     phases = [{"name": "ssl", "epochs": 1, "lr": 0.01, "lambdas": {"fc1": {"filter": 1e-3}},
-               "relative_threshold": {"filter": 0.97}}]
+               "zero_groups_below_relative": {"filter": 0.97}}]
     recipe = parse_recipe({"model": "mlp", "data": "mnist", "batch_size": 8, "phases": phases})
     lines = []
     t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lines.append)
@@ -212,5 +212,5 @@ def test_relative_threshold_phase_key_zeroes_at_phase_end():
     kept = norms[norms > 0]
     assert 0 < len(kept) < 500 and kept.min() >= 0.97 * kept.max()
     assert any(f"zeroed {500 - len(kept)} groups with norm < {{'filter': 0.97}}" in s for s in lines)
-    assert "relative_threshold" not in parse_recipe({"model": "mlp", "data": "mnist", "phases": [
+    assert "zero_groups_below_relative" not in parse_recipe({"model": "mlp", "data": "mnist", "phases": [
         {"name": "a", "epochs": 1, "lr": 0.1}]}).to_dict()["phases"][0]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from structsparse.runner.recipe import LRSchedule, RecipeError, load_recipe, parse_recipe
+from structsparse.runner.recipe import ALIASES, LRSchedule, RecipeError, load_recipe, parse_recipe, upgrade_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_defaults_and_types(tmp_path):
     assert "train_with_val" not in r.to_dict()   # absent at its default: older checkpoints still resume
     dense, ssl, ft = r.phases
     assert not dense.sparsifying and ssl.sparsifying and ft.freeze
-    assert dense.momentum == 0.9 and dense.weight_decay == 0.0 and dense.zero_below == 1e-4
+    assert dense.momentum == 0.9 and dense.weight_decay == 0.0 and dense.zero_weights_below == 1e-4
     assert dense.lr_schedule == LRSchedule("constant")
     assert ssl.lambdas == {"conv*": {"filter": 0.01}, "conv2": {"channel": 0.02}}
     assert r.measure.batch_sizes == (1, 64) and r.measure.threads is None
@@ -103,7 +103,7 @@ def _mutate(fn):
      "unknown group kind"),
     (lambda d: d["phases"][1]["lambdas"].update(filter=-0.1), "phases[1].lambdas.filter", ">= 0"),
     (lambda d: d["phases"][1]["lambdas"]["conv2"].update(channel=-1), "phases[1].lambdas.conv2.channel", ">= 0"),
-    (lambda d: d["phases"][1]["lambdas"].update({"conv9": {"filter": 0.1}}), "phases[1].lambdas", "conv9"),
+    (lambda d: d["phases"][1]["lambdas"].update({"conv9": {"filter": 0.1}}), "phases[1].lambdas.conv9", "matches no"),
     (lambda d: d["phases"][1]["lambdas"].update(filter="big"), "phases[1].lambdas.filter", "expected a number"),
     (lambda d: d.update(model="resnet"), "model", "unknown model"),
     (lambda d: d.update(data="cifar100"), "data", "unknown data set"),
@@ -118,15 +118,21 @@ def _mutate(fn):
     (lambda d: d["phases"][0].update(freeze="yes"), "phases[0].freeze", "true or false"),
     (lambda d: d["phases"][0].update(freeze=True), "phases[0].freeze", "no earlier phase has lambdas"),
     (lambda d: d["phases"][2].update(lambdas={"filter": 0.1}), "phases[2].lambdas", "freeze phase"),
-    (lambda d: d["phases"][0].update(group_threshold=0.1), "phases[0].group_threshold", "needs lambdas"),
-    (lambda d: d["phases"][0].update(relative_threshold=0.1), "phases[0].relative_threshold", "needs lambdas"),
-    (lambda d: d.update(lowered_below=1.5), "lowered_below", "<= 1"),
-    (lambda d: d.update(lowered_below="measure"), "lowered_below", "expected a number"),
-    (lambda d: d["phases"][1].update(relative_threshold=1.5), "phases[1].relative_threshold", "<= 1"),
-    (lambda d: d["phases"][1].update(relative_threshold=0), "phases[1].relative_threshold", "> 0"),
-    (lambda d: d["phases"][1].update(relative_threshold={"shap": 0.1}), "phases[1].relative_threshold.shap",
-     "unknown group kind"),
-    (lambda d: d["phases"][1].update(relative_threshold={}), "phases[1].relative_threshold", "non-empty"),
+    (lambda d: d["phases"][0].update(zero_groups_below=0.1), "phases[0].zero_groups_below", "needs lambdas"),
+    (lambda d: d["phases"][0].update(zero_groups_below_relative=0.1), "phases[0].zero_groups_below_relative",
+     "needs lambdas"),
+    (lambda d: d["phases"][0].update(group_threshold=0.1), "phases[0].zero_groups_below", "needs lambdas"),  # alias
+    (lambda d: d.update(lower_convs_below=1.5), "lower_convs_below", "<= 1"),
+    (lambda d: d.update(lowered_below="measure"), "lower_convs_below", "expected a number"),  # alias
+    (lambda d: d.update(lowered_below=0.5, lower_convs_below=0.5), "lowered_below", "keep only 'lower_convs_below'"),
+    (lambda d: d["phases"][1].update(zero_below=1e-3, zero_weights_below=1e-3), "phases[1].zero_below",
+     "also given"),
+    (lambda d: d["phases"][1].update(zero_groups_below_relative=1.5), "phases[1].zero_groups_below_relative", "<= 1"),
+    (lambda d: d["phases"][1].update(relative_threshold=0), "phases[1].zero_groups_below_relative", "> 0"),
+    (lambda d: d["phases"][1].update(zero_groups_below_relative={"shap": 0.1}),
+     "phases[1].zero_groups_below_relative.shap", "unknown group kind"),
+    (lambda d: d["phases"][1].update(zero_groups_below_relative={}), "phases[1].zero_groups_below_relative",
+     "non-empty"),
     (lambda d: d["phases"][0].update(lr_schedule={"kind": "exp"}), "phases[0].lr_schedule.kind", "unknown lr schedule"),
     (lambda d: d["phases"][0].update(lr_schedule={"kind": "step", "milestones": [1]}),
      "phases[0].lr_schedule.milestones", "not inside"),
@@ -159,3 +165,23 @@ def test_bad_files(tmp_path):
 def test_parse_recipe_without_file():
     with pytest.raises(RecipeError, match=r"^<recipe>: model: unknown model"):
         parse_recipe({**_base(), "model": "vgg"})
+
+
+def test_old_threshold_names_are_aliases_and_old_checkpoints_still_compare_equal():
+    """Recipes written with the names before the one grammar load as the new names, and a recipe dict
+    stored in an old checkpoint (old names) equals today's to_dict() once upgraded (so --resume works)."""
+    old = _base()
+    old["lowered_below"] = 1.0
+    old["phases"][1].update(zero_below=1e-3, group_threshold=1e-2, relative_threshold={"filter": 0.1})
+    new = _base()
+    new["lower_convs_below"] = 1.0
+    new["phases"][1].update(zero_weights_below=1e-3, zero_groups_below=1e-2,
+                            zero_groups_below_relative={"filter": 0.1})
+    r_old, r_new = parse_recipe(old), parse_recipe(new)
+    assert r_old == r_new and r_new.phases[1].zero_groups_below == 1e-2
+    stored = r_new.to_dict()
+    renames = {new_: old_ for place in ALIASES.values() for old_, new_ in place.items()}
+    stored = {renames.get(k, k): v for k, v in stored.items()}
+    stored["phases"] = [{renames.get(k, k): v for k, v in ph.items()} for ph in stored["phases"]]
+    assert "lowered_below" in stored and "zero_below" in stored["phases"][1]
+    assert stored != r_new.to_dict() and upgrade_keys(stored) == r_new.to_dict()

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..compaction import compact
+from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SpeedReport, measure_speedup
 from ..speed.timing import machine_info
@@ -114,7 +114,8 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
     """Compact, evaluate, measure, save and report (rank 0)."""
     example = splits["test"].images[:1]
     with torch.no_grad():
-        small = compact(model, example, lowered_below=recipe.lowered_below)
+        small = compact(model, example, lowered_below=(LOWERED_BELOW if recipe.lower_convs_below is None
+                                                       else recipe.lower_convs_below))
     report = sparsity_report(model, example, compacted=small)
     test = {"original": results["test_error"], "compact": evaluate(small, splits["test"], recipe.eval_batch_size)}
     m = recipe.measure

@@ -10,8 +10,9 @@ the speedup at the end::
     augment: null                # optional, e.g. {crop_padding: 4, flip: true} (training batches only)
     train_with_val: false        # true: train on train + val (a final run after choosing on val;
                                  # its val errors are then not held out)
-    lowered_below: 0.5           # compaction: a conv keeping at most this fraction of its weight-matrix
-                                 # columns becomes a LoweredConv2d (1.0: every conv with a zero column)
+    lower_convs_below: 0.5       # compaction: a conv keeping at most this fraction of its weight-matrix
+                                 # columns becomes a LoweredConv2d (1.0: every conv with a zero column;
+                                 # default: compact()'s)
     seed: 0
     batch_size: 64
     phases:
@@ -23,8 +24,10 @@ the speedup at the end::
         lr: 0.01
         method: prox             # prox (proximal step) | penalty (term added to the loss)
         lambdas: {conv1: {filter: 0.01}, conv2: {filter: 0.01, channel: 0.01}}
-        group_threshold: 1.0e-3  # at phase end, zero the groups whose norm is below this
-        relative_threshold: 0.05  # and those below 0.05 × the largest norm of their kind and layer ({kind: r}: per kind)
+        zero_weights_below: 1.0e-4       # after every step, zero regularised weights below this (default)
+        zero_groups_below: 1.0e-3        # at phase end, zero the groups whose norm is below this
+        zero_groups_below_relative: 0.05 # and those below 0.05 × the largest norm of their kind and layer
+                                         # ({kind: r}: per kind)
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -32,14 +35,19 @@ the speedup at the end::
         dropout: 0.2             # optional: the rate of the model's dropout layers in this phase
     measure: {batch_sizes: [1, 64], repeats: 30, warmup: 5, threads: 1}
 
+Every threshold key reads ``<action>_<what>_below``. The names before 2026-12-03 still load as
+aliases of the new ones (:data:`ALIASES`): ``zero_below`` → ``zero_weights_below``, ``group_threshold`` →
+``zero_groups_below``, ``relative_threshold`` → ``zero_groups_below_relative`` (in a phase) and
+``lowered_below`` → ``lower_convs_below`` (at the top); a recipe that gives both names of one key is an error.
+
 Any unknown key or bad value raises :class:`RecipeError`, whose message starts with the
 file and the key path, e.g. ``recipes/x.yaml: phases[1].lambdas.filtr: unknown group kind``.
+The model is built once, to check ``model_args``, the lambdas' layer patterns and ``dropout``.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -47,12 +55,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..compaction.surgery import LOWERED_BELOW
-from ..sparsity.groups import KINDS
-from ..zoo.models import MODELS
+from torch import nn
+
+from .. import checks
+from ..sparsity.penalty import check_kinds, check_spec, resolve_spec
+from ..zoo.models import MODELS, build_model
 
 __all__ = ["RecipeError", "Recipe", "Phase", "LRSchedule", "MeasureConfig", "Augment", "load_recipe", "parse_recipe",
-           "DATASETS", "METHODS"]
+           "DATASETS", "METHODS", "ALIASES", "upgrade_keys"]
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10")
 METHODS = ("penalty", "prox")
@@ -87,9 +97,9 @@ class Phase:
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     lambdas: dict = field(default_factory=dict)   # GroupLasso spec; empty: no group term
     method: str = "prox"
-    zero_below: float | None = 1e-4               # zero regularised |w| below this after each step
-    group_threshold: float | None = None          # zero groups with norm below this at phase end
-    relative_threshold: float | dict | None = None  # zero groups below this × the largest of kind and layer
+    zero_weights_below: float | None = 1e-4       # zero regularised |w| below this after each step
+    zero_groups_below: float | None = None        # zero groups with norm below this at phase end
+    zero_groups_below_relative: float | dict | None = None  # ... below this × the largest of kind and layer
     freeze: bool = False                          # freeze zero structures at phase start, term off
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
 
@@ -129,7 +139,8 @@ class Recipe:
     data_root: str | None = None
     init_from: str | None = None   # safetensors weights to start from (e.g. a dense run's trained.safetensors)
     train_with_val: bool = False   # train on train + val (val errors are then not held out)
-    lowered_below: float = LOWERED_BELOW   # compact(): convs keeping at most this fraction of their columns are lowered
+    lower_convs_below: float | None = None   # compact(): convs keeping at most this fraction of their columns are
+                                             # lowered (None: compact()'s default)
     train_subset: int | None = None
     val_subset: int | None = None
     test_subset: int | None = None
@@ -142,14 +153,43 @@ class Recipe:
         d.pop("path")
         # keys at their defaults are left out, as before these keys existed, so older checkpoints still resume
         for key, default in (("model_args", {}), ("augment", None), ("init_from", None), ("train_with_val", False),
-                             ("lowered_below", LOWERED_BELOW)):
+                             ("lower_convs_below", None)):
             if d[key] == default:
                 d.pop(key)
         for phase in d["phases"]:
-            for key in ("dropout", "relative_threshold"):
+            for key in ("dropout", "zero_groups_below_relative"):
                 if phase[key] is None:
                     phase.pop(key)
         return _jsonable(d)
+
+
+# Old key → new key, per place: a recipe's top level, and each phase.
+ALIASES = {"top": {"lowered_below": "lower_convs_below"},
+           "phase": {"zero_below": "zero_weights_below", "group_threshold": "zero_groups_below",
+                     "relative_threshold": "zero_groups_below_relative"}}
+
+
+def upgrade_keys(d: Mapping) -> dict:
+    """A recipe dict (as :meth:`Recipe.to_dict` wrote it, e.g. into a checkpoint before the keys were
+    renamed) with the new key names, so that it compares equal to today's ``to_dict()``."""
+    d = {ALIASES["top"].get(k, k): v for k, v in d.items()}
+    if "phases" in d and isinstance(d["phases"], list):
+        d["phases"] = [{ALIASES["phase"].get(k, k): v for k, v in p.items()} if isinstance(p, Mapping) else p
+                       for p in d["phases"]]
+    return d
+
+
+def _renamed(c: "_Checker", raw: Mapping, where: str, place: str) -> dict:
+    """``raw`` with its old key names replaced by the new ones; both names of one key is an error."""
+    if not isinstance(raw, Mapping):
+        return raw
+    out = dict(raw)
+    for old, new in ALIASES[place].items():
+        if old in out:
+            if new in out:
+                c.fail(_join(where, old), f"an old name of {new!r}, which is also given; keep only {new!r}")
+            out[new] = out.pop(old)
+    return out
 
 
 def _jsonable(x):
@@ -210,10 +250,18 @@ class _Checker:
                 self.fail(_join(where, key), "required key is missing")
         return value
 
+    def call(self, check, *args):
+        """``check(*args)`` with its ``ValueError`` (a message starting with the key path) as this file's
+        :class:`RecipeError`."""
+        try:
+            return check(*args)
+        except ValueError as e:
+            self.fail("", str(e))
+
     def integer(self, value, where, minimum=None, optional=False):
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not checks.is_int(value):
             self.fail(where, f"expected an integer, got {_show(value)}")
         if minimum is not None and value < minimum:
             self.fail(where, f"must be >= {minimum}, got {value}")
@@ -222,18 +270,7 @@ class _Checker:
     def number(self, value, where, minimum=None, positive=False, maximum=None, optional=False):
         if value is None and optional:
             return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self.fail(where, f"expected a number, got {_show(value)}")
-        value = float(value)
-        if not math.isfinite(value):
-            self.fail(where, f"must be finite, got {value}")
-        if positive and value <= 0:
-            self.fail(where, f"must be > 0, got {value:g}")
-        if minimum is not None and value < minimum:
-            self.fail(where, f"must be >= {minimum:g}, got {value:g}")
-        if maximum is not None and value > maximum:
-            self.fail(where, f"must be <= {maximum:g}, got {value:g}")
-        return value
+        return self.call(checks.number, value, where, minimum, positive, maximum)
 
     def choice(self, value, where, choices, what):
         if not isinstance(value, str) or value not in choices:
@@ -257,17 +294,14 @@ def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-def _show(value) -> str:
-    if value is None:
-        return "null"
-    return f"{value!r} ({type(value).__name__})"
+_show = checks.show
 
 
 _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "seed", "batch_size", "eval_batch_size",
-        "train_with_val", "lowered_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
+        "train_with_val", "lower_convs_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
-_PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method", "zero_below",
-          "group_threshold", "relative_threshold", "freeze", "dropout")
+_PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
+          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout")
 _SCHEDULE = ("kind", "milestones", "gamma")
 _MEASURE = ("batch_sizes", "repeats", "warmup", "threads")
 
@@ -277,9 +311,9 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
     c = _Checker(source)
     if raw is None:
         c.fail("", "the recipe is empty")
-    c.mapping(raw, "", _TOP, required=("model", "data", "phases"))
+    raw = c.mapping(_renamed(c, raw, "", "top"), "", _TOP, required=("model", "data", "phases"))
     model = c.choice(raw["model"], "model", tuple(sorted(MODELS)), "model")
-    model_args = _parse_model_args(c, raw.get("model_args"), "model_args", model)
+    model_args, net = _parse_model_args(c, raw.get("model_args"), "model_args", model)
     kw = dict(
         model=model,
         model_args=model_args,
@@ -291,40 +325,38 @@ def parse_recipe(raw: Any, source: str = "<recipe>") -> Recipe:
         batch_size=c.integer(raw.get("batch_size", 64), "batch_size", minimum=1),
         eval_batch_size=c.integer(raw.get("eval_batch_size", 1000), "eval_batch_size", minimum=1),
         train_with_val=c.boolean(raw.get("train_with_val", False), "train_with_val"),
-        lowered_below=c.number(raw.get("lowered_below", LOWERED_BELOW), "lowered_below", minimum=0, maximum=1),
+        lower_convs_below=c.number(raw.get("lower_convs_below"), "lower_convs_below", minimum=0, maximum=1,
+                                   optional=True),
         path=None if source == "<recipe>" else source,
     )
     for key in ("train_subset", "val_subset", "test_subset"):
         kw[key] = c.integer(raw.get(key), key, minimum=1, optional=True)
-
-    phases_raw = raw["phases"]
-    if not isinstance(phases_raw, list) or not phases_raw:
-        c.fail("phases", f"expected a non-empty list of phases, got {_show(phases_raw)}")
-    phases = []
-    names = set()
-    for i, p in enumerate(phases_raw):
-        phase = _parse_phase(c, p, f"phases[{i}]", model, model_args)
-        if phase.name in names:
-            c.fail(f"phases[{i}].name", f"duplicate phase name {phase.name!r}")
-        names.add(phase.name)
-        if phase.freeze and not any(q.sparsifying for q in phases):
-            c.fail(f"phases[{i}].freeze", "nothing to freeze: no earlier phase has lambdas")
-        phases.append(phase)
-    with_dropout = [i for i, q in enumerate(phases) if q.dropout is not None]
-    if with_dropout:
-        import torch.nn as nn
-        from ..zoo.models import build_model
-        if not any(isinstance(m, nn.Dropout) for m in build_model(model, **model_args).modules()):
-            c.fail(f"phases[{with_dropout[0]}].dropout", f"model {model!r} has no dropout layers to set")
-    kw["phases"] = tuple(phases)
+    kw["phases"] = _parse_phases(c, raw["phases"], model, net)
     kw["measure"] = _parse_measure(c, raw.get("measure", {}), "measure")
     return Recipe(**kw)
 
 
-def _parse_model_args(c: _Checker, args, where: str, model: str) -> dict:
-    """Keyword arguments for the model's constructor: names it accepts, values it accepts."""
+def _parse_phases(c: _Checker, phases_raw, model: str, net: nn.Module) -> tuple[Phase, ...]:
+    if not isinstance(phases_raw, list) or not phases_raw:
+        c.fail("phases", f"expected a non-empty list of phases, got {_show(phases_raw)}")
+    phases: list[Phase] = []
+    for i, p in enumerate(phases_raw):
+        phase = _parse_phase(c, p, f"phases[{i}]", net)
+        if any(q.name == phase.name for q in phases):
+            c.fail(f"phases[{i}].name", f"duplicate phase name {phase.name!r}")
+        if phase.freeze and not any(q.sparsifying for q in phases):
+            c.fail(f"phases[{i}].freeze", "nothing to freeze: no earlier phase has lambdas")
+        if phase.dropout is not None and not any(isinstance(m, nn.Dropout) for m in net.modules()):
+            c.fail(f"phases[{i}].dropout", f"model {model!r} has no dropout layers to set")
+        phases.append(phase)
+    return tuple(phases)
+
+
+def _parse_model_args(c: _Checker, args, where: str, model: str) -> tuple[dict, nn.Module]:
+    """Keyword arguments for the model's constructor (names it accepts, values it accepts), and the
+    model built with them, the one model every other check of the recipe uses."""
     if args is None:
-        return {}
+        args = {}
     if not isinstance(args, Mapping):
         c.fail(where, f"expected a mapping of {model} constructor arguments, got {_show(args)}")
     params = [n for n, p in inspect.signature(MODELS[model]).parameters.items()
@@ -333,12 +365,10 @@ def _parse_model_args(c: _Checker, args, where: str, model: str) -> dict:
         if key not in params:
             c.fail(_join(where, key), f"not a parameter of model {model!r}; its parameters: {', '.join(params)}")
     args = dict(args)
-    from ..zoo.models import build_model
     try:
-        build_model(model, **args)
+        return args, build_model(model, **args)
     except (TypeError, ValueError) as e:
         c.fail(where, f"model {model!r} cannot be built with {args}: {e}")
-    return args
 
 
 def _parse_augment(c: _Checker, a, where: str) -> Augment | None:
@@ -350,8 +380,8 @@ def _parse_augment(c: _Checker, a, where: str) -> Augment | None:
     return aug if aug != Augment() else None
 
 
-def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | None = None) -> Phase:
-    c.mapping(p, where, _PHASE, required=("name", "epochs", "lr"))
+def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
+    p = c.mapping(_renamed(c, p, where, "phase"), where, _PHASE, required=("name", "epochs", "lr"))
     at = lambda key: f"{where}.{key}"  # noqa: E731
     kw = dict(
         name=c.string(p["name"], at("name")),
@@ -360,40 +390,33 @@ def _parse_phase(c: _Checker, p, where: str, model: str, model_args: Mapping | N
         momentum=c.number(p.get("momentum", 0.9), at("momentum"), minimum=0, maximum=1),
         weight_decay=c.number(p.get("weight_decay", 0.0), at("weight_decay"), minimum=0),
         method=c.choice(p.get("method", "prox"), at("method"), METHODS, "method"),
-        zero_below=c.number(p.get("zero_below", 1e-4), at("zero_below"), minimum=0, optional=True),
-        group_threshold=c.number(p.get("group_threshold"), at("group_threshold"), minimum=0, optional=True),
-        relative_threshold=_parse_relative(c, p.get("relative_threshold"), at("relative_threshold")),
+        zero_weights_below=c.number(p.get("zero_weights_below", 1e-4), at("zero_weights_below"), minimum=0,
+                                    optional=True),
+        zero_groups_below=c.number(p.get("zero_groups_below"), at("zero_groups_below"), minimum=0, optional=True),
+        zero_groups_below_relative=_parse_relative(c, p.get("zero_groups_below_relative"),
+                                                   at("zero_groups_below_relative")),
         freeze=c.boolean(p.get("freeze", False), at("freeze")),
         dropout=c.number(p.get("dropout"), at("dropout"), minimum=0, maximum=0.99, optional=True),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
-        lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), model, model_args),
+        lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), net),
     )
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
                               "(it freezes the zeros of the earlier phases' lambdas)")
-    for key in ("group_threshold", "relative_threshold"):
+    for key in ("zero_groups_below", "zero_groups_below_relative"):
         if kw[key] is not None and not kw["lambdas"]:
             c.fail(at(key), "needs lambdas in this phase (it zeroes the regularised groups)")
     return Phase(**kw)
 
 
-def _kind_numbers(c: _Checker, mapping: Mapping, where: str, **bounds) -> dict[str, float]:
-    """``{kind: number}`` with every key a group kind and every value within ``bounds`` (see ``_Checker.number``)."""
-    out = {}
-    for kind, value in mapping.items():
-        if kind not in KINDS:
-            c.fail(f"{where}.{kind}", f"unknown group kind; known kinds: {', '.join(KINDS)}")
-        out[kind] = c.number(value, f"{where}.{kind}", **bounds)
-    return out
-
-
 def _parse_relative(c: _Checker, r, where: str) -> float | dict | None:
-    """A fraction in (0, 1) for every group kind, or ``{kind: fraction}``."""
+    """A fraction in (0, 1] for every group kind, or ``{kind: fraction}``."""
     if r is None:
         return None
     if not isinstance(r, Mapping):
         return c.number(r, where, positive=True, maximum=1)
-    out = _kind_numbers(c, r, where, positive=True, maximum=1)
+    kinds = c.call(check_kinds, r, where)
+    out = {k: c.number(v, f"{where}.{k}", positive=True, maximum=1) for k, v in kinds.items()}
     if not out:
         c.fail(where, "expected a fraction or a non-empty mapping of group kinds to fractions")
     return out
@@ -423,30 +446,13 @@ def _parse_schedule(c: _Checker, s, where: str, epochs) -> LRSchedule:
     return LRSchedule("step", milestones, gamma)
 
 
-def _parse_lambdas(c: _Checker, spec, where: str, model: str, model_args: Mapping | None = None) -> dict:
-    """A GroupLasso spec: kinds → λ for all layers, and/or layer patterns → {kind: λ}."""
+def _parse_lambdas(c: _Checker, spec, where: str, net: nn.Module) -> dict:
+    """A GroupLasso spec (kinds → λ for all layers, and/or layer patterns → {kind: λ}), checked by
+    :func:`structsparse.sparsity.penalty.resolve_spec` on the recipe's model, the one check of a λ."""
     if spec is None:
         return {}
-    if not isinstance(spec, Mapping):
-        c.fail(where, f"expected a mapping of group kinds or layer patterns, got {_show(spec)}")
-    out = {}
-    for key, value in spec.items():
-        if not isinstance(key, str):
-            c.fail(_join(where, key), "keys must be group kinds or layer-name patterns")
-        if isinstance(value, Mapping):   # a layer pattern
-            out[key] = _kind_numbers(c, value, f"{where}.{key}", minimum=0)
-        elif key in KINDS:
-            out[key] = c.number(value, _join(where, key), minimum=0)
-        else:
-            c.fail(_join(where, key), f"unknown group kind; known kinds: {', '.join(KINDS)} "
-                                      "(or a layer-name pattern mapping kinds to λ)")
-    # Layer patterns must match layers of the model: check against a freshly built one.
-    from ..zoo.models import build_model
-    from ..sparsity.penalty import resolve_spec
-    try:
-        resolve_spec(build_model(model, **(model_args or {})), out)
-    except ValueError as e:
-        c.fail(where, str(e))
+    out = c.call(check_spec, spec, where)
+    c.call(resolve_spec, net, out, where)
     if not any(_positive(v) for v in out.values()):
         return {}
     return out

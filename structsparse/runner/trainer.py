@@ -6,8 +6,8 @@ Users with their own loop don't need this; it uses only the public API of
 Per phase: SGD with momentum (a fresh optimizer per phase), cross-entropy loss. A phase
 with ``lambdas`` builds a :class:`GroupLasso` and either adds its penalty to the loss
 (``method: penalty``) or takes the proximal step after ``opt.step()`` (``method: prox``),
-then zeroes regularised weights below ``zero_below``; at the phase end, groups below
-``group_threshold``, or below ``relative_threshold`` times the largest group norm of their
+then zeroes regularised weights below ``zero_weights_below``; at the phase end, groups below
+``zero_groups_below``, or below ``zero_groups_below_relative`` times the largest group norm of their
 kind in their layer, are zeroed. A ``freeze`` phase first freezes every zero structure of
 the layers regularised earlier (group term off); frozen masks stay in force in all later
 phases. The shuffle order of every epoch comes from a generator seeded with
@@ -50,7 +50,7 @@ from ..zoo.data import load_dataset, make_loader, random_crop_flip
 from ..sparsity.groups import covered_modules, group_norms
 from ..zoo.models import build_model
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
-from .recipe import Phase, Recipe
+from .recipe import Phase, Recipe, upgrade_keys
 from ..report import sparsity_report
 
 __all__ = ["Trainer", "TrainingDiverged", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
@@ -262,7 +262,8 @@ class Trainer:
             return 0, 0, None
         c = ckpt.load_checkpoint(self.checkpoint_dir, map_location=self.device)
         info = c.info
-        if info.get("recipe") != self.recipe.to_dict():
+        stored = info.get("recipe")
+        if not isinstance(stored, dict) or upgrade_keys(stored) != self.recipe.to_dict():
             raise ckpt.CheckpointError(
                 f"{self.checkpoint_dir}: the checkpoint was written by a different recipe; "
                 "resume with the recipe it was started with, or choose another output directory")
@@ -351,13 +352,14 @@ class Trainer:
                                 f"{what}; {kept}. Try a lower lr.")
 
     def _end_phase(self, phase: Phase, gl: GroupLasso | None) -> None:
-        if gl is not None and (phase.group_threshold is not None or phase.relative_threshold is not None):
-            n = gl.zero_groups_(phase.group_threshold, phase.relative_threshold)
+        absolute, relative = phase.zero_groups_below, phase.zero_groups_below_relative
+        if gl is not None and (absolute is not None or relative is not None):
+            n = gl.zero_groups_(absolute, relative)
             if self.masks is not None:
                 self.masks.apply_()
-            below = [f"< {phase.group_threshold:g}"] if phase.group_threshold is not None else []
-            if phase.relative_threshold is not None:
-                below.append(f"< {phase.relative_threshold} × the largest of their kind and layer")
+            below = [f"< {absolute:g}"] if absolute is not None else []
+            if relative is not None:
+                below.append(f"< {relative} × the largest of their kind and layer")
             self.log(f"{phase.name}: zeroed {n} groups with norm {' or '.join(below)}")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
@@ -427,8 +429,8 @@ class Trainer:
         opt.step()
         if gl is not None and phase.method == "prox":
             gl.prox_step(optimizer=opt)
-        if gl is not None and phase.zero_below is not None:
-            gl.zero_small_(phase.zero_below)
+        if gl is not None and phase.zero_weights_below is not None:
+            gl.zero_small_(phase.zero_weights_below)
         if self.masks is not None:
             self.masks.apply_()
         if self.after_step is not None:

@@ -9,43 +9,54 @@ Three lines in a user's own training loop::
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import nn
 
+from .. import checks
 from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso,
                      group_norms, group_view, nonzero_groups, norm_group_norms, normalization_modules)
 
-__all__ = ["GroupLasso", "Masks", "resolve_spec"]
+__all__ = ["GroupLasso", "Masks", "resolve_spec", "check_spec", "check_kinds"]
 
 # Group kinds whose zeros compaction can remove; their zeros are always frozen.
 _STRUCTURAL = ("filter", "channel", "shape", "depth")
 
 
-def _check_lambda(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where}: λ must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: λ must be finite and >= 0, got {value!r}")
-    return value
-
-
-def _check_kinds(mapping: Mapping, where: str) -> dict[str, float]:
+def check_kinds(mapping, where: str) -> dict[str, float]:
+    """``{kind: λ}`` with every key a group kind and every λ a finite number >= 0 (as floats)."""
     if not isinstance(mapping, Mapping):
         raise ValueError(f"{where}: expected a mapping of group kind to λ, got {mapping!r}")
     out = {}
     for kind, lam in mapping.items():
         if kind not in KINDS:
-            raise ValueError(f"{where}: unknown group kind {kind!r}; known kinds: {', '.join(KINDS)}")
-        out[kind] = _check_lambda(lam, f"{where}.{kind}")
+            raise ValueError(f"{where}.{kind}: unknown group kind; known kinds: {', '.join(KINDS)}")
+        out[kind] = checks.number(lam, f"{where}.{kind}", minimum=0)
     return out
 
 
-def resolve_spec(model: nn.Module, spec: Mapping) -> dict[str, dict[str, float]]:
+def check_spec(spec, where: str = "spec") -> dict:
+    """A spec with its λs checked and made floats: group kinds → λ for all layers, and layer-name patterns
+    → ``{kind: λ}``. Errors name the key path from ``where`` (``spec.conv2.chanel: unknown group kind``)."""
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"{where}: expected a mapping of group kinds or layer patterns, got {type(spec).__name__}")
+    out = {}
+    for key, value in spec.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{where}.{key}: keys must be group kinds or layer-name patterns")
+        if isinstance(value, Mapping):   # a layer pattern
+            out[key] = check_kinds(value, f"{where}.{key}")
+        elif key in KINDS:
+            out[key] = checks.number(value, f"{where}.{key}", minimum=0)
+        else:
+            raise ValueError(f"{where}.{key}: unknown group kind; known kinds: {', '.join(KINDS)} "
+                             "(or a layer-name pattern mapping kinds to λ)")
+    return out
+
+
+def resolve_spec(model: nn.Module, spec: Mapping, where: str = "spec") -> dict[str, dict[str, float]]:
     """Turn a spec into ``{layer name: {kind: λ}}`` for every layer with some λ > 0.
 
     ``spec`` keys that are group kinds set λ for every Conv2d and Linear layer; any other key
@@ -55,23 +66,20 @@ def resolve_spec(model: nn.Module, spec: Mapping) -> dict[str, dict[str, float]]
     error. Patterns may also name affine BatchNorm layers, with the kinds ``filter`` (one
     channel's γ and β) and ``depth`` (all of them); model-wide kinds never touch BatchNorm.
     """
-    if not isinstance(spec, Mapping):
-        raise ValueError(f"spec must be a mapping, got {type(spec).__name__}")
+    spec = check_spec(spec, where)
     layers = covered_modules(model)
     norms = normalization_modules(model)
-    defaults = _check_kinds({k: v for k, v in spec.items() if k in KINDS}, "spec")
-    resolved = {name: dict(defaults) for name in layers}
-    for pattern, mapping in spec.items():
+    resolved = {name: {k: v for k, v in spec.items() if k in KINDS} for name in layers}
+    for pattern, kinds in spec.items():
         if pattern in KINDS:
             continue
-        kinds = _check_kinds(mapping, f"spec[{pattern!r}]")
         matched = [name for name in list(layers) + list(norms) if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(f"spec pattern {pattern!r} matches no Conv2d, Linear or BatchNorm layer; "
+            raise ValueError(f"{where}.{pattern}: matches no Conv2d, Linear or BatchNorm layer; "
                              f"layers: {', '.join(list(layers) + list(norms)) or 'none'}")
         for name in matched:
             if name in norms and set(kinds) - set(NORM_KINDS):
-                raise ValueError(f"spec[{pattern!r}]: {name} is a BatchNorm layer; its group kinds are "
+                raise ValueError(f"{where}.{pattern}: {name} is a BatchNorm layer; its group kinds are "
                                  f"{' and '.join(NORM_KINDS)}, not {', '.join(sorted(set(kinds) - set(NORM_KINDS)))}")
             resolved.setdefault(name, {}).update(kinds)
     return {name: {k: v for k, v in kinds.items() if v > 0} for name, kinds in resolved.items()

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ..checks import is_int
 from .files import atomic_write
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "has_checkpoint", "CheckpointError",
@@ -131,10 +132,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"0|[1-9][0-9]*")  # a parameter id or a device index, as str(int) writes it
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_scalar(v) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
@@ -147,7 +144,7 @@ def _check_index(meta, index: Path) -> None:
 
     if not isinstance(meta, dict):
         raise CheckpointError(f"{index}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT or not _is_int(meta.get("version")) or meta["version"] != VERSION:
+    if meta.get("format") != FORMAT or not is_int(meta.get("version")) or meta["version"] != VERSION:
         raise CheckpointError(f"{index}: not a {FORMAT} version {VERSION} file")
     missing, unknown = sorted(_INDEX_KEYS - set(meta)), sorted(set(meta) - _INDEX_KEYS)
     if missing:
@@ -176,7 +173,7 @@ def _check_index(meta, index: Path) -> None:
         raise bad("optimizer.param_groups", "must be a list")
     for i, g in enumerate(groups):
         if not (isinstance(g, dict) and isinstance(g.get("params"), list)
-                and all(_is_int(p) and p >= 0 for p in g["params"])):
+                and all(is_int(p) and p >= 0 for p in g["params"])):
             raise bad(f"optimizer.param_groups[{i}]", "must be an object whose 'params' is a list of parameter ids")
         for key, value in g.items():  # hyper-parameters: lr, momentum, betas, nesterov, foreach ...
             if key != "params" and not (_is_scalar(value) or (isinstance(value, list)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode  # sees every aten op, inside composites too
 
 from ..compaction.surgery import CompactNet, IndexSelect
+from ..checks import is_int, is_number
 from .files import atomic_write
 from ..graph.trace import _MODULES, FUNCTIONS, Op
 from ..compaction.kernels import LoweredConv2d
@@ -135,25 +136,17 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
 
 # ---- validating a description --------------------------------------------------------------
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _int(cfg: dict, key: str, low: int, default=None) -> int:
     v = cfg.get(key, default)
-    if not _is_int(v) or v < low:
+    if not is_int(v) or v < low:
         raise ValueError(f"{key!r} must be an integer >= {low}, got {v!r}")
     return v
 
 
 def _pair(cfg: dict, key: str, low: int, default=None) -> tuple[int, int]:
     v = cfg.get(key, default)
-    pair = [v, v] if _is_int(v) else v
-    if not (isinstance(pair, list) and len(pair) == 2 and all(_is_int(x) and x >= low for x in pair)):
+    pair = [v, v] if is_int(v) else v
+    if not (isinstance(pair, list) and len(pair) == 2 and all(is_int(x) and x >= low for x in pair)):
         raise ValueError(f"{key!r} must be an integer >= {low} or a list of two, got {v!r}")
     return pair[0], pair[1]
 
@@ -204,11 +197,11 @@ def _check_value(key: str, p: inspect.Parameter, v) -> None:
         if not isinstance(v, bool):
             raise ValueError(f"{key!r} must be true or false, got {v!r}")
     elif isinstance(v, list):  # sizes: kernel_size [3, 3], output_size [None, 7] ...
-        if not (1 <= len(v) <= MAX_DIMS and all(_is_number(x) or x is None for x in v)):
+        if not (1 <= len(v) <= MAX_DIMS and all(is_number(x) or x is None for x in v)):
             raise ValueError(f"{key!r} must be a number or a short list of numbers, got {v!r}")
     elif isinstance(p.default, str) and not isinstance(v, str):
         raise ValueError(f"{key!r} must be a string, got {v!r}")
-    elif _is_number(p.default) and not (_is_number(v) or (key == "padding" and isinstance(v, str))):
+    elif is_number(p.default) and not (is_number(v) or (key == "padding" and isinstance(v, str))):
         raise ValueError(f"{key!r} must be a number, got {v!r}")
     elif not isinstance(v, (bool, int, float, str)):
         raise ValueError(f"{key!r} must be a number, a string or a list of numbers, got {v!r}")
@@ -230,7 +223,7 @@ def _op(cfg: dict) -> Op:
                 key not in params or key == next(iter(params))):
             raise ValueError(f"{fn} has no argument {key!r}")
         if not (v is None or isinstance(v, (bool, int, float, str))
-                or (isinstance(v, list) and len(v) <= MAX_DIMS and all(_is_number(x) for x in v))):
+                or (isinstance(v, list) and len(v) <= MAX_DIMS and all(is_number(x) for x in v))):
             raise ValueError(f"argument {key!r} of {fn} must be a number, a string or a list of numbers, got {v!r}")
     return Op(fn, kwargs)
 
@@ -248,7 +241,7 @@ def _module(name: str, kind, cfg, where: str) -> nn.Module:
         if cls is IndexSelect:  # sizes only: the weights file holds the index
             _only(cfg, {"dim", "index"})
             dim = cfg["dim"]
-            if not _is_int(dim) or not -MAX_DIMS <= dim <= MAX_DIMS:
+            if not is_int(dim) or not -MAX_DIMS <= dim <= MAX_DIMS:
                 raise ValueError(f"'dim' must be an integer in [-{MAX_DIMS}, {MAX_DIMS}], got {dim!r}")
             return IndexSelect(dim, _meta(_int(cfg, "index", 0), dtype=torch.long))
         if cls is ChannelPad:
@@ -260,7 +253,7 @@ def _module(name: str, kind, cfg, where: str) -> nn.Module:
         if cls is Constant:
             _only(cfg, {"shape"})
             shape = cfg["shape"]
-            if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(s) and s >= 0 for s in shape)):
+            if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(s) and s >= 0 for s in shape)):
                 raise ValueError(f"'shape' must be a list of at most {MAX_DIMS} sizes >= 0, got {shape!r}")
             return Constant(shape)
         if cls is LoweredConv2d:
@@ -319,7 +312,7 @@ def _check_names(names: list[str], where: Path) -> None:
 def _input_shape(value, where: Path) -> list[int] | None:
     if value is None:
         return None
-    if not (isinstance(value, list) and 1 <= len(value) <= MAX_DIMS and all(_is_int(s) and s >= 1 for s in value)):
+    if not (isinstance(value, list) and 1 <= len(value) <= MAX_DIMS and all(is_int(s) and s >= 1 for s in value)):
         raise ValueError(f"{where}: 'input_shape' must be null or a list of 1 to {MAX_DIMS} sizes >= 1 "
                          f"(one input, without the batch dimension), got {value!r}")
     n = 1
@@ -445,7 +438,7 @@ def load_compact(directory: str | os.PathLike) -> CompactNet:
     if not isinstance(arch, dict) or arch.get("format") != FORMAT:
         raise ValueError(f"{arch_path}: not a structsparse compact model description (format != {FORMAT!r})")
     version = arch.get("version")
-    if not _is_int(version) or version != VERSION:
+    if not is_int(version) or version != VERSION:
         raise ValueError(f"{arch_path}: unsupported version {version!r} (this library reads {VERSION})")
     input_shape = _input_shape(arch.get("input_shape"), arch_path)
     steps = arch.get("steps")
