@@ -42,6 +42,10 @@ def count_macs(model: nn.Module, example_input: torch.Tensor, per_module: bool =
     return out
 
 
+# The structure counts a run logs per layer and epoch (log.csv columns ``<layer>_<count>``), in this order.
+KEPT = ("filters_kept", "filters", "channels_kept", "channels")
+
+
 def _kept(norms: torch.Tensor) -> int:
     return int(norms.ne(0).sum())
 
@@ -97,6 +101,10 @@ class SparsityReport:
     def counter_agrees(self) -> bool:
         """Whether torch.utils.flop_counter counts the same dense multiply-adds as this report."""
         return self.counter_macs == self.macs
+
+    def kept(self) -> dict[str, list[int]]:
+        """``{layer: [filters kept, filters, channels kept, channels]}`` (the counts of :data:`KEPT`)."""
+        return {r["name"]: [r[k] for k in KEPT] for r in self.layers}
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "macs": self.macs, "macs_kept": self.macs_kept,

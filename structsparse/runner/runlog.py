@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ..report import KEPT
 from ..storage.files import atomic_write
 
 __all__ = ["RunLog", "csv_table", "plot_history", "CSV_NAME", "PLOT_NAME", "COLUMNS"]
@@ -26,7 +27,6 @@ TENSORBOARD_DIR = "tensorboard"
 # One row per epoch; then, per Conv2d/Linear layer, <layer>_filters_kept, <layer>_filters,
 # <layer>_channels_kept, <layer>_channels (non-zero groups, as in the history's "kept").
 COLUMNS = ("phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s", "flop_fraction")
-_KEPT = ("filters_kept", "filters", "channels_kept", "channels")
 
 
 def _layers(history: Sequence[dict]) -> list[str]:
@@ -39,7 +39,7 @@ def _layers(history: Sequence[dict]) -> list[str]:
 def csv_table(history: Sequence[dict]) -> tuple[list[str], list[list]]:
     """Header and rows of ``log.csv`` for ``history`` (missing values are empty cells)."""
     layers = _layers(history)
-    header = list(COLUMNS) + [f"{layer}_{what}" for layer in layers for what in _KEPT]
+    header = list(COLUMNS) + [f"{layer}_{what}" for layer in layers for what in KEPT]
     rows = []
     for rec in history:
         row = [rec.get(c) for c in COLUMNS]

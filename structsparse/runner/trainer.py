@@ -47,7 +47,6 @@ from torch import nn
 from ..storage import checkpoint as ckpt
 from . import distributed as dist_
 from ..zoo.data import load_dataset, make_loader, random_crop_flip
-from ..sparsity.groups import covered_modules, group_norms
 from ..zoo.models import build_model
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
 from .recipe import Phase, Recipe, upgrade_keys
@@ -144,17 +143,6 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
         wrong += (logits.argmax(1) != split.labels[i:i + batch_size]).sum()
     model.train(was_training)
     return wrong.item() / max(len(split), 1)
-
-
-@torch.no_grad()
-def kept_structures(model: nn.Module) -> dict[str, list[int]]:
-    """``{layer: [filters kept, filters, channels kept, channels]}`` (non-zero groups)."""
-    out = {}
-    for name, m in covered_modules(model).items():
-        g = getattr(m, "groups", 1)
-        f, c = group_norms(m.weight, "filter", g), group_norms(m.weight, "channel", g)
-        out[name] = [int((f > 0).sum()), f.numel(), int((c > 0).sum()), c.numel()]
-    return out
 
 
 def _kept_summary(kept: dict[str, list[int]]) -> str:
@@ -448,9 +436,9 @@ class Trainer:
     def _finish_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, stats: dict) -> None:
         phase = self.recipe.phases[p]
         val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
-        kept = kept_structures(self.model)
+        flop_fraction, kept = self._sparsity()
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
-               "val_error": val_error, "flop_fraction": self._flop_fraction(), "kept": kept}
+               "val_error": val_error, "flop_fraction": flop_fraction, "kept": kept}
         self.history.append(rec)
         pen = "" if stats["penalty"] is None else f" penalty {stats['penalty']:.4g}"
         self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
@@ -471,12 +459,14 @@ class Trainer:
             self.on_epoch_end(self, p, e)
 
     @torch.no_grad()
-    def _flop_fraction(self) -> float | None:
-        """Whole-model multiply-adds kept, from each layer's own zeros (the report's figure)."""
+    def _sparsity(self) -> tuple[float | None, dict[str, list[int]]]:
+        """Whole-model multiply-adds kept, from each layer's own zeros, and the kept structures per layer
+        (the report's figures; ``None, {}`` for a model the report cannot run)."""
         try:
-            return sparsity_report(self.model, self.splits["train"].images[:1], with_compact=False).flop_fraction
+            report = sparsity_report(self.model, self.splits["train"].images[:1], with_compact=False)
         except ValueError:
-            return None
+            return None, {}
+        return report.flop_fraction, report.kept()
 
     # ------------------------------------------------------------------ results
 
