@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .compaction.surgery import compact
-from .graph.trace import UnsupportedModelError
+from .graph import UnsupportedModelError
 from .sparsity.groups import covered_modules, group_norms
 from .compaction.kernels import LoweredConv2d
 

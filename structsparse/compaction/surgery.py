@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED, Graph, Node,
-                    channel_units, trace_graph)
+from ..graph import Graph, Node, channel_units, trace_graph
+from ..graph.ops import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED)
 from .kernels import LoweredConv2d
 from ..layers import Constant
 from ..speed.timing import time_interleaved

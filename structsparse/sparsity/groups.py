@@ -227,7 +227,7 @@ def coupled_channels(model: nn.Module, example_input: torch.Tensor,
     ``channel_lambdas`` maps layer names to their ``channel`` λ; a group's λ is the largest
     λ among the layers that read it.
     """
-    from ..graph.trace import channel_units, trace_graph  # graph imports nothing from here
+    from ..graph import channel_units, trace_graph  # graph imports nothing from here
 
     graph = trace_graph(model, example_input)
     units = channel_units(graph)

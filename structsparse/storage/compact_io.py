@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # sees every aten op
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..checks import is_int, is_number
 from .files import atomic_write
-from ..graph.trace import _MODULES, FUNCTIONS, Op
+from ..graph import FUNCTIONS, MODULE_ROLES, Op
 from ..compaction.kernels import LoweredConv2d
 from ..layers import Add, Cat, ChannelPad, Constant
 
@@ -37,7 +37,7 @@ __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
 
 ARCHITECTURE, WEIGHTS = "architecture.json", "model.safetensors"
 FORMAT, VERSION = "structsparse-compact", 1
-_TYPES: dict[str, type] = {cls.__name__: cls for types, _ in _MODULES for cls in types}
+_TYPES: dict[str, type] = {cls.__name__: cls for types, _ in MODULE_ROLES for cls in types}
 _TYPES.update({"Op": Op, "IndexSelect": IndexSelect, "LoweredConv2d": LoweredConv2d, "PReLU": nn.PReLU})
 _NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _MULTI_INPUT = (Add, Cat)        # steps that read one or more inputs; every other step reads exactly one

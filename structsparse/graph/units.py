@@ -1,0 +1,109 @@
+"""Channel units: the dependency graph of the channels.
+
+:func:`channel_units` follows every channel (dim 1) through channel-wise steps, residual adds,
+concatenation and flatten, so that all the places where one channel lives share one *unit*. A unit
+can be removed only as a whole: from every layer that writes it (filters) and every layer that reads
+it (input columns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, WEIGHTED
+from .trace import Graph, Node
+
+__all__ = ["ChannelUnits", "channel_units"]
+
+
+@dataclass
+class ChannelUnits:
+    """Which channels (dim-1 entries) of all tensors are one and the same channel.
+
+    ``of[node]`` holds the unit of each dim-1 entry of the node's output (for a flattened
+    tensor, each feature has the unit of the channel it came from). ``pinned[u]`` is True
+    for units that cannot be removed (they reach the model output, feed a step that mixes
+    channels, or touch a grouped conv). ``readers`` lists the Conv2d/Linear nodes: each reads
+    the units ``of_input[node]`` (its columns) and writes the units ``of[node]`` (its rows).
+    """
+
+    of: dict[str, torch.Tensor]
+    count: int
+    pinned: torch.Tensor
+    readers: list[str]
+    of_input: dict[str, torch.Tensor]  # reader → the units of its input
+
+    def reader_count(self) -> torch.Tensor:
+        """How many layers read each unit (a unit read by two or more layers is *coupled*)."""
+        counts = torch.zeros(self.count, dtype=torch.long)
+        for r in self.readers:
+            counts[self.of_input[r].unique()] += 1
+        return counts
+
+
+def _pin_all(node: Node) -> bool:
+    """Whether a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features))."""
+    if node.role == CONV:
+        return node.module.groups != 1 or len(node.out_shape) != 4
+    if node.role == LINEAR:
+        return len(node.out_shape) != 2 or len(node.in_shapes[0]) != 2
+    return False
+
+
+def channel_units(graph: Graph) -> ChannelUnits:
+    """Follow every channel through the graph; see :class:`ChannelUnits`."""
+    parent: list[int] = []
+
+    def new(n: int) -> torch.Tensor:
+        start = len(parent)
+        parent.extend(range(start, start + n))
+        return torch.arange(start, start + n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    of: dict[str, torch.Tensor] = {}
+    pinned_ids: list[torch.Tensor] = []
+    readers = []
+    for node in graph.nodes.values():
+        width = node.out_shape[1] if len(node.out_shape) > 1 else 1
+        ins = [of[i] for i in node.inputs]
+        if node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
+            of[node.name] = ins[0]
+        elif node.role == FLATTEN:
+            src = ins[0]
+            of[node.name] = src.repeat_interleave(width // src.numel()) if len(node.in_shapes[0]) > 2 else src
+        elif node.role == ADD:
+            for other in ins[1:]:
+                for a, b in zip(ins[0].tolist(), other.tolist()):
+                    ra, rb = find(a), find(b)
+                    if ra != rb:
+                        parent[rb] = ra
+            of[node.name] = ins[0]
+        elif node.role == CAT:
+            of[node.name] = torch.cat(ins)
+        elif node.role == CHPAD:
+            out = new(width)
+            out[node.module.index] = ins[0]
+            of[node.name] = out
+        else:  # input, const, conv, linear, mixing, and anything that makes new channels
+            of[node.name] = new(width)
+            if node.role in WEIGHTED:
+                readers.append(node.name)
+                if _pin_all(node):
+                    pinned_ids += [ins[0], of[node.name]]
+            elif node.role != INPUT and node.role != CONST:
+                pinned_ids += ins + [of[node.name]]
+    pinned_ids.append(of[graph.output])
+    roots = torch.tensor([find(i) for i in range(len(parent))], dtype=torch.long)
+    _, compact_ids = torch.unique(roots, return_inverse=True)
+    count = int(compact_ids.max()) + 1 if len(parent) else 0
+    of = {k: compact_ids[v] for k, v in of.items()}
+    pinned = torch.zeros(count, dtype=torch.bool)
+    for ids in pinned_ids:
+        pinned[compact_ids[ids]] = True
+    return ChannelUnits(of, count, pinned, readers, {r: of[graph.nodes[r].inputs[0]] for r in readers})
