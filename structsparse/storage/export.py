@@ -134,6 +134,53 @@ def _compare(what: str, session, model: nn.Module, inputs: tuple[torch.Tensor, .
                                   f"(max abs diff {diff}; rtol {RTOL}, atol {ATOL}){hint}")
 
 
+def _check_arguments(what: str, example_input, check, exporter: str, dynamic_batch: bool) -> tuple:
+    """The example inputs as a tuple, once the arguments of :func:`export_onnx` are found valid."""
+    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else example_input
+    if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise TypeError(f"{what}: example_input must be a tensor or a tuple of tensors, "
+                        f"got {type(example_input).__name__}")
+    if check not in (True, False, "require"):
+        raise ValueError(f"{what}: check must be True, False or 'require', got {check!r}")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"{what}: exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if dynamic_batch and any(x.dim() == 0 for x in inputs):
+        raise ValueError(f"{what}: dynamic_batch needs inputs with a batch dimension; got a 0-d tensor "
+                         "(pass dynamic_batch=False)")
+    return tuple(inputs)
+
+
+def _export(what: str, model: nn.Module, inputs: tuple, opset, dynamic_batch: bool, exporter: str) -> bytes:
+    """The ONNX bytes of ``model`` (in eval mode), from the exporters ``exporter`` names, in order."""
+    try:
+        with torch.no_grad():
+            outputs = model(*inputs)
+    except Exception as e:
+        raise ONNXExportError(f"{what}: the model fails on example_input in PyTorch "
+                              f"({type(e).__name__}: {e})") from e
+    try:
+        outputs = _leaves(outputs)
+    except TypeError as e:
+        raise TypeError(f"{what}: {e}") from None
+    # A batch of 1 would be specialised by torch.export: trace with the example repeated.
+    traced = tuple(torch.cat([x, x]) if dynamic_batch and x.shape[0] == 1 else x for x in inputs)
+    args = (model, traced, opset, dynamic_batch, _names("input", len(inputs)), _names("output", len(outputs)))
+    order = ["dynamo", "torchscript"] if exporter == "auto" and _dynamo_available() else \
+        ["torchscript"] if exporter == "auto" else [exporter]
+    failures, cause = [], None
+    for name in order:
+        try:
+            with _quiet():
+                return (_export_dynamo if name == "dynamo" else _export_torchscript)(*args)
+        except Exception as e:  # the exporters raise many types; each is reported below
+            cause = e
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            failures.append(f"the {name} exporter failed with {type(e).__name__}: {first}")
+            if name != order[-1]:
+                warnings.warn(f"{what}: {failures[-1]}; trying {order[-1]}", stacklevel=3)
+    raise ONNXExportError(f"{what}: could not export the model to ONNX: " + "; ".join(failures)) from cause
+
+
 def export_onnx(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor], path: str | os.PathLike, *,
                 opset: int | None = None, dynamic_batch: bool = True, check: bool | str = True,
                 exporter: str = "auto") -> Path:
@@ -153,18 +200,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Sequence[torch.T
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx expects an nn.Module, got {kind}")
     what = f"export_onnx({kind})"
-    inputs = (example_input,) if isinstance(example_input, torch.Tensor) else example_input
-    if not isinstance(inputs, (tuple, list)) or not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
-        raise TypeError(f"{what}: example_input must be a tensor or a tuple of tensors, "
-                        f"got {type(example_input).__name__}")
-    inputs = tuple(inputs)
-    if check not in (True, False, "require"):
-        raise ValueError(f"{what}: check must be True, False or 'require', got {check!r}")
-    if exporter not in EXPORTERS:
-        raise ValueError(f"{what}: exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if dynamic_batch and any(x.dim() == 0 for x in inputs):
-        raise ValueError(f"{what}: dynamic_batch needs inputs with a batch dimension; got a 0-d tensor "
-                         "(pass dynamic_batch=False)")
+    inputs = _check_arguments(what, example_input, check, exporter, dynamic_batch)
     run_check = bool(check) and _has("onnxruntime")
     if check and not run_check:
         if check == "require":
@@ -175,40 +211,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | Sequence[torch.T
     if exporter == "dynamo" and not _dynamo_available():
         raise ImportError(f"{what}: the dynamo exporter needs torch>=2.5 and onnxscript: {_INSTALL}")
     path = Path(path)
-    input_names = _names("input", len(inputs))
     was_training = model.training
     model.eval()
     try:
-        try:
-            with torch.no_grad():
-                outputs = model(*inputs)
-        except Exception as e:
-            raise ONNXExportError(f"{what}: the model fails on example_input in PyTorch "
-                                  f"({type(e).__name__}: {e})") from e
-        try:
-            outputs = _leaves(outputs)
-        except TypeError as e:
-            raise TypeError(f"{what}: {e}") from None
-        output_names = _names("output", len(outputs))
-        # A batch of 1 would be specialised by torch.export: trace with the example repeated.
-        traced = tuple(torch.cat([x, x]) if dynamic_batch and x.shape[0] == 1 else x for x in inputs)
-        args = (model, traced, opset, dynamic_batch, input_names, output_names)
-        order = ["dynamo", "torchscript"] if exporter == "auto" and _dynamo_available() else \
-            ["torchscript"] if exporter == "auto" else [exporter]
-        failures, data, cause = [], None, None
-        for name in order:
-            try:
-                with _quiet():
-                    data = (_export_dynamo if name == "dynamo" else _export_torchscript)(*args)
-                break
-            except Exception as e:  # the exporters raise many types; each is reported below
-                cause = e
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                failures.append(f"the {name} exporter failed with {type(e).__name__}: {first}")
-                if name != order[-1]:
-                    warnings.warn(f"{what}: {failures[-1]}; trying {order[-1]}", stacklevel=2)
-        if data is None:
-            raise ONNXExportError(f"{what}: could not export the model to ONNX: " + "; ".join(failures)) from cause
+        data = _export(what, model, inputs, opset, dynamic_batch, exporter)
         if run_check:
             try:
                 session = ort_session(data)
