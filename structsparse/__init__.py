@@ -8,7 +8,7 @@ from .sparsity import KINDS, GroupLasso, Masks, group_norms
 from .report import SparsityReport, sparsity_report
 from .compaction import LoweredConv2d, compact
 from .storage import export_onnx, load_compact, save_compact
-from .speed.measure import measure_speedup
+from .speed import measure_speedup
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED)
 from .kernels import LoweredConv2d
 from ..layers import Constant
-from ..speed.timing import time_interleaved
+from ..timing import time_interleaved
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 

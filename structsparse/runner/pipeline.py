@@ -18,7 +18,7 @@ import torch
 from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SpeedReport, measure_speedup
-from ..speed.timing import machine_info
+from ..timing import machine_info
 from ..storage.checkpoint import has_checkpoint
 from ..storage.compact_io import save_compact
 from . import distributed

@@ -1,3 +1,5 @@
-"""Where a speed is measured: timing primitives and the machine stamp (:mod:`.timing`, imports only torch,
-so that compaction can time candidate kernels), a compact model against its original (:mod:`.measure`),
-and the paper's layer benchmarks (:mod:`.layer_bench`)."""
+"""Where a speed is measured: a compact model against its original, per layer and whole (:mod:`.measure`),
+and the paper's layer benchmarks (:mod:`.layer_bench`). Both time with :mod:`structsparse.timing`."""
+from .measure import SpeedReport, measure_speedup
+
+__all__ = ["measure_speedup", "SpeedReport"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..compaction.surgery import lower_conv
 from ..paper import ALEXNET, PAPER_TABLE4, ConvShape
-from .timing import machine_info, summarize, time_interleaved
+from ..timing import machine_info, summarize, time_interleaved
 
 __all__ = ["ALEXNET", "PAPER_TABLE4", "ConvShape", "lowered_conv", "sparse_conv_weight", "time_conv_layer",
            "alexnet_table4", "column_sweep", "table4_markdown", "table4_plot", "sweep_markdown", "sweep_plot", "write",

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..sparsity.groups import covered_modules
-from .timing import machine_info, summarize, time_interleaved
+from ..timing import machine_info, summarize, time_interleaved
 
 __all__ = ["measure_speedup", "SpeedReport"]
 
