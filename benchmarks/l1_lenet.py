@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The paper's motivating contrast on MNIST: LeNet with unstructured (elementwise) ℓ1 sparsity.
 
-Same start, schedule and protocol as our SSL LeNet 2 row (results/mnist/lenet2: its chosen
+Same start, schedule and protocol as our SSL LeNet 2 row (results/mnist/table/lenet2: its chosen
 candidate's recipe on the 50k training images, then its final run on train + val), only the
 regulariser differs:
 
@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import shlex
 import statistics
 import sys
 import time
@@ -47,22 +46,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist_common import ROOT, row_metrics, row_recipe_path, train_phase  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: experiments/
+from experiments.mnist import PEERS, RESULTS, row_metrics, row_recipe_path  # noqa: E402
+from experiments.peers import train_phase  # noqa: E402
+from experiments.runs import ROOT, command_line  # noqa: E402
 
 from structsparse import Masks, compact, load_compact, sparsity_report  # noqa: E402
-from structsparse.speed.layer_bench import ConvShape, lowered_conv  # noqa: E402
-from structsparse.speed.timing import machine_info  # noqa: E402
-from structsparse.zoo.models import LeNet  # noqa: E402
 from structsparse.runner.recipe import load_recipe  # noqa: E402
-from structsparse.speed.timing import time_interleaved  # noqa: E402
 from structsparse.runner.trainer import evaluate, load_splits  # noqa: E402
+from structsparse.speed.layer_bench import ConvShape, lowered_conv  # noqa: E402
+from structsparse.timing import machine_info, time_interleaved  # noqa: E402
+from structsparse.zoo.models import LeNet  # noqa: E402
 
 LAYERS = ("conv1", "conv2", "fc1")
 WORK = ROOT / "runs" / "mnist" / "peers" / "l1"
-OUT = ROOT / "results" / "mnist" / "peers"
-ROW = "lenet2"   # the SSL row this peer is set beside (results/mnist/lenet2)
+OUT = PEERS
+ROW = "lenet2"   # the SSL row this peer is set beside (results/mnist/table/lenet2)
 VAL_SLACK = 0.002
+SCRIPT = "benchmarks/l1_lenet.py"
 LENET_CONVS = (ConvShape("conv1", 1, 20, 5, 1, 0, 1, 28), ConvShape("conv2", 20, 50, 5, 1, 0, 1, 12))
 
 
@@ -96,10 +97,9 @@ def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = F
             w.masked_fill_(w.abs() < zero_below, 0.0)
 
     t0 = time.perf_counter()
-    hist = train_phase(model, splits, l1_phase, recipe.seed, ssl_index, recipe.batch_size, after_step=prox)
+    hist = train_phase(model, splits, recipe, ssl_index, l1_phase, after_step=prox)
     masks = Masks(model, {n: getattr(model, n).weight.ne(0) for n in LAYERS})
-    hist += train_phase(model, splits, ft_phase, recipe.seed, ft_index, recipe.batch_size,
-                        after_step=lambda opt: masks.apply_())
+    hist += train_phase(model, splits, recipe, ft_index, ft_phase, after_step=lambda opt: masks.apply_())
     masks.detach()
     secs = time.perf_counter() - t0
     WORK.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,7 @@ def train(lam: float, dense_dir: Path, zero_below: float = 1e-4, final: bool = F
                                              "finetune": {**dataclasses.asdict(ft_phase),
                                                           "phase_index_for_shuffles": ft_index}},
            "zero_fraction": {n: float(getattr(model, n).weight.eq(0).float().mean()) for n in LAYERS},
-           "command": "python benchmarks/l1_lenet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+           "command": command_line(SCRIPT), "machine": machine_info(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     (WORK / f"{_tag(lam, final)}.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"λ={lam:g}{' (train + val)' if final else ''}: val {100 * rec['val_error']:.2f}%, zeros "
           + ", ".join(f"{n} {100 * z:.1f}%" for n, z in rec["zero_fraction"].items()) + f" ({secs:.0f} s)", flush=True)
@@ -244,6 +243,54 @@ def chosen_lambda(cands: list[dict], row: dict) -> dict:
     return select(cands, row["val_error"])
 
 
+def compacted(model: LeNet, example: torch.Tensor) -> tuple:
+    """``model``'s compacted copy and its sparsity report (as a dict)."""
+    model.eval()
+    with torch.no_grad():
+        small = compact(model, example)
+    return small, sparsity_report(model, example, compacted=small).to_dict()
+
+
+def conv_flops(rep: dict) -> list[float]:
+    """conv1's and conv2's FLOP fractions after compaction, from a sparsity report."""
+    L = {l["name"]: l for l in rep["layers"]}
+    return [L["conv1"]["compact_flop_fraction"], L["conv2"]["compact_flop_fraction"]]
+
+
+def load_lenet(weights: str) -> LeNet:
+    model = LeNet()
+    model.load_state_dict(load_file(ROOT / weights))
+    return model.eval()
+
+
+def ssl_row(lenet2: dict) -> dict:
+    """What the table shows of our LeNet 2 row: errors, zero weights, zero filters and columns, FLOP."""
+    OL = {l["name"]: l for l in lenet2["layers"]}
+    trained2 = ROOT / lenet2["selection"]["final"]["run"] / "trained.safetensors"
+    if trained2.is_file():
+        sd = load_file(trained2)
+        sparsity = {n: float(sd[f"{n}.weight"].eq(0).float().mean()) for n in LAYERS}
+    else:   # the run is gone: the kept parameters of the committed row
+        sparsity = {n: 1 - OL[n]["params_kept"] / OL[n]["params"] for n in LAYERS}
+    return {"result": f"{RESULTS.relative_to(ROOT).as_posix()}/{ROW}/metrics.json", "test_error": lenet2["test_error"],
+            "val_error": lenet2["val_error"], "sparsity": sparsity,
+            "zero_columns": [OL[n]["columns"] - OL[n]["columns_kept"] for n in ("conv1", "conv2")],
+            "zero_filters": [OL[n]["filters"] - OL[n]["filters_kept"] for n in ("conv1", "conv2")],
+            "compact_flop": [OL["conv1"]["compact_flop_fraction"], OL["conv2"]["compact_flop_fraction"]],
+            "compact_flop_total": lenet2["compact_flop_fraction"]}
+
+
+def time_candidates(cands: list[dict], splits, ours_model, args) -> None:
+    """Every λ (after the choice): structure, compaction, test error, timing (added to its record)."""
+    ex = splits["test"].images[:1]
+    for c in cands:
+        cm = load_lenet(c["weights"])
+        cs, crep = compacted(cm, ex)
+        c.update({"test_error": evaluate(cm, splits["test"], 1000), "layers": layer_stats(cm),
+                  "compact_flop": conv_flops(crep), "compact_flop_total": crep["compact_flop_fraction"],
+                  "timing": time_convs(cm, ours_model, args.repeats, args.warmup, cs)})
+
+
 def assemble(args) -> dict:
     cands = candidates()
     lenet2 = row_metrics(ROW)
@@ -253,26 +300,14 @@ def assemble(args) -> dict:
         raise SystemExit(f"{final_json} missing: run --refit first (the chosen λ on train + val)")
     final = json.loads(final_json.read_text())
     splits = load_splits(load_recipe(ROOT / row_recipe_path(lenet2, final=False)))   # the test images; the val images of the candidates
-    model = LeNet()
-    model.load_state_dict(load_file(ROOT / final["weights"]))
-    model.eval()
-    ex = splits["test"].images[:1]
-    with torch.no_grad():
-        small = compact(model, ex)
-    rep = sparsity_report(model, ex, compacted=small).to_dict()
-    L = {l["name"]: l for l in rep["layers"]}
+    model = load_lenet(final["weights"])
+    small, rep = compacted(model, splits["test"].images[:1])
     err = evaluate(model, splits["test"], 1000)
     assert evaluate(small, splits["test"], 1000) == err
-    ours_model = load_compact(ROOT / "results" / "mnist" / "lenet2" / "model").eval()
-    trained2 = ROOT / lenet2["selection"]["final"]["run"] / "trained.safetensors"
-    ssl_sparsity = None
-    if trained2.is_file():
-        sd = load_file(trained2)
-        ssl_sparsity = {n: float(sd[f"{n}.weight"].eq(0).float().mean()) for n in ("conv1", "conv2", "fc1")}
-    OL = {l["name"]: l for l in lenet2["layers"]}
+    ours_model = load_compact(RESULTS / ROW / "model").eval()
     res = {"benchmark": "elementwise ℓ1 LeNet vs SSL LeNet 2, MNIST",
-           "command": "python benchmarks/l1_lenet.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-           "machine": machine_info(1), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "command": command_line(SCRIPT), "machine": machine_info(1),
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "repeats": args.repeats, "warmup": args.warmup,
            "selection_rule": f"among the trained λs, those whose final validation error is within {100 * VAL_SLACK:.1f} "
                              "points of our LeNet 2's chosen candidate's; of these, the one with the most zero "
@@ -282,32 +317,11 @@ def assemble(args) -> dict:
                                              "command", "date")} for c in cands],
            "chosen": {**final, "candidate_val_error": chosen["val_error"], "test_error": err,
                       "test_wrong": round(err * len(splits["test"])),
-                      "layers": layer_stats(model), "sparsity_report": rep,
-                      "compact_flop": [L["conv1"]["compact_flop_fraction"], L["conv2"]["compact_flop_fraction"]],
+                      "layers": layer_stats(model), "sparsity_report": rep, "compact_flop": conv_flops(rep),
                       "compact_flop_total": rep["compact_flop_fraction"]},
-           "ssl_lenet2": {"result": "results/mnist/lenet2/metrics.json", "test_error": lenet2["test_error"],
-                          "val_error": lenet2["val_error"], "sparsity": ssl_sparsity or {},
-                          "zero_columns": [OL["conv1"]["columns"] - OL["conv1"]["columns_kept"],
-                                           OL["conv2"]["columns"] - OL["conv2"]["columns_kept"]],
-                          "zero_filters": [OL["conv1"]["filters"] - OL["conv1"]["filters_kept"],
-                                           OL["conv2"]["filters"] - OL["conv2"]["filters_kept"]],
-                          "compact_flop": [OL["conv1"]["compact_flop_fraction"], OL["conv2"]["compact_flop_fraction"]],
-                          "compact_flop_total": lenet2["compact_flop_fraction"]}}
-    if not ssl_sparsity:
-        res["ssl_lenet2"]["sparsity"] = {n: 1 - OL[n]["params_kept"] / OL[n]["params"] for n in ("conv1", "conv2", "fc1")}
+           "ssl_lenet2": ssl_row(lenet2)}
     res["timing"] = time_convs(model, ours_model, args.repeats, args.warmup, small)
-    for c in res["candidates"]:   # every λ (after the choice): structure, compaction, test error, timing
-        cm = LeNet()
-        cm.load_state_dict(load_file(ROOT / c["weights"]))
-        cm.eval()
-        with torch.no_grad():
-            cs = compact(cm, ex)
-        crep = sparsity_report(cm, ex, compacted=cs).to_dict()
-        CL = {l["name"]: l for l in crep["layers"]}
-        c.update({"test_error": evaluate(cm, splits["test"], 1000), "layers": layer_stats(cm),
-                  "compact_flop": [CL["conv1"]["compact_flop_fraction"], CL["conv2"]["compact_flop_fraction"]],
-                  "compact_flop_total": crep["compact_flop_fraction"],
-                  "timing": time_convs(cm, ours_model, args.repeats, args.warmup, cs)})
+    time_candidates(res["candidates"], splits, ours_model, args)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "l1.json").write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
     md = markdown(res)

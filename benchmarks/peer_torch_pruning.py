@@ -8,7 +8,7 @@ Optional dependency, only for this benchmark (not a dependency of structsparse):
 Same start, same target structure, same fine-tuning budget:
 
 1. Start: the dense LeNet our LeNet 2 / LeNet 3 rows start from, i.e. the model after the
-   ``dense`` phase of their recipes (results/mnist/<row>/metrics.json ``recipe``; LeNet 2's and
+   ``dense`` phase of their recipes (results/mnist/table/<row>/metrics.json ``recipe``; LeNet 2's and
    LeNet 3's dense phases are the same). Their run checkpoints keep only the last epoch, so it is
    recreated by ``recipes/mnist/lenet_dense4_final.yaml`` (that phase alone, same seed, shuffles
    and training images: train + val, as the final rows)::
@@ -19,13 +19,13 @@ Same start, same target structure, same fine-tuning budget:
    conv2's input channels, conv2's filters to fc1's 16 input columns each, through the flatten),
    ``tp.importance.MagnitudeImportance(p=1, normalizer=None, group_reduction="mean")`` (the L1
    norm of each coupled group, Torch-Pruning's "group L1"), keeping, per layer, exactly as many
-   filters/neurons as our compact model has (read from results/mnist/<row>/metrics.json
+   filters/neurons as our compact model has (read from results/mnist/table/<row>/metrics.json
    ``compact_shapes``: conv1 and conv2 filters, fc1 neurons).
 3. Fine-tune with exactly our fine-tuning phase (the recipe's last phase: epochs, lr schedule,
    momentum, weight decay, batch 64, and the same batches in the same order).
 4. Evaluate test error (10k MNIST test images) and time the dense model, our compact model
-   (results/mnist/<row>/model) and the Torch-Pruning model on one thread, batch 1 and 64,
-   in interleaved repetitions (:func:`structsparse.speed.timing.time_interleaved`), plus the
+   (results/mnist/table/<row>/model) and the Torch-Pruning model on one thread, batch 1 and 64,
+   in interleaved repetitions (:func:`structsparse.timing.time_interleaved`), plus the
    per-layer speedups of each against the dense model (:func:`structsparse.measure_speedup`).
 
 Our pipeline trains 4 dense + 8 SSL + 6 fine-tuning epochs; Torch-Pruning here gets
@@ -55,19 +55,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _mnist_common import (ROOT, lenet_from_state, layer_macs, row_metrics, row_recipe_path,  # noqa: E402
-                           total_flops, train_phase)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the repository root: experiments/
+from experiments.mnist import PEERS, RESULTS, row_metrics, row_recipe_path  # noqa: E402
+from experiments.peers import layer_macs, lenet_from_state, total_flops, train_phase  # noqa: E402
+from experiments.runs import ROOT, read_json, repo_path  # noqa: E402
 
 from structsparse import load_compact, measure_speedup  # noqa: E402
-from structsparse.speed.timing import machine_info  # noqa: E402
-from structsparse.zoo.models import LeNet  # noqa: E402
 from structsparse.runner.recipe import load_recipe  # noqa: E402
-from structsparse.speed.timing import time_interleaved  # noqa: E402
 from structsparse.runner.trainer import evaluate, load_splits  # noqa: E402
+from structsparse.timing import machine_info, time_interleaved  # noqa: E402
+from structsparse.zoo.models import LeNet  # noqa: E402
 
 ROWS = ("lenet2", "lenet3")
-OUT = ROOT / "results" / "mnist" / "peers"
+OUT = PEERS
+SCRIPT = "benchmarks/peer_torch_pruning.py"
 WORK = ROOT / "runs" / "mnist" / "peers" / "torch_pruning"
 
 
@@ -112,10 +113,10 @@ def longer(phase, epochs: int):
 
 
 def row_recipe(row: str):
-    return load_recipe(ROOT / row_recipe_path(row_metrics(row)))
+    return load_recipe(repo_path(row_recipe_path(row_metrics(row))))
 
 
-def train_rows(args, splits, dense: LeNet, dense_dir: Path) -> dict:
+def train_rows(args, splits, dense: LeNet) -> dict:
     out = {}
     for row in args.rows:
         recipe = row_recipe(row)
@@ -135,7 +136,7 @@ def train_rows(args, splits, dense: LeNet, dense_dir: Path) -> dict:
         for tag, phase in variants:
             model = copy.deepcopy(model0)
             t0 = time.perf_counter()
-            hist = train_phase(model, splits, phase, recipe.seed, ft_index, recipe.batch_size)
+            hist = train_phase(model, splits, recipe, ft_index, phase)
             secs = time.perf_counter() - t0
             path = WORK / f"{row}_{tag}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,7 @@ def timing(rows: list[str], dense: LeNet, models: dict, repeats: int, warmup: in
     gen = torch.Generator().manual_seed(0)
     out = {"threads": 1, "repeats": repeats, "warmup": warmup, "rows": {}}
     for row in rows:
-        ours = load_compact(ROOT / "results" / "mnist" / row / "model").eval()
+        ours = load_compact(RESULTS / row / "model").eval()
         peer = models[row].eval()
         r = {}
         with torch.inference_mode():
@@ -236,7 +237,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dense", default="runs/mnist/lenet_dense4_final",
                     help="run dir of recipes/mnist/lenet_dense4_final.yaml (the rows' dense phase)")
@@ -247,22 +248,56 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--out", default=str(OUT))
-    args = ap.parse_args(argv)
-    dense_dir = ROOT / args.dense
-    dm = json.loads((dense_dir / "metrics.json").read_text())
+    return ap
+
+
+def load_dense(run: str, rows: list[str]) -> tuple[LeNet, dict, object]:
+    """The dense start (a finished run of the rows' dense phase): model, its metrics, its recipe."""
+    dense_dir = ROOT / run
+    dm = read_json(dense_dir / "metrics.json")
     dense = LeNet()
     dense.load_state_dict(load_file(dense_dir / "trained.safetensors"))
     dense.eval()
-    recipe = load_recipe(ROOT / dm["recipe"])
-    for row in args.rows:   # the dense run must be the rows' dense phase, on the same training images
+    recipe = load_recipe(repo_path(dm["recipe"]))
+    for row in rows:   # the dense run must be the rows' dense phase, on the same training images
         rr = row_recipe(row)
         if (rr.phases[0], rr.seed, rr.train_with_val) != (recipe.phases[0], recipe.seed, recipe.train_with_val):
-            raise SystemExit(f"{args.dense}: not the dense phase of {row}'s recipe {row_recipe_path(row_metrics(row))}")
+            raise SystemExit(f"{run}: not the dense phase of {row}'s recipe {row_recipe_path(row_metrics(row))}")
+    return dense, dm, recipe
+
+
+def ours_record(row: str, example: torch.Tensor, dense_flops: int) -> dict:
+    """Our committed row as the table shows it: errors, epochs, filters, FLOP."""
+    ours = row_metrics(row)
+    L = {l["name"]: l for l in ours["layers"]}
+    shapes = ours["compact_shapes"]
+    return {"result": f"{RESULTS.relative_to(ROOT).as_posix()}/{row}/metrics.json", "test_error": ours["test_error"],
+            "val_error": ours["val_error"], "epochs": sum(p.epochs for p in row_recipe(row).phases),
+            "filters": [shapes["conv1"]["out_channels"], shapes["conv2"]["out_channels"]],
+            "conv2_channels_read": shapes["conv2"]["in_channels"], "fc1": shapes["fc1"]["out_features"],
+            "flop": [L["conv1"]["compact_flop_fraction"], L["conv2"]["compact_flop_fraction"]],
+            "flop_total": ours["compact_flop_fraction"],
+            "flop_total_flop_counter": total_flops(load_compact(RESULTS / row / "model"), example) / dense_flops}
+
+
+def peer_record(model: LeNet, example: torch.Tensor, dense_macs: dict, dense_flops: int) -> dict:
+    """The Torch-Pruning model's filters, neurons and FLOP, counted on the model as it runs."""
+    macs = layer_macs(model, example)
+    return {"filters": [model.conv1.out_channels, model.conv2.out_channels],
+            "conv2_channels_read": model.conv2.in_channels, "fc1": model.fc1.out_features,
+            "macs": macs, "flop_per_layer": {k: macs[k] / dense_macs[k] for k in macs},
+            "flop": [macs["conv1"] / dense_macs["conv1"], macs["conv2"] / dense_macs["conv2"]],
+            "flop_total": total_flops(model, example) / dense_flops}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    dense, dm, recipe = load_dense(args.dense, args.rows)
     splits = load_splits(recipe)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "torch_pruning.json"
-    command = "python benchmarks/peer_torch_pruning.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = f"python {SCRIPT} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.time_only:
         res = json.loads(json_path.read_text())
         res["timing_command"] = command
@@ -272,33 +307,16 @@ def main(argv=None) -> int:
                "dense": {"run": args.dense, "recipe": dm["recipe"], "command": dm["command"],
                          "test_error": evaluate(dense, splits["test"], 1000), "val_error": evaluate(dense, splits["val"], 1000),
                          "dense_phase_of": ", ".join(row_recipe_path(row_metrics(r)) for r in args.rows)},
-               "rows": train_rows(args, splits, dense, dense_dir)}
+               "rows": train_rows(args, splits, dense)}
     res["machine"] = machine_info(1)
     res["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     res["timed_variant"] = "ft"
     models, example = {}, torch.zeros(1, 1, 28, 28)
-    dense_macs = layer_macs(dense, example)
-    dense_flops = total_flops(dense, example)
+    dense_macs, dense_flops = layer_macs(dense, example), total_flops(dense, example)
     for row, r in res["rows"].items():
-        ours = row_metrics(row)
-        L = {l["name"]: l for l in ours["layers"]}
-        train_epochs = sum(p.epochs for p in load_recipe(ROOT / row_recipe_path(ours)).phases)
-        r["ours"] = {"result": f"results/mnist/{row}/metrics.json", "test_error": ours["test_error"],
-                     "val_error": ours["val_error"], "epochs": train_epochs,
-                     "filters": [ours["compact_shapes"]["conv1"]["out_channels"], ours["compact_shapes"]["conv2"]["out_channels"]],
-                     "conv2_channels_read": ours["compact_shapes"]["conv2"]["in_channels"],
-                     "fc1": ours["compact_shapes"]["fc1"]["out_features"],
-                     "flop": [L["conv1"]["compact_flop_fraction"], L["conv2"]["compact_flop_fraction"]],
-                     "flop_total": ours["compact_flop_fraction"],
-                     "flop_total_flop_counter": total_flops(load_compact(ROOT / "results" / "mnist" / row / "model"), example) / dense_flops}
-        model = lenet_from_state(load_file(ROOT / r["variants"][res["timed_variant"]]["weights"])).eval()
-        models[row] = model
-        macs = layer_macs(model, example)
-        r["torch_pruning"] = {"filters": [model.conv1.out_channels, model.conv2.out_channels],
-                              "conv2_channels_read": model.conv2.in_channels, "fc1": model.fc1.out_features,
-                              "macs": macs, "flop_per_layer": {k: macs[k] / dense_macs[k] for k in macs},
-                              "flop": [macs["conv1"] / dense_macs["conv1"], macs["conv2"] / dense_macs["conv2"]],
-                              "flop_total": total_flops(model, example) / dense_flops}
+        r["ours"] = ours_record(row, example, dense_flops)
+        models[row] = lenet_from_state(load_file(ROOT / r["variants"][res["timed_variant"]]["weights"])).eval()
+        r["torch_pruning"] = peer_record(models[row], example, dense_macs, dense_flops)
     res["dense_macs"] = dense_macs
     res["timing"] = timing(list(res["rows"]), dense, models, args.repeats, args.warmup)
     json_path.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from structsparse.zoo.models import build_model  # noqa: E402
-from structsparse.speed.timing import machine_info  # noqa: E402
+from structsparse.timing import machine_info  # noqa: E402
 from structsparse.sparsity.penalty import GroupLasso  # noqa: E402
 
 

@@ -1,22 +1,18 @@
-"""The committed MNIST reproductions (results/mnist/*/) load and give exactly their recorded test error."""
-import importlib.util
+"""The committed MNIST reproductions (results/mnist/*/) load and give exactly their recorded test error;
+the selection rule, verdicts and seed records of the experiments package behave as documented."""
 import json
 from pathlib import Path
 
 import pytest
 
+from experiments import mnist_assemble, mnist_seeds, mnist_select, mnist_tables
+from experiments.mnist import PAPER_ROWS, RESULTS
+from experiments.runs import verify
 from structsparse.zoo.data import default_root
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results" / "mnist"
 ROWS = {"LeNet 1", "LeNet 2", "LeNet 3", "LeNet 4", "LeNet 5", "MLP 1", "MLP 2", "MLP 3"}
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("reproduce_mnist", ROOT / "scripts" / "reproduce_mnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+assert PAPER_ROWS == ROWS
 
 
 def _results():
@@ -44,7 +40,7 @@ def test_results_metrics_are_complete():
 def test_verify_reproduces_recorded_test_errors():
     if not _results():
         pytest.skip("no results/mnist/*/metrics.json committed")
-    assert _script().verify(RESULTS) == []
+    assert verify(RESULTS, "mnist", ROWS, "paper_row") == []
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*.yaml")), ids=lambda p: p.name)
@@ -98,8 +94,6 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
     src = RESULTS / "lenet2" / "metrics.json"
     if not src.is_file():
         pytest.skip("results/mnist/lenet2 not committed")
-    mod = _script()
-    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
     (tmp_path / "results" / "lenet2").mkdir(parents=True)
     r = json.loads(src.read_text())
     r.pop("seeds", None)
@@ -113,32 +107,31 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
         "machine": r["machine"], "date": r["date"], "train_seconds": 1.0,
         "test_error": {"original": 0.01, "compact": 0.01}, "val_error": {"finetune": 0.011},
         "sparsity": {"layers": layers, "flop_fraction": 0.3, "compact_flop_fraction": 0.12}}))
-    seeds = mod.add_seeds("lenet2", [run])
+    seeds = mnist_seeds.add_seeds("lenet2", [run], tmp_path / "results")
     assert [e["seed"] for e in seeds["runs"]] == [0, 1]
     assert seeds["summary"]["test_error"]["values"] == [r["test_error"], 0.01]
     conv1 = seeds["summary"]["layers"]["conv1"]["filters_kept"]
     assert conv1["min"] == r["layers"][0]["filters_kept"] and conv1["max"] == conv1["min"] + 1
     assert "seeds" in json.loads((tmp_path / "results" / "lenet2" / "metrics.json").read_text())
-    assert "Spread over three seeds" in "\n".join(mod.seeds_table({"lenet2": json.loads(
+    assert "Spread over three seeds" in "\n".join(mnist_tables.seeds_table({"lenet2": json.loads(
         (tmp_path / "results" / "lenet2" / "metrics.json").read_text())}))
     bad = tmp_path / "lenet3_run"
     bad.mkdir()
     (bad / "metrics.json").write_text((run / "metrics.json").read_text().replace(seed1, "recipes/mnist/lenet1.yaml"))
     with pytest.raises(SystemExit):
-        mod.add_seeds("lenet2", [bad])
+        mnist_seeds.add_seeds("lenet2", [bad], tmp_path / "results")
 
 
 def test_check_refit_accepts_only_the_chosen_recipe_on_train_and_val(tmp_path):
-    mod = _script()
     runs = {}
     for name in ("lenet2_b", "lenet2_b_final", "lenet3", "lenet2"):
         runs[name] = tmp_path / name
         runs[name].mkdir()
         (runs[name] / "metrics.json").write_text(json.dumps({"recipe": f"recipes/mnist/{name}.yaml"}))
-    mod.check_refit(runs["lenet2_b"], runs["lenet2_b_final"])
+    mnist_assemble.check_refit(runs["lenet2_b"], runs["lenet2_b_final"])
     for chosen, final in (("lenet3", "lenet2_b_final"), ("lenet2", "lenet2_b_final"), ("lenet2_b", "lenet2_b")):
         with pytest.raises(SystemExit, match="train_with_val"):
-            mod.check_refit(runs[chosen], runs[final])
+            mnist_assemble.check_refit(runs[chosen], runs[final])
 
 
 def _layers(*flops):
@@ -146,7 +139,7 @@ def _layers(*flops):
 
 
 def test_verdict_applies_the_issue_targets():
-    v = _script().verdict   # LeNet 2: paper 0.8% error, FLOP 25%—7.6%
+    v = mnist_select.verdict   # LeNet 2: paper 0.8% error, FLOP 25%—7.6%
     assert v("lenet2", 0.0079, _layers(0.25, 0.05)) == "beats (lower error) and lower FLOP"
     assert v("lenet2", 0.0079, _layers(0.25, 0.076)) == "beats (lower error)"
     assert v("lenet2", 0.0080, _layers(0.25, 0.05)) == "beats (lower FLOP)"
@@ -159,7 +152,6 @@ def test_verdict_applies_the_issue_targets():
 
 
 def test_select_prefers_candidates_at_the_flop_target(tmp_path):
-    mod = _script()
     runs = []
     for name, val, flops in (("a", 0.010, (0.25, 0.08)), ("b", 0.011, (0.20, 0.07)), ("c", 0.012, (0.1, 0.05))):
         d = tmp_path / name
@@ -167,8 +159,8 @@ def test_select_prefers_candidates_at_the_flop_target(tmp_path):
         (d / "metrics.json").write_text(json.dumps({"val_error": {"finetune": val},
                                                     "sparsity": {"layers": _layers(*flops)}}))
         runs.append(d)
-    assert mod.select("lenet2", runs) == runs[1]          # a is above the paper's conv2 FLOP; b has the lower val
-    assert mod.select("lenet2", runs[:1]) == runs[0]      # none at the target: the nearest structure
+    assert mnist_select.select("lenet2", runs) == runs[1]          # a is above the paper's conv2 FLOP; b has the lower val
+    assert mnist_select.select("lenet2", runs[:1]) == runs[0]      # none at the target: the nearest structure
 
 
 def _record(run, val, own, compact=None):
@@ -178,35 +170,32 @@ def _record(run, val, own, compact=None):
 
 
 def test_select_weighs_recorded_candidates_and_refuses_to_guess(tmp_path):
-    mod = _script()
     d = tmp_path / "new"
     d.mkdir()
     (d / "metrics.json").write_text(json.dumps({"val_error": {"finetune": 0.011},
                                                 "sparsity": {"layers": _layers(0.20, 0.07)}}))
     at = _record("old_at", 0.010, (0.20, 0.05))                  # own-zeros FLOP at the target: so is compact
-    assert mod.select("lenet2", [d, at]) is at
+    assert mnist_select.select("lenet2", [d, at]) is at
     unknown_worse = _record("old_unknown", 0.012, (0.30, 0.05))  # whatever its place, the new run wins
-    assert mod.select("lenet2", [d, unknown_worse]) == d
+    assert mnist_select.select("lenet2", [d, unknown_worse]) == d
     unknown_better = _record("old_unknown", 0.010, (0.30, 0.05))
     with pytest.raises(SystemExit, match="old_unknown"):
-        mod.select("lenet2", [d, unknown_better])
+        mnist_select.select("lenet2", [d, unknown_better])
     known = _record("old_known", 0.010, (0.30, 0.05), compact=(0.26, 0.05))   # recorded after compaction: above
-    assert mod.select("lenet2", [d, known]) == d
+    assert mnist_select.select("lenet2", [d, known]) == d
 
 
 def test_recorded_candidates_leave_out_the_runs_given(tmp_path):
-    mod = _script()
     row = tmp_path / "lenet2"
     row.mkdir()
     recs = [_record("runs/mnist/a", 0.01, (0.2, 0.05)), _record("runs/mnist/b", 0.01, (0.2, 0.05))]
     (row / "metrics.json").write_text(json.dumps({"selection": {"candidates": recs}}))
-    assert [r["run"] for r in mod.recorded_candidates("lenet2", [Path("runs/mnist/a")], tmp_path)] == ["runs/mnist/b"]
+    assert [r["run"] for r in mnist_select.recorded_candidates("lenet2", [Path("runs/mnist/a")], tmp_path)] == ["runs/mnist/b"]
 
 
 def test_select_infers_a_record_from_the_committed_choice(tmp_path):
     """A record whose FLOP after compaction is unknown, but which the committed row chose although a nearer
     structure was within the slack, was at the target: the new choice can rest on that."""
-    mod = _script()
     d = tmp_path / "new"
     d.mkdir()
     keys = ("filters_kept", "filters", "channels_kept", "channels", "columns_kept", "columns")
@@ -217,11 +206,11 @@ def test_select_infers_a_record_from_the_committed_choice(tmp_path):
     near = {**_record("old_near", 0.011, (0.30, 0.05)), "structure_distance": 0.1, "chosen": False}
     prior = [chosen, near]
     with pytest.raises(SystemExit):
-        mod.select("lenet2", [d, chosen, near])                 # without the committed choice: unknown
-    assert mod.select("lenet2", [d, chosen, near], prior) is chosen
+        mnist_select.select("lenet2", [d, chosen, near])                 # without the committed choice: unknown
+    assert mnist_select.select("lenet2", [d, chosen, near], prior) is chosen
     row = tmp_path / "lenet2"
     row.mkdir()
     (row / "metrics.json").write_text(json.dumps({"selection": {"candidates": prior}}))
-    mod.add_candidates("lenet2", [d], prior, tmp_path)
+    mnist_select.add_candidates("lenet2", [d], prior, tmp_path)
     runs = [c["run"] for c in json.loads((row / "metrics.json").read_text())["selection"]["candidates"]]
     assert runs == ["old_chosen", "old_near", str(d)]

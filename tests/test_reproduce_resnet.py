@@ -1,11 +1,10 @@
 """The committed ResNet-20 / Fashion-MNIST results (results/resnet/*/) load and give exactly their test error."""
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "results" / "resnet"
+from experiments.resnet import DATA, RESULTS, ROWS
+from experiments.runs import verify
 
 
 def _results():
@@ -37,11 +36,4 @@ def test_committed_models_reproduce_their_test_error(one_thread):
         load_dataset("fashion-mnist", "test")
     except (FileNotFoundError, OSError) as e:
         pytest.skip(f"Fashion-MNIST not installed: {e}")
-    import importlib.util
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("reproduce_resnet", ROOT / "scripts" / "reproduce_resnet.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.verify(RESULTS, mod.DATA, set(mod.ROWS.values()), row_key="row") == []
+    assert verify(RESULTS, DATA, set(ROWS.values()), row_key="row") == []
