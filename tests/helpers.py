@@ -2,6 +2,11 @@
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+
+from structsparse.compaction.surgery import ATOL, RTOL
+from structsparse.zoo.models import BasicBlock as Block
 
 
 def write_tiny_mnist(root: Path, sizes=(256, 100, 100), seed: int = 0) -> None:
@@ -17,3 +22,46 @@ def write_tiny_mnist(root: Path, sizes=(256, 100, 100), seed: int = 0) -> None:
         arrays[f"{split}_x"], arrays[f"{split}_y"] = x, y
     root.mkdir(parents=True, exist_ok=True)
     np.savez(root / "mnist.npz", **arrays)
+
+
+class TinyResNet(nn.Module):
+    """A two-stage CIFAR-style ResNet small enough for exact compaction tests."""
+
+    def __init__(self, shortcut="A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(Block(8, 8), Block(8, 8))
+        self.layer2 = nn.Sequential(Block(8, 16, 2, shortcut), Block(16, 16))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(self.flatten(self.pool(x)))
+
+
+def randomize(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+def check_exact(model, c, x):
+    model.eval()
+    with torch.no_grad():
+        for inp in (x, torch.rand_like(x), torch.randn_like(x) * 3):
+            torch.testing.assert_close(c(inp), model(inp), rtol=RTOL, atol=ATOL)
+
+
+def params(m):
+    return sum(p.numel() for p in m.parameters())

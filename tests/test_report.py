@@ -1,9 +1,12 @@
+"""sparsity_report: per-layer kept structures and FLOPs, cross-checked with torch.utils.flop_counter."""
 import pytest
 import torch
 from torch import nn
 
 from structsparse import compact, sparsity_report
 from structsparse.zoo.models import LeNet, MLP
+
+from helpers import TinyResNet, randomize
 
 
 def lenet2():
@@ -68,3 +71,28 @@ def test_report_counts_what_compaction_removes_in_neighbours():
     assert rows["fc1"]["compact_flop_fraction"] == pytest.approx(19 * 16 / 800)
     assert report.compact_flop_fraction < report.flop_fraction
     assert "After compact" in report.to_markdown()
+
+
+def test_report_counts_removed_branches_as_no_work():
+    from structsparse import sparsity_report
+
+    model = randomize(TinyResNet())
+    with torch.no_grad():
+        model.layer1[1].conv2.weight.zero_()
+    rep = sparsity_report(model, torch.rand(2, 3, 16, 16))
+    rows = {r["name"]: r for r in rep.layers}
+    assert rows["layer1.1.conv1"]["compact_flop_fraction"] == 0 and rows["layer1.1.conv2"]["compact_flop_fraction"] == 0
+    assert rows["layer1.1.conv1"]["flop_fraction"] == 1  # its own weights are not zero
+    assert rows["layer1.0.conv1"]["compact_flop_fraction"] == pytest.approx(1.0)
+    assert rep.compact_flop_fraction < rep.flop_fraction < 1
+
+
+def test_report_on_a_model_whose_layers_are_all_zero():
+    from structsparse import sparsity_report
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Conv2d(2, 2, 3))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight.zero_()
+    rep = sparsity_report(model, torch.rand(2, 1, 8, 8))
+    assert rep.compact_macs == 0 and rep.compact_flop_fraction == 0

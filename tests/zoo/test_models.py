@@ -207,24 +207,3 @@ def test_mlp_dropout_trains_only_and_compacts_away():
         build_model("mlp", dropout=1.0)
 
 
-def test_phase_dropout_sets_the_rate_for_that_phase_only():
-    """A phase's ``dropout`` sets every dropout layer's rate during that phase; the others use the model's."""
-    from structsparse.runner.recipe import RecipeError, parse_recipe
-    from structsparse.runner.trainer import Split, Trainer
-    seen = []
-    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    recipe = parse_recipe({"model": "mlp", "data": "mnist", "model_args": {"dropout": 0.1}, "batch_size": 4,
-                           "phases": [{"name": "a", "epochs": 1, "lr": 0.01},
-                                      {"name": "b", "epochs": 1, "lr": 0.01, "dropout": 0.4},
-                                      {"name": "c", "epochs": 1, "lr": 0.01}]})
-    assert recipe.phases[1].dropout == 0.4 and "dropout" not in recipe.to_dict()["phases"][0]
-    t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lambda s: None,
-                on_epoch_end=lambda tr, p, e: seen.append((tr.model.drop1.p, tr.model.drop2.p)))
-    t.run()
-    assert seen == [(0.1, 0.1), (0.4, 0.4), (0.1, 0.1)]
-    with pytest.raises(RecipeError, match=r"phases\[0\]\.dropout: model 'lenet' has no dropout layers"):
-        parse_recipe({"model": "lenet", "data": "mnist", "phases": [{"name": "a", "epochs": 1, "lr": 0.1,
-                                                                     "dropout": 0.2}]})
-    with pytest.raises(RecipeError, match=r"phases\[0\]\.dropout: must be <= 0.99"):
-        parse_recipe({"model": "mlp", "data": "mnist", "phases": [{"name": "a", "epochs": 1, "lr": 0.1,
-                                                                   "dropout": 1.0}]})

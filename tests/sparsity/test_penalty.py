@@ -1,55 +1,12 @@
-import math
+"""GroupLasso: the penalty and its gradient, the proximal step, zeroing, and the spec of λs."""
 
 import pytest
 import torch
 from torch import nn
 
-from structsparse import GroupLasso, group_norms
+from structsparse import GroupLasso
 from structsparse.zoo.models import LeNet, MLP
 from structsparse.sparsity.penalty import resolve_spec
-
-
-def conv_weight():
-    # 2 filters × 2 channels × 1 × 2 with easy numbers
-    return torch.tensor([[[[3.0, 4.0]], [[0.0, 0.0]]],
-                         [[[0.0, 0.0]], [[1.0, 2.0]]]])
-
-
-@pytest.mark.parametrize("kind, expected", [
-    ("filter", [5.0, math.sqrt(5)]),
-    ("channel", [5.0, math.sqrt(5)]),
-    ("shape", [[3.0, 4.0], [1.0, 2.0]]),
-    ("filter2d", [[5.0, 0.0], [0.0, math.sqrt(5)]]),
-    ("depth", math.sqrt(30)),
-])
-def test_conv_group_norms_by_hand(kind, expected):
-    got = group_norms(conv_weight(), kind)
-    exp = torch.tensor(expected)
-    if kind == "shape":
-        exp = exp.view(2, 1, 2)
-    assert torch.allclose(got, exp)
-
-
-@pytest.mark.parametrize("kind, expected", [
-    ("filter", [5.0, 13.0]),
-    ("channel", [math.sqrt(9 + 25), math.sqrt(16 + 144)]),
-    ("shape", [math.sqrt(9 + 25), math.sqrt(16 + 144)]),
-    ("filter2d", [[3.0, 4.0], [5.0, 12.0]]),
-    ("depth", math.sqrt(9 + 16 + 25 + 144)),
-])
-def test_linear_group_norms_by_hand(kind, expected):
-    w = torch.tensor([[3.0, -4.0], [5.0, 12.0]])
-    assert torch.allclose(group_norms(w, kind), torch.tensor(expected))
-
-
-def test_grouped_conv_channel_groups_are_per_conv_group():
-    w = torch.arange(4 * 1 * 1 * 1, dtype=torch.float).view(4, 1, 1, 1)  # groups=2: 2 filters per group
-    assert torch.allclose(group_norms(w, "channel", groups=2), torch.tensor([[1.0], [math.sqrt(4 + 9)]]))
-
-
-def test_unknown_kind_is_named():
-    with pytest.raises(ValueError, match="filtr"):
-        group_norms(torch.ones(2, 2), "filtr")
 
 
 def test_penalty_gradient_matches_formula_and_is_finite_at_zero():
@@ -153,30 +110,6 @@ def test_zero_groups_relative_threshold_is_per_layer_and_kind():
     assert (model.conv2.weight[:, 5] == 1).all()
 
 
-def test_freeze_keeps_zero_groups_at_zero_during_training():
-    torch.manual_seed(0)
-    model = LeNet()
-    with torch.no_grad():
-        model.conv2.weight[:10] = 0
-        model.conv2.weight[:, :5] = 0
-    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3})
-    masks = gl.freeze()
-    assert gl.penalty().item() == 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-    for _ in range(3):
-        opt.zero_grad()
-        loss = model(torch.rand(4, 1, 28, 28)).square().mean()
-        loss.backward()
-        opt.step()
-        masks.apply_()
-    assert (model.conv2.weight[:10] == 0).all() and (model.conv2.weight[:, :5] == 0).all()
-    assert (model.conv2.weight[10:, 5:] != 0).any()
-    state = gl.state_dict()
-    gl2 = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3})
-    gl2.load_state_dict(state)
-    assert not gl2.active and torch.equal(gl2.masks.masks["conv2"], masks.masks["conv2"])
-
-
 def test_spec_patterns_override_defaults():
     lam = resolve_spec(LeNet(), {"filter": 1e-3, "conv*": {"channel": 2e-3}, "fc2": {"filter": 0}})
     assert lam == {"conv1": {"filter": 1e-3, "channel": 2e-3}, "conv2": {"filter": 1e-3, "channel": 2e-3},
@@ -194,23 +127,3 @@ def test_spec_patterns_override_defaults():
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(ValueError, match=message):
         GroupLasso(LeNet(), spec)
-
-
-def test_relative_threshold_phase_key_zeroes_at_phase_end():
-    """``zero_groups_below_relative`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
-    from structsparse.runner.recipe import parse_recipe
-    from structsparse.runner.trainer import Split, Trainer
-    torch.manual_seed(0)
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
-    phases = [{"name": "ssl", "epochs": 1, "lr": 0.01, "lambdas": {"fc1": {"filter": 1e-3}},
-               "zero_groups_below_relative": {"filter": 0.97}}]
-    recipe = parse_recipe({"model": "mlp", "data": "mnist", "batch_size": 8, "phases": phases})
-    lines = []
-    t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lines.append)
-    t.run()
-    norms = t.model.fc1.weight.detach().norm(dim=1)
-    kept = norms[norms > 0]
-    assert 0 < len(kept) < 500 and kept.min() >= 0.97 * kept.max()
-    assert any(f"zeroed {500 - len(kept)} groups with norm < {{'filter': 0.97}}" in s for s in lines)
-    assert "zero_groups_below_relative" not in parse_recipe({"model": "mlp", "data": "mnist", "phases": [
-        {"name": "a", "epochs": 1, "lr": 0.1}]}).to_dict()["phases"][0]

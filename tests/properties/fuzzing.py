@@ -1,4 +1,5 @@
-"""Fuzzing the loaders with damaged files: ``load_compact`` and ``checkpoint.load_checkpoint``.
+"""The harness for fuzzing the loaders with damaged files: ``load_compact`` and ``checkpoint.load_checkpoint``
+(the tests are in ``test_fuzz_compact_io.py``, ``test_fuzz_checkpoint.py`` and ``test_fuzz_harness.py``).
 
 Property: a damaged directory either loads into something usable (a compact model that runs
 on its ``input_shape``; a checkpoint whose parts have the types the trainer uses), or the
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import math
 import os
@@ -32,7 +32,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -42,16 +41,13 @@ import torch
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import assume, given  # noqa: E402
+from hypothesis import assume  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
-from structsparse import compact, load_compact, save_compact  # noqa: E402
-from structsparse.storage.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state  # noqa: E402
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from structsparse import load_compact  # noqa: E402
+from structsparse.storage.checkpoint import CheckpointError, load_checkpoint, set_rng_state  # noqa: E402
 
 
 ARCH, WEIGHTS, INDEX = "architecture.json", "model.safetensors", "checkpoint.json"
@@ -100,30 +96,6 @@ def lenet_like() -> tuple[nn.Module, torch.Tensor]:
         model.conv2.weight[10:] = 0
         model.fc1.weight[:, ::3] = 0          # unread features: an IndexSelect before fc1
     return model, torch.rand(2, 3, 12, 12)
-
-
-@pytest.fixture(scope="module")
-def saved_compact(tmp_path_factory) -> Saved:
-    model, x = lenet_like()
-    directory = save_compact(compact(model, x), tmp_path_factory.mktemp("compact"))
-    saved = Saved({n: (directory / n).read_bytes() for n in (ARCH, WEIGHTS)}, list(x.shape[1:]))
-    types = {s["type"] for s in saved.json(ARCH)["steps"]}
-    assert {"IndexSelect", "LoweredConv2d"} <= types, f"the fuzzed model should use both; it has {types}"
-    return saved
-
-
-@pytest.fixture(scope="module")
-def saved_checkpoint(tmp_path_factory) -> Saved:
-    model, x = lenet_like()
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model(x).sum().backward()
-    opt.step()
-    masks = {"conv1.weight": model.conv1.weight.detach().ne(0), "fc1.weight": model.fc1.weight.detach().ne(0)}
-    info = {"recipe": {"name": "fuzz"}, "phase": 0, "epoch": 1, "history": [{"loss": 1.5}]}
-    directory = tmp_path_factory.mktemp("checkpoint")
-    save_checkpoint(directory, model, info, optimizer=opt, masks=masks)
-    return Saved({p.name: p.read_bytes() for p in directory.iterdir()}, list(x.shape[1:]))
 
 
 def state_name(files: dict[str, bytes]) -> str:
@@ -192,17 +164,6 @@ def address_space_headroom(headroom: int):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def bounded_memory():
-    """Make absurd allocations fail at once instead of swapping the (shared) machine.
-
-    Fuzzed sizes are either small or far beyond any RAM; this cap (current address space plus
-    6 GiB) is only a safety net for the byte-level edits of digits. Restored afterwards.
-    """
-    with address_space_headroom(6 * 2 ** 30):
-        yield
-
-
 @dataclass
 class KnownBug:
     summary: str
@@ -211,7 +172,7 @@ class KnownBug:
     reproduce: Callable[[Saved, Saved, Path], None]   # (compact, checkpoint, tmp dir): must raise the clear error
 
 
-def _arch_edit(saved: Saved, tmp: Path, edit: Callable[[dict], None] | None = None, raw: str | None = None) -> Path:
+def arch_edit(saved: Saved, tmp: Path, edit: Callable[[dict], None] | None = None, raw: str | None = None) -> Path:
     arch = saved.json(ARCH)
     if edit is not None:
         edit(arch)
@@ -259,7 +220,7 @@ def _clear_compact(what: str, edit: Callable[[dict], None] | None = None,
     load_compact's clear error, whose message also matches ``what``."""
     def reproduce(c: Saved, k: Saved, tmp: Path) -> None:
         if raw is None:
-            d = _arch_edit(c, tmp, edit)
+            d = arch_edit(c, tmp, edit)
         else:
             data = raw(c)
             d = c.write(tmp, **{ARCH: data.encode() if isinstance(data, str) else data})
@@ -315,7 +276,7 @@ def _absolute_state_file(k: Saved, tmp: Path) -> Path:
     return d
 
 
-def _no_input_shape(edit: Callable[[dict], None]) -> Callable[[dict], None]:
+def no_input_shape(edit: Callable[[dict], None]) -> Callable[[dict], None]:
     def both(arch: dict) -> None:
         arch["input_shape"] = None
         edit(arch)
@@ -389,7 +350,7 @@ FIXED_BUGS: dict[str, Callable[[Saved, Saved, Path], None]] = {
         "MaxPool2d", config={"return_indices": True})),
     # ---- structure, checked with or without an input_shape (files written before it was stored)
     **{f"compact-{label}{'-no-input-shape' if no_shape else ''}": _clear_compact(
-        what, _no_input_shape(edit) if no_shape else edit)
+        what, no_input_shape(edit) if no_shape else edit)
        for no_shape in (False, True) for label, what, edit in [
            ("arity", "reads exactly one input",
             lambda a: a["steps"][2].update(inputs=["input", a["steps"][1]["name"]])),
@@ -461,16 +422,6 @@ FIXED_BUGS: dict[str, Callable[[Saved, Saved, Path], None]] = {
 }
 
 
-@pytest.mark.parametrize("bug", [
-    *(pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"known bug: {bug.summary}"))
-      for name, bug in KNOWN_BUGS.items()),
-    *FIXED_BUGS])
-def test_bug_reproducer(bug, saved_compact, saved_checkpoint, tmp_path):
-    """Known bugs (strict xfail) and fixed ones (regression tests): the loader's clear error."""
-    reproduce = KNOWN_BUGS[bug].reproduce if bug in KNOWN_BUGS else FIXED_BUGS[bug]
-    reproduce(saved_compact, saved_checkpoint, tmp_path / "d")
-
-
 # Sizes that architecture.json claims are checked against the weights file's header (and, with an
 # input_shape, by a dry run on the meta device) before anything of that size is allocated: with
 # 512 MiB of headroom, allocating any of these would fail with a different message.
@@ -492,26 +443,6 @@ HUGE_ACTIVATIONS = {
     "adaptive-pool-output": _edit_step("ReLU", type="AdaptiveAvgPool2d", config={"output_size": 2 ** 15}),
     "lrn-size": _edit_step("ReLU", type="LocalResponseNorm", config={"size": 10 ** 8}),
 }
-
-
-@pytest.mark.parametrize("with_shape", [True, False], ids=["input-shape", "no-input-shape"])
-@pytest.mark.parametrize("case", sorted(CLAIMED_SIZES))
-def test_claimed_sizes_are_not_allocated(case, with_shape, saved_compact, tmp_path):
-    d = _arch_edit(saved_compact, tmp_path / "d", _no_input_shape(CLAIMED_SIZES[case]) if not with_shape
-                   else CLAIMED_SIZES[case])
-    with pytest.raises(ValueError, match=re.escape(str(d))) as e, address_space_headroom(512 * 2 ** 20):
-        load_compact(d)
-    message = str(e.value)  # the header check, or the dry run on meta tensors
-    assert re.search(r"model\.safetensors: .*(has shape|do not match)|architecture\.json: the model it describes "
-                     r"fails", message) and "allocate" not in message, message
-
-
-@pytest.mark.parametrize("case", sorted(HUGE_ACTIVATIONS))
-def test_huge_activations_are_refused_before_running(case, saved_compact, tmp_path):
-    d = _arch_edit(saved_compact, tmp_path / "d", HUGE_ACTIVATIONS[case])
-    with pytest.raises(ValueError, match=re.escape(str(d / ARCH))) as e, address_space_headroom(512 * 2 ** 20):
-        load_compact(d)
-    assert re.search(r"at most \d+ are allowed", str(e.value)), str(e.value)
 
 
 def known_bug(e: BaseException, prefix: str) -> str | None:
@@ -790,96 +721,3 @@ def save_or_reject(tensors: dict[str, torch.Tensor]) -> bytes:
         return st_save(tensors)
     except Exception:  # safetensors refuses to write it (a reserved name ...): not a file to test
         assume(False)
-
-
-# ---- load_compact ----------------------------------------------------------------------------
-
-@given(data=st.data())
-def test_load_compact_survives_damaged_bytes(saved_compact, fuzz_stats, data):
-    which = data.draw(st.sampled_from([ARCH, WEIGHTS]))
-    hot = header_size(saved_compact.files[WEIGHTS]) if which == WEIGHTS else 0
-    damaged = data.draw(damaged_bytes(saved_compact.files[which], hot))
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_compact.write(Path(tmp) / "m", **{which: damaged})
-        judge_compact(fuzz_stats, f"load_compact, damaged {which} bytes", d)
-
-
-@given(data=st.data())
-def test_load_compact_survives_edited_description(saved_compact, fuzz_stats, data):
-    text = data.draw(mutated_json(saved_compact.json(ARCH)))
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_compact.write(Path(tmp) / "m", **{ARCH: text.encode()})
-        judge_compact(fuzz_stats, "load_compact, edited architecture.json", d)
-
-
-@given(data=st.data())
-def test_load_compact_survives_edited_weights(saved_compact, fuzz_stats, data):
-    original = saved_compact.files[WEIGHTS]
-    if data.draw(st.booleans()):  # tensors: keys, dtypes, shapes, indices out of range
-        names = ["fc1.weight", "conv2.columns.x", "bn1.num_batches_tracked", "__metadata__", ""]
-        weights = save_or_reject(data.draw(mutated_tensors(st_load(original), names)))
-    else:  # the safetensors header itself: dtypes, shapes, data offsets, metadata
-        n = header_size(original)
-        header = json.loads(original[8:n])
-        text = data.draw(mutated_json(header)).encode()
-        weights = struct.pack("<Q", len(text)) + text + original[n:]
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_compact.write(Path(tmp) / "m", **{WEIGHTS: weights})
-        judge_compact(fuzz_stats, "load_compact, edited model.safetensors", d)
-
-
-# ---- load_checkpoint -------------------------------------------------------------------------
-
-@given(data=st.data())
-def test_load_checkpoint_survives_damaged_bytes(saved_checkpoint, fuzz_stats, data):
-    files = saved_checkpoint.files
-    state = state_name(files)
-    which = data.draw(st.sampled_from(["index", "state", "state, re-hashed"]))
-    name = INDEX if which == "index" else state
-    damaged = data.draw(damaged_bytes(files[name], header_size(files[state]) if name == state else 0))
-    replace = {name: damaged}
-    if which == "state, re-hashed":  # consistent with its hash: the loader must look at the content
-        meta = saved_checkpoint.json(INDEX)
-        meta["sha256"] = hashlib.sha256(damaged).hexdigest()
-        replace[INDEX] = json.dumps(meta).encode()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_checkpoint.write(Path(tmp) / "c", **replace)
-        judge_checkpoint(fuzz_stats, f"load_checkpoint, damaged {which} bytes", d)
-
-
-@given(data=st.data())
-def test_load_checkpoint_survives_edited_index(saved_checkpoint, fuzz_stats, data):
-    text = data.draw(mutated_json(saved_checkpoint.json(INDEX)))
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_checkpoint.write(Path(tmp) / "c", **{INDEX: text.encode()})
-        judge_checkpoint(fuzz_stats, "load_checkpoint, edited checkpoint.json", d)
-
-
-@given(data=st.data())
-def test_load_checkpoint_survives_edited_tensors(saved_checkpoint, fuzz_stats, data):
-    files = saved_checkpoint.files
-    state = state_name(files)
-    names = ["rng", "rng.cuda", "rng.cuda.0", "rng.cuda.x", "optimizer", "optimizer.x", "optimizer.a.b",
-             "optimizer.99.momentum_buffer", "optimizer.0.step", "masks.nowhere", "masks", "model.", "model", "x"]
-    tensors = save_or_reject(data.draw(mutated_tensors(st_load(files[state]), names)))
-    meta = saved_checkpoint.json(INDEX)
-    meta["sha256"] = hashlib.sha256(tensors).hexdigest()
-    with tempfile.TemporaryDirectory() as tmp:
-        d = saved_checkpoint.write(Path(tmp) / "c", **{state: tensors, INDEX: json.dumps(meta).encode()})
-        judge_checkpoint(fuzz_stats, "load_checkpoint, edited tensors (re-hashed)", d)
-
-
-def test_pickle_guard_works(tmp_path):
-    """The guard that the fuzz tests rely on does catch unpickling."""
-    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
-    for load in (lambda: torch.load(tmp_path / "w.pt"), lambda: pickle.loads(pickle.dumps(Path("x"))),
-                 lambda: pickle.Unpickler(io.BytesIO(pickle.dumps(Path("x")))).load()):
-        with pytest.raises(PickleUsed), no_pickle():
-            load()
-
-
-def test_intact_files_load(saved_compact, saved_checkpoint, tmp_path):
-    """The fuzzed files are loadable before they are damaged (so every rejection is earned)."""
-    net = load_compact(saved_compact.write(tmp_path / "m"))
-    assert net(torch.rand(2, *saved_compact.input_shape)).shape == (2, 4)
-    usable_checkpoint(load_checkpoint(saved_checkpoint.write(tmp_path / "c")))

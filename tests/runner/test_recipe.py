@@ -8,7 +8,7 @@ import yaml
 
 from structsparse.runner.recipe import ALIASES, LRSchedule, RecipeError, load_recipe, parse_recipe, upgrade_keys
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base() -> dict:

@@ -14,7 +14,7 @@ from structsparse.zoo.models import build_model
 from structsparse.runner.recipe import Augment, RecipeError, load_recipe, parse_recipe
 from structsparse.runner.trainer import Split, Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _base(**top) -> dict:

@@ -1,0 +1,87 @@
+"""Tracing a model into steps (graph.trace), the rule of each operation (graph.ops), and channel units
+(graph.units)."""
+import pytest
+import torch
+from torch import nn
+
+from structsparse.graph import UnsupportedModelError, channel_units, trace_graph
+
+from helpers import TinyResNet
+
+
+def test_units_couple_every_writer_and_reader_of_a_stream_channel():
+    model = TinyResNet()
+    units = channel_units(trace_graph(model, torch.rand(1, 3, 16, 16)))
+    stem, blk = units.of["bn1"], units.of["layer1.1.bn2"]
+    assert torch.equal(stem, blk) and torch.equal(units.of_input["layer2.0.conv1"], stem)
+    inner = units.of["layer1.0.bn1"]
+    assert not bool((inner[:, None] == stem[None, :]).any())
+    assert bool(units.pinned[units.of["fc"]].all()) and not bool(units.pinned[stem].any())
+    # layer1.{0,1}.conv1, layer2.0.conv1, and through the padded shortcut layer2.1.conv1 and fc
+    assert int(units.reader_count()[stem[0]]) == 5
+
+
+def test_lenet_steps_have_the_roles_compaction_reads():
+    from structsparse.zoo.models import LeNet
+    g = trace_graph(LeNet(), torch.rand(2, 1, 28, 28))
+    roles = {n.name: n.role for n in g.nodes.values()}
+    assert roles["conv1"] == "conv" and roles["conv2"] == "conv" and roles["fc1"] == "linear"
+    assert list(roles.values())[0] == "input" and g.output == "fc2"
+    flat = next(n for n in g.nodes.values() if n.role == "flatten")
+    assert flat.out_shape == (2, 800) and g.consumers()[flat.name] == ["fc1"]
+
+
+def test_identity_steps_vanish_and_readers_read_their_input():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.drop = nn.Dropout(0.5)
+            self.fc = nn.Linear(4 * 6 * 6, 2)
+
+        def forward(self, x):
+            return self.fc(self.drop(self.conv(x).contiguous()).flatten(1))
+
+    g = trace_graph(Net(), torch.rand(1, 1, 8, 8))
+    assert not any(n.role in ("dropout",) for n in g.nodes.values())
+    flat = next(n for n in g.nodes.values() if n.role == "flatten")
+    assert flat.inputs == ["conv"]
+
+
+def test_an_operation_with_no_rule_is_named():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+
+    with pytest.raises(UnsupportedModelError, match="node 'mean'"):
+        trace_graph(Gate(), torch.rand(1, 1, 8, 8))
+
+
+def test_a_weighted_module_called_twice_is_refused():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    with pytest.raises(UnsupportedModelError, match="more than once"):
+        trace_graph(Shared(), torch.rand(1, 2, 4, 4))
+
+
+def test_every_function_name_has_a_role_and_runs():
+    from structsparse.graph import FUNCTIONS, Op
+    x = torch.rand(2, 3, 4, 4)
+    for name, (_, role) in FUNCTIONS.items():
+        kwargs = {"other": 2.0} if name in ("mul", "add", "sub", "truediv") else \
+            {"kernel_size": 2} if name in ("max_pool2d", "avg_pool2d") else \
+            {"output_size": 1} if name.startswith("adaptive") else {"dim": 1} if "softmax" in name else \
+            {"start_dim": 1} if name == "flatten" else {}
+        assert role in ("elementwise", "pool", "flatten", "mixing"), name
+        assert Op(name, kwargs)(x).shape[0] == 2, name

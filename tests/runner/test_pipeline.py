@@ -1,0 +1,280 @@
+"""End-to-end `structsparse run` on a tiny generated data set: outputs, checkpoints, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import write_tiny_mnist
+from structsparse.storage import checkpoint as ckpt
+from structsparse import cli
+from structsparse.runner import pipeline, rundir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPE = {
+    "model": "lenet",
+    "data": "mnist",
+    "seed": 1,
+    "batch_size": 32,
+    "eval_batch_size": 50,
+    "phases": [
+        {"name": "dense", "epochs": 1, "lr": 0.05, "weight_decay": 1e-4},
+        {"name": "ssl", "epochs": 2, "lr": 0.05, "method": "prox", "weight_decay": 1e-4,
+         "lambdas": {"conv1": {"filter": 0.7}, "conv2": {"filter": 1.05, "channel": 0.35}, "fc1": {"filter": 0.07}},
+         "group_threshold": 1e-3},
+        {"name": "finetune", "epochs": 2, "lr": 0.02, "lr_schedule": "cosine", "freeze": True},
+    ],
+    "measure": {"batch_sizes": [1, 4], "repeats": 2, "warmup": 1, "threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    write_tiny_mnist(base / "data")
+    recipe = base / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data")}))
+    return base, recipe
+
+
+@pytest.fixture(scope="module")
+def full_run(env):
+    base, recipe = env
+    out = base / "full"
+    assert cli.main(["run", str(recipe), "--out", str(out)]) == 0
+    return out
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_checkpoint(out / "checkpoint").model
+
+
+def _log_rows(out: Path) -> list[dict]:
+    import csv
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_logs(full_run):
+    rows = _log_rows(full_run)
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("dense", "1"), ("ssl", "1"), ("ssl", "2"),
+                                                         ("finetune", "1"), ("finetune", "2")]
+    header = list(rows[0])
+    assert header[:9] == ["phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s",
+                          "flop_fraction"]
+    assert header[9:13] == ["conv1_filters_kept", "conv1_filters", "conv1_channels_kept", "conv1_channels"]
+    assert len(header) == 9 + 4 * 4  # conv1, conv2, fc1, fc2
+    assert rows[0]["penalty"] == "" and float(rows[1]["penalty"]) > 0
+    history = json.loads((full_run / "metrics.json").read_text())["history"]
+    for r, h in zip(rows, history):
+        assert float(r["val_error"]) == h["val_error"] and int(r["conv2_filters_kept"]) == h["kept"]["conv2"][0]
+    # The group term removed structures: the FLOP fraction fell and agrees with the final report.
+    assert float(rows[0]["flop_fraction"]) == 1.0 > float(rows[-1]["flop_fraction"])
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert float(rows[-1]["flop_fraction"]) == pytest.approx(metrics["sparsity"]["flop_fraction"])
+    assert (full_run / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (full_run / "tensorboard").exists()  # only with --tensorboard
+
+
+def test_run_writes_outputs(full_run, capsys):
+    out = full_run
+    for name in ("report.md", "metrics.json", "compact", "checkpoint/checkpoint.json"):
+        assert (out / name).exists(), name
+    assert any((out / "compact").iterdir())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_error"]["original"] == metrics["test_error"]["compact"]
+    assert set(metrics["val_error"]) == {"dense", "ssl", "finetune"}
+    assert len(metrics["history"]) == 5
+    for key in ("recipe", "command", "machine", "date", "sparsity", "speed"):
+        assert metrics[key], key
+    assert metrics["machine"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "Test error" in report and "Sparsity" in report
+    # The group term really removed structures, and the compact model is smaller.
+    from structsparse.storage.compact_io import load_compact
+    small = load_compact(out / "compact")
+    n_small = sum(p.numel() for p in small.parameters())
+    n_full = sum(v.numel() for k, v in _final_weights(out).items())
+    assert n_small < n_full
+
+
+def test_checkpoint_is_safetensors_and_json(full_run):
+    d = full_run / "checkpoint"
+    info = json.loads((d / "checkpoint.json").read_text())
+    assert info["info"]["phase"] == 2 and info["info"]["epoch"] == 1
+    files = sorted(p.name for p in d.iterdir())
+    assert files == ["checkpoint.json", info["state_file"]]  # older tensor files were removed
+    from safetensors.torch import load_file
+    tensors = load_file(d / info["state_file"])
+    assert any(k.startswith("optimizer.") and k.endswith("momentum_buffer") for k in tensors)
+    assert any(k.startswith("masks.") for k in tensors) and "rng.cpu" in tensors
+
+
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [(1, 0), (1, 1), (2, 0)], ids=["mid-ssl", "end-of-ssl", "mid-finetune"])
+def test_resume_is_bit_identical(env, full_run, stop_at):
+    base, recipe = env
+    out = base / f"resume-{stop_at[0]}-{stop_at[1]}"
+
+    def stop(trainer, p, e):
+        if (p, e) == stop_at:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pipeline.run_recipe(str(recipe), str(out), on_epoch_end=stop)
+    assert not (out / "metrics.json").exists()
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+
+    a, b = _final_weights(full_run), _final_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = json.loads((full_run / "metrics.json").read_text())
+    mb = json.loads((out / "metrics.json").read_text())
+    assert ma["test_error"] == mb["test_error"] and ma["val_error"] == mb["val_error"]
+    assert [h["val_error"] for h in ma["history"]] == [h["val_error"] for h in mb["history"]]
+    # log.csv is rewritten from the checkpoint's history: each epoch once, the same numbers.
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_s"} for r in rows]  # noqa: E731
+    assert strip(_log_rows(out)) == strip(_log_rows(full_run))
+    assert (out / "sparsity.png").exists()
+
+
+def test_diverging_run_stops_and_keeps_last_checkpoint(env, tmp_path, monkeypatch, capsys):
+    base, _ = env
+    recipe = tmp_path / "diverge.yaml"   # a huge lr in the second phase: the loss becomes nan
+    phases = [RECIPE["phases"][0], {**RECIPE["phases"][1], "lr": 1e4}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "phases": phases, "data_root": str(base / "data")}))
+    out = tmp_path / "out"
+    snapshots = []
+    real = ckpt.save_checkpoint
+
+    def save_and_snapshot(directory, *args, **kwargs):
+        path = real(directory, *args, **kwargs)
+        snapshots.append({p.name: p.read_bytes() for p in Path(directory).iterdir()})
+        return path
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_and_snapshot)
+    assert cli.main(["run", str(recipe), "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("structsparse: error: training diverged in phase 'ssl' epoch 1/2, step ")
+    assert "loss nan" in err or "loss inf" in err
+    assert "after dense epoch 1/1" in err
+    # One checkpoint (the dense phase's), and the directory is byte for byte as that save left it.
+    assert len(snapshots) == 1
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == snapshots[0]
+    assert ckpt.load_checkpoint(out / "checkpoint").info["phase_name"] == "dense"
+    assert [r["phase"] for r in _log_rows(out)] == ["dense"]
+    assert not (out / "metrics.json").exists()
+
+
+def test_existing_checkpoint_needs_resume(env, full_run, capsys):
+    _, recipe = env
+    assert cli.main(["run", str(recipe), "--out", str(full_run)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "checkpoint" in err
+
+
+def test_resume_with_other_recipe_is_refused(env, full_run, capsys):
+    base, _ = env
+    other = base / "other.yaml"
+    other.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "data"), "seed": 2}))
+    assert cli.main(["run", str(other), "--out", str(full_run), "--resume"]) == 2
+    assert "different recipe" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.update(phase=99), "bad phase, epoch or history"),
+    (lambda info: info.update(epoch="1"), "bad phase, epoch or history"),
+    (lambda info: info.update(history={"a": 1}), "bad phase, epoch or history"),
+])
+def test_resume_from_a_checkpoint_with_bad_info_is_one_line_error(env, full_run, tmp_path, capsys, edit, message):
+    import shutil
+
+    base, recipe = env
+    out = tmp_path / "run"
+    shutil.copytree(full_run / "checkpoint", out / "checkpoint")
+    index = out / "checkpoint" / "checkpoint.json"
+    meta = json.loads(index.read_text())
+    edit(meta["info"])
+    index.write_text(json.dumps(meta))
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_unavailable_is_clear_error(env, tmp_path, capsys):
+    _, recipe = env
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "o"), "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+
+
+
+
+def test_python_m_entry_point(env, tmp_path):
+    _, recipe = env
+    out = tmp_path / "sub"
+    envvars = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "structsparse", "run", str(recipe), "--out", str(out)],
+                          capture_output=True, text=True, env=envvars, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Test error" in proc.stdout and (out / "metrics.json").exists()
+
+
+def test_bench_model_times_a_run(full_run, tmp_path, capsys):
+    original, small, metrics = rundir.load_run(full_run)
+    assert metrics["model"] == "lenet"
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(small(x), original(x), rtol=1e-4, atol=1e-5)
+    out = tmp_path / "bench"
+    assert cli.main(["bench", "model", str(full_run), "--batch", "1,2", "--repeats", "2", "--out", str(out)]) == 0
+    res = json.loads((out / "model.json").read_text())
+    assert {(r["scope"], r["batch"]) for r in res["speed"]["rows"]} >= {("model", 1), ("model", 2), ("conv2", 2)}
+    assert "speedup" in capsys.readouterr().out
+
+
+
+
+def test_recipe_lowered_below_reaches_compaction(env, tmp_path, monkeypatch):
+    """The recipe's ``lowered_below`` is what the run compacts with (default: compact()'s)."""
+    from structsparse.compaction import LOWERED_BELOW, compact
+    base, _ = env
+    seen = []
+    monkeypatch.setattr(pipeline, "compact", lambda *a, **kw: (seen.append(kw["lowered_below"]), compact(*a, **kw))[1])
+    for extra, want in (({}, LOWERED_BELOW), ({"lowered_below": 1.0}, 1.0)):
+        recipe = tmp_path / f"r{len(seen)}.yaml"
+        recipe.write_text(yaml.safe_dump({**RECIPE, **extra, "data_root": str(base / "data"),
+                                          "phases": [{"name": "dense", "epochs": 0, "lr": 0.1}]}))
+        assert cli.main(["run", str(recipe), "--out", str(tmp_path / recipe.stem)]) == 0
+        assert seen[-1] == want
+
+
+@pytest.mark.slow
+def test_smoke_recipe_on_real_mnist_end_to_end(tmp_path):
+    """The shipped smoke recipe on the real MNIST (fetched and SHA-256-checked once): the whole pipeline,
+    and a compact model that is smaller and makes exactly the original's test errors. About a minute."""
+    out = tmp_path / "smoke"
+    assert cli.main(["run", str(ROOT / "recipes" / "smoke.yaml"), "--out", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test_error"]["compact"] == metrics["test_error"]["original"] < 0.5
+    assert metrics["sparsity"]["compact_flop_fraction"] < 1
+    original, small, _ = rundir.load_run(out)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in original.parameters())

@@ -1,0 +1,90 @@
+"""The Trainer: phases, their keys, and the hooks that peers and experiments train through."""
+
+import pytest
+import torch
+
+
+
+def test_relative_threshold_phase_key_zeroes_at_phase_end():
+    """``zero_groups_below_relative`` in a phase: at its end, groups below the fraction of their layer's largest are zero."""
+    from structsparse.runner.recipe import parse_recipe
+    from structsparse.runner.trainer import Split, Trainer
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    phases = [{"name": "ssl", "epochs": 1, "lr": 0.01, "lambdas": {"fc1": {"filter": 1e-3}},
+               "zero_groups_below_relative": {"filter": 0.97}}]
+    recipe = parse_recipe({"model": "mlp", "data": "mnist", "batch_size": 8, "phases": phases})
+    lines = []
+    t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lines.append)
+    t.run()
+    norms = t.model.fc1.weight.detach().norm(dim=1)
+    kept = norms[norms > 0]
+    assert 0 < len(kept) < 500 and kept.min() >= 0.97 * kept.max()
+    assert any(f"zeroed {500 - len(kept)} groups with norm < {{'filter': 0.97}}" in s for s in lines)
+    assert "zero_groups_below_relative" not in parse_recipe({"model": "mlp", "data": "mnist", "phases": [
+        {"name": "a", "epochs": 1, "lr": 0.1}]}).to_dict()["phases"][0]
+
+
+def test_phase_dropout_sets_the_rate_for_that_phase_only():
+    """A phase's ``dropout`` sets every dropout layer's rate during that phase; the others use the model's."""
+    from structsparse.runner.recipe import RecipeError, parse_recipe
+    from structsparse.runner.trainer import Split, Trainer
+    seen = []
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    recipe = parse_recipe({"model": "mlp", "data": "mnist", "model_args": {"dropout": 0.1}, "batch_size": 4,
+                           "phases": [{"name": "a", "epochs": 1, "lr": 0.01},
+                                      {"name": "b", "epochs": 1, "lr": 0.01, "dropout": 0.4},
+                                      {"name": "c", "epochs": 1, "lr": 0.01}]})
+    assert recipe.phases[1].dropout == 0.4 and "dropout" not in recipe.to_dict()["phases"][0]
+    t = Trainer(recipe, {s: Split(x, y) for s in ("train", "val", "test")}, progress=False, log=lambda s: None,
+                on_epoch_end=lambda tr, p, e: seen.append((tr.model.drop1.p, tr.model.drop2.p)))
+    t.run()
+    assert seen == [(0.1, 0.1), (0.4, 0.4), (0.1, 0.1)]
+    with pytest.raises(RecipeError, match=r"phases\[0\]\.dropout: model 'lenet' has no dropout layers"):
+        parse_recipe({"model": "lenet", "data": "mnist", "phases": [{"name": "a", "epochs": 1, "lr": 0.1,
+                                                                     "dropout": 0.2}]})
+    with pytest.raises(RecipeError, match=r"phases\[0\]\.dropout: must be <= 0.99"):
+        parse_recipe({"model": "mlp", "data": "mnist", "phases": [{"name": "a", "epochs": 1, "lr": 0.1,
+                                                                   "dropout": 1.0}]})
+
+
+def _tiny(phases, **extra):
+    from structsparse.runner.recipe import parse_recipe
+    from structsparse.runner.trainer import Split
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+    recipe = parse_recipe({"model": "lenet", "data": "mnist", "batch_size": 8, "phases": phases, **extra})
+    return recipe, {s: Split(x, y) for s in ("train", "val", "test")}
+
+
+PHASES = [{"name": "dense", "epochs": 1, "lr": 0.05},
+          {"name": "ssl", "epochs": 2, "lr": 0.05, "lambdas": {"conv2": {"filter": 0.5}}}]
+
+
+def test_after_step_hook_runs_after_every_step_with_the_trainer_and_optimizer():
+    from structsparse.runner.trainer import Trainer
+    recipe, splits = _tiny(PHASES)
+    seen = []
+    t = Trainer(recipe, splits, progress=False, log=lambda s: None,
+                after_step=lambda trainer, opt: seen.append((trainer, opt.param_groups[0]["lr"])))
+    t.run()
+    assert len(seen) == 3 * 4 and all(tr is t for tr, _ in seen) and {lr for _, lr in seen} == {0.05}
+
+
+def test_run_phase_on_a_callers_model_takes_the_same_steps_as_run():
+    """A peer that trains its own model through ``run_phase(p)`` sees phase p's batches, as ``run()`` does."""
+    from structsparse.runner.trainer import Trainer
+    from structsparse.zoo.models import LeNet
+    recipe, splits = _tiny(PHASES)
+    whole = Trainer(recipe, splits, progress=False, log=lambda s: None)
+    start = {k: v.clone() for k, v in whole.model.state_dict().items()}
+    whole.run()
+    model = LeNet()
+    model.load_state_dict(start)
+    part = Trainer(recipe, splits, progress=False, log=lambda s: None, model=model)
+    part.run_phase(0)
+    part.run_phase(1)
+    assert part.model is model
+    for k, v in whole.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert [h["epoch"] for h in part.history] == [1, 1, 2]
