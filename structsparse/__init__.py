@@ -4,11 +4,11 @@ Train with group-Lasso terms so whole filters, channels, filter-shape columns an
 become exactly zero, cut them out to get a smaller dense model with the same outputs,
 and measure the speedup.
 """
-from .sparsity import KINDS, GroupLasso, Masks, group_norms
-from .report import SparsityReport, sparsity_report
 from .compaction import LoweredConv2d, compact
-from .storage import export_onnx, load_compact, save_compact
+from .report import SparsityReport, sparsity_report
+from .sparsity import KINDS, GroupLasso, Masks, group_norms
 from .speed import measure_speedup
+from .storage import export_onnx, load_compact, save_compact
 
 __version__ = "0.1.0"
 

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .compaction.kernels import LoweredConv2d
 from .compaction.surgery import compact
 from .graph import UnsupportedModelError
 from .sparsity.groups import covered_modules, group_norms
-from .compaction.kernels import LoweredConv2d
 
 __all__ = ["SparsityReport", "sparsity_report", "count_macs"]
 

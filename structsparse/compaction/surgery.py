@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
-from ..graph.ops import (ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED)
-from .kernels import LoweredConv2d
+from ..graph.ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED
 from ..layers import Constant
 from ..timing import time_interleaved
+from .kernels import LoweredConv2d
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
 

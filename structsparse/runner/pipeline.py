@@ -18,9 +18,9 @@ import torch
 from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SpeedReport, measure_speedup
-from ..timing import machine_info
 from ..storage.checkpoint import has_checkpoint
 from ..storage.compact_io import save_compact
+from ..timing import machine_info
 from . import distributed
 from .recipe import Recipe, load_recipe
 from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, save_trained, write_results

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import yaml
-
 from torch import nn
 
 from .. import checks

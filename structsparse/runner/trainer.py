@@ -44,13 +44,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..report import sparsity_report
+from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
 from ..storage import checkpoint as ckpt
-from . import distributed as dist_
 from ..zoo.data import load_dataset, make_loader, random_crop_flip
 from ..zoo.models import build_model
-from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
+from . import distributed as dist_
 from .recipe import Phase, Recipe, upgrade_keys
-from ..report import sparsity_report
 
 __all__ = ["Trainer", "TrainingDiverged", "Split", "load_splits", "evaluate", "epoch_seed", "lr_at"]
 

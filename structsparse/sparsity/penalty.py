@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .. import checks
-from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso,
-                     group_norms, group_view, nonzero_groups, norm_group_norms, normalization_modules)
+from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso, group_norms,
+                     group_view, nonzero_groups, norm_group_norms, normalization_modules)
 from .masks import Masks
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec", "check_spec", "check_kinds"]

@@ -26,12 +26,12 @@ from safetensors.torch import save
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode  # sees every aten op, inside composites too
 
-from ..compaction.surgery import CompactNet, IndexSelect
 from ..checks import is_int, is_number
-from .files import atomic_write
-from ..graph import FUNCTIONS, MODULE_ROLES, Op
 from ..compaction.kernels import LoweredConv2d
+from ..compaction.surgery import CompactNet, IndexSelect
+from ..graph import FUNCTIONS, MODULE_ROLES, Op
 from ..layers import Add, Cat, ChannelPad, Constant
+from .files import atomic_write
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
 

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..paper import ALEXNET
 from ..layers import Add, ChannelPad, WithinChannelLRN
+from ..paper import ALEXNET
 
 __all__ = ["LeNet", "MLP", "BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet56", "ConvNetCifar",
            "WithinChannelLRN", "CaffeNet", "alexnet", "MODELS", "build_model"]
