@@ -43,7 +43,10 @@ def test_verify_reproduces_recorded_test_errors():
     assert verify(RESULTS, "mnist", ROWS, "paper_row") == []
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*.yaml")), ids=lambda p: p.name)
+MNIST_RECIPES = ROOT / "recipes" / "mnist"   # <row>.yaml (the committed rows'), search/, seeds/
+
+
+@pytest.mark.parametrize("path", sorted(MNIST_RECIPES.rglob("*.yaml")), ids=lambda p: str(p.relative_to(MNIST_RECIPES)))
 def test_mnist_recipes_load(path):
     from structsparse.runner.recipe import load_recipe
     r = load_recipe(path)
@@ -65,10 +68,22 @@ def test_every_result_names_its_recipe_and_candidates():
             assert m["val_error"] == chosen[0]["val_error"], path
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "mnist").glob("*_s[0-9].yaml")), ids=lambda p: p.name)
+def test_each_row_runs_its_canonical_recipe():
+    """recipes/mnist/<row>.yaml is the recipe of the committed row's final run (its copy in the row's folder)."""
+    for path in _results():
+        m = json.loads(path.read_text())
+        assert m["recipe"] == f"recipes/mnist/{m['name']}.yaml", path
+        assert (path.parent / "recipe.yaml").read_bytes() == (ROOT / m["recipe"]).read_bytes(), path
+    for c in [c for p in _results() for c in json.loads(p.read_text())["selection"]["candidates"]]:
+        assert c["recipe"].startswith("recipes/mnist/search/") and (ROOT / c["recipe"]).is_file(), c["recipe"]
+
+
+@pytest.mark.parametrize("path", sorted(MNIST_RECIPES.rglob("*_s[0-9].yaml")), ids=lambda p: str(p.relative_to(MNIST_RECIPES)))
 def test_seed_recipes_differ_from_their_row_only_in_the_seed(path):
+    """seeds/<row>_sN.yaml repeats recipes/mnist/<row>.yaml; search/<x>_sN.yaml repeats search/<x>.yaml."""
     from structsparse.runner.recipe import load_recipe
-    base = path.with_name(path.name.rsplit("_s", 1)[0] + ".yaml")
+    name = path.name.rsplit("_s", 1)[0] + ".yaml"
+    base = MNIST_RECIPES / name if path.parent.name == "seeds" else path.with_name(name)
     a, b = load_recipe(path).to_dict(), load_recipe(base).to_dict()
     assert a.pop("seed") == int(path.stem.rsplit("_s", 1)[1]) and b.pop("seed") == 0
     assert a == b
@@ -101,7 +116,8 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
     run = tmp_path / "lenet2_s1"
     run.mkdir()
     layers = [dict(l, filters_kept=l["filters_kept"] + 1) for l in r["layers"]]
-    seed1 = r["recipe"][: -len(".yaml")] + "_s1.yaml"   # the row's recipe with seed 1
+    seed1 = "recipes/mnist/seeds/lenet2_s1.yaml"   # the row's recipe with seed 1
+    assert r["recipe"] == "recipes/mnist/lenet2.yaml"
     (run / "metrics.json").write_text(json.dumps({
         "recipe": seed1, "command": f"structsparse run {seed1}",
         "machine": r["machine"], "date": r["date"], "train_seconds": 1.0,
@@ -124,10 +140,11 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
 
 def test_check_refit_accepts_only_the_chosen_recipe_on_train_and_val(tmp_path):
     runs = {}
-    for name in ("lenet2_b", "lenet2_b_final", "lenet3", "lenet2"):
+    recipes = {"lenet2_b": "search/lenet2_b", "lenet2_b_final": "lenet2", "lenet3": "search/lenet3", "lenet2": "search/lenet2"}
+    for name, recipe in recipes.items():
         runs[name] = tmp_path / name
         runs[name].mkdir()
-        (runs[name] / "metrics.json").write_text(json.dumps({"recipe": f"recipes/mnist/{name}.yaml"}))
+        (runs[name] / "metrics.json").write_text(json.dumps({"recipe": f"recipes/mnist/{recipe}.yaml"}))
     mnist_assemble.check_refit(runs["lenet2_b"], runs["lenet2_b_final"])
     for chosen, final in (("lenet3", "lenet2_b_final"), ("lenet2", "lenet2_b_final"), ("lenet2_b", "lenet2_b")):
         with pytest.raises(SystemExit, match="train_with_val"):

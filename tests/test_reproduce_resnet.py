@@ -4,7 +4,7 @@ import json
 import pytest
 
 from experiments.resnet import DATA, RESULTS, ROWS
-from experiments.runs import verify
+from experiments.runs import ROOT, verify
 
 
 def _results():
@@ -37,3 +37,13 @@ def test_committed_models_reproduce_their_test_error(one_thread):
     except (FileNotFoundError, OSError) as e:
         pytest.skip(f"Fashion-MNIST not installed: {e}")
     assert verify(RESULTS, DATA, set(ROWS.values()), row_key="row") == []
+
+
+def test_every_row_names_its_recipe_and_candidates():
+    """The row's recipe (recipes/fmnist/resnet20_<row>.yaml, copied into its folder) and every candidate's exist."""
+    for path in _results():
+        m = json.loads(path.read_text())
+        assert m["recipe"] == f"recipes/fmnist/resnet20_{m['name']}.yaml", path
+        assert (ROOT / m["recipe"]).read_bytes() == (path.parent / "recipe.yaml").read_bytes(), path
+        for c in m["selection"]["candidates"]:
+            assert (ROOT / c["recipe"]).is_file(), c["recipe"]
