@@ -11,7 +11,7 @@ from structsparse.paper import PAPER_MNIST
 
 from .runs import ROOT, read_json
 
-RESULTS = ROOT / "results" / "mnist"   # one folder per row
+RESULTS = ROOT / "results" / "mnist" / "table"   # one folder per row
 PEERS = ROOT / "results" / "mnist" / "peers"     # the peer comparisons beside the rows
 README = ROOT / "results" / "mnist" / "README.md"
 RECIPES = "recipes/mnist"                        # <row>.yaml: the committed row's recipe; search/, seeds/

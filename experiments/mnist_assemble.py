@@ -61,8 +61,9 @@ def row_result(name: str, m: dict, selected: dict, test_error: float, n_test: in
 
 def assemble(name: str, run_dir: Path, candidates: list | None = None, rule: str | None = None,
              refit: Path | None = None, results: Path = RESULTS) -> dict:
-    """Write ``results/<name>/`` from a finished ``structsparse run`` directory: ``run_dir``, or
-    ``refit`` (``run_dir``'s recipe trained on train + val, see :func:`check_refit`) when given."""
+    """Write ``results/<name>/`` (default ``results/mnist/table/<name>/``) from a finished ``structsparse run``
+    directory: ``run_dir``, or ``refit`` (``run_dir``'s recipe trained on train + val, see :func:`check_refit`)
+    when given."""
     run_dir = Path(run_dir)
     selected = run_metrics(run_dir)
     m, final = (selected, None) if refit is None else final_record(run_dir, refit)

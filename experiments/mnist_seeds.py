@@ -79,7 +79,8 @@ def other_seed_entry(d: Path, base: dict, base_path: str, taken: set[int]) -> di
 
 def add_seeds(name: str, run_dirs: list[Path], results: Path = RESULTS) -> dict:
     """Record the committed result (seed 0) and the runs ``run_dirs`` (other seeds of the same recipe)
-    under ``seeds`` in ``results/<name>/metrics.json``; the rest of the file is left as it is."""
+    under ``seeds`` in ``results/<name>/metrics.json`` (default ``results/mnist/table/<name>/``); the rest of
+    the file is left as it is."""
     path = results / name / "metrics.json"
     r = read_json(path)
     base = recipe_dict(r["recipe"])

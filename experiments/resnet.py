@@ -9,7 +9,7 @@ from pathlib import Path
 from .runs import (NO_SELECTION, ROOT, command_line, copy_run, final_val, kept_summary, read_json, reload_checked,
                    result_layers, run_metrics, write_between_markers, write_json)
 
-RESULTS = ROOT / "results" / "resnet"
+RESULTS = ROOT / "results" / "fmnist" / "resnet20"
 SCRIPT = "scripts/reproduce_resnet.py"
 ROWS = {"dense": "ResNet-20 dense", "depth": "ResNet-20 SSL depth", "channel": "ResNet-20 SSL channels"}
 DATA = "fashion-mnist"
@@ -86,7 +86,8 @@ def bench_speed(m: dict, run_dir: Path, out: Path) -> dict | None:
 
 def assemble(row: str, run_dir: Path, candidates: list[Path] | None = None, rule: str | None = None,
              results: Path = RESULTS) -> dict:
-    """Write ``results/<row>/`` from a finished ``structsparse run`` directory."""
+    """Write ``results/<row>/`` (default ``results/fmnist/resnet20/<row>/``) from a finished ``structsparse run``
+    directory."""
     m = run_metrics(run_dir)
     if m["data"] != DATA:
         raise SystemExit(f"{run_dir}: a run on {m['data']}, the ResNet rows are on {DATA}")

@@ -117,7 +117,7 @@ def reload_checked(out: Path, data: str, recorded: float):
 
 
 def verify(results: Path, data: str, rows: set[str], row_key: str) -> list[str]:
-    """Load every ``results/*/model``, evaluate on the ``data`` test images, compare with metrics.json
+    """Load every ``RESULTS/*/model``, evaluate on the ``data`` test images, compare with metrics.json
     (whose ``row_key`` must be one of ``rows``); returns the problems found."""
     from structsparse import load_compact
     from structsparse.runner.trainer import evaluate

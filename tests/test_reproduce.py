@@ -1,4 +1,4 @@
-"""The committed MNIST reproductions (results/mnist/*/) load and give exactly their recorded test error;
+"""The committed MNIST reproductions (results/mnist/table/*/) load and give exactly their recorded test error;
 the selection rule, verdicts and seed records of the experiments package behave as documented."""
 import json
 from pathlib import Path
@@ -21,7 +21,7 @@ def _results():
 
 def test_results_metrics_are_complete():
     if not _results():
-        pytest.skip("no results/mnist/*/metrics.json committed")
+        pytest.skip("no results/mnist/table/*/metrics.json committed")
     seen = set()
     for path in _results():
         m = json.loads(path.read_text())
@@ -39,7 +39,7 @@ def test_results_metrics_are_complete():
 @pytest.mark.skipif(not (default_root() / "mnist.npz").is_file(), reason="MNIST is not cached")
 def test_verify_reproduces_recorded_test_errors():
     if not _results():
-        pytest.skip("no results/mnist/*/metrics.json committed")
+        pytest.skip("no results/mnist/table/*/metrics.json committed")
     assert verify(RESULTS, "mnist", ROWS, "paper_row") == []
 
 
@@ -108,7 +108,7 @@ def test_add_seeds_records_every_seed(tmp_path, monkeypatch):
     """--seeds on a copy of a committed row, with a synthetic finished run of its seed-1 recipe."""
     src = RESULTS / "lenet2" / "metrics.json"
     if not src.is_file():
-        pytest.skip("results/mnist/lenet2 not committed")
+        pytest.skip("results/mnist/table/lenet2 not committed")
     (tmp_path / "results" / "lenet2").mkdir(parents=True)
     r = json.loads(src.read_text())
     r.pop("seeds", None)

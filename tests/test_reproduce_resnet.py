@@ -1,4 +1,4 @@
-"""The committed ResNet-20 / Fashion-MNIST results (results/resnet/*/) load and give exactly their test error."""
+"""The committed ResNet-20 / Fashion-MNIST results (results/fmnist/resnet20/*/) load and give exactly their test error."""
 import json
 
 import pytest
@@ -13,7 +13,7 @@ def _results():
 
 def test_metrics_are_complete_and_targets_are_stated():
     if not _results():
-        pytest.skip("no results/resnet/*/metrics.json committed")
+        pytest.skip("no results/fmnist/resnet20/*/metrics.json committed")
     rows = {}
     for path in _results():
         m = json.loads(path.read_text())
@@ -31,7 +31,7 @@ def test_committed_models_reproduce_their_test_error(one_thread):
     from structsparse.zoo.data import load_dataset
 
     if not _results():
-        pytest.skip("no results/resnet/*/metrics.json committed")
+        pytest.skip("no results/fmnist/resnet20/*/metrics.json committed")
     try:
         load_dataset("fashion-mnist", "test")
     except (FileNotFoundError, OSError) as e:
