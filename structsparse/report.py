@@ -136,7 +136,7 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
 
     ``example_input`` gives output sizes for the multiply-add counts; counts are per input
     (per sample of the batch). Per layer, ``flop_fraction`` is the paper's, from the layer's
-    own zeros. With ``with_compact`` (and a model :func:`~structsparse.compaction.surgery` supports),
+    own zeros. With ``with_compact`` (and a model :func:`~structsparse.compact` supports),
     ``compact_flop_fraction`` adds what compaction really keeps, where a zero filter of
     one layer also removes input channels of the next, and so on. Pass ``compacted`` (the
     result of ``compact(model, ...)``) when you already have it, so it is not built again.

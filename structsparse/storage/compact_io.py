@@ -39,7 +39,9 @@ ARCHITECTURE, WEIGHTS = "architecture.json", "model.safetensors"
 FORMAT, VERSION = "structsparse-compact", 1
 _TYPES: dict[str, type] = {cls.__name__: cls for types, _ in MODULE_ROLES for cls in types}
 _TYPES.update({"Op": Op, "IndexSelect": IndexSelect, "LoweredConv2d": LoweredConv2d, "PReLU": nn.PReLU})
-_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+# A step name: a dotted path whose parts are module names PyTorch accepts (non-empty, no "."), without
+# control characters. save_compact and load_compact apply the same rule (torchvision's "block1-0" passes).
+_NAME = re.compile(r"^[^.\x00-\x1f\x7f]+(\.[^.\x00-\x1f\x7f]+)*$")
 _MULTI_INPUT = (Add, Cat)        # steps that read one or more inputs; every other step reads exactly one
 MAX_ELEMENTS = 2 ** 28           # the largest tensor a loaded model may make on its input_shape (batch of 2);
                                  # raise it to load models that need more
@@ -107,14 +109,15 @@ def _check_round_trip(name: str, m: nn.Module, cfg: dict) -> None:
 
 
 def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
-    """Write ``model`` (made by :func:`structsparse.compaction.surgery`) to ``directory``; returns the path."""
+    """Write ``model`` (made by :func:`structsparse.compact`) to ``directory``; returns the path."""
     if not isinstance(model, CompactNet):
-        raise TypeError(f"save_compact saves models made by structsparse.compaction.surgery(), got {type(model).__name__}; "
+        raise TypeError(f"save_compact saves models made by structsparse.compact(), got {type(model).__name__}; "
                         "call compact(model, example_input) first")
     directory = Path(directory)
     steps = []
     previous = CompactNet.INPUT
     for name, m in model.steps():
+        _check_step_name(name, "save_compact")
         if type(m).__name__ not in _TYPES or _TYPES[type(m).__name__] is not type(m):
             raise TypeError(f"step {name!r}: {type(m).__name__} cannot be saved (not in the allow-list)")
         cfg = _config(m)
@@ -279,16 +282,22 @@ def _reserved(name: str) -> str | None:
     return None
 
 
-def _build(step, where: str) -> tuple[str, nn.Module, list[str] | None]:
-    if not isinstance(step, dict) or not {"name", "type", "config"} <= set(step) <= {"name", "type", "config", "inputs"}:
-        raise ValueError(f"{where}: a step must be an object with 'name', 'type', 'config' and optionally 'inputs'")
-    name, kind, cfg, inputs = step["name"], step["type"], step["config"], step.get("inputs")
+def _check_step_name(name, where: str) -> None:
+    """A ValueError naming ``where`` unless ``name`` is a step name that saves and loads (:data:`_NAME`)."""
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"{where}: bad step name {name!r} (names are dotted paths of letters, digits and _)")
+        raise ValueError(f"{where}: bad step name {name!r} (names are dotted paths of module names: no empty "
+                         "part, no control characters)")
     clash = _reserved(name)
     if clash is not None:
         raise ValueError(f"{where}: bad step name {name!r}: {clash} (reserved names include training, forward, "
                          f"order, steps, input_shape)")
+
+
+def _build(step, where: str) -> tuple[str, nn.Module, list[str] | None]:
+    if not isinstance(step, dict) or not {"name", "type", "config"} <= set(step) <= {"name", "type", "config", "inputs"}:
+        raise ValueError(f"{where}: a step must be an object with 'name', 'type', 'config' and optionally 'inputs'")
+    name, kind, cfg, inputs = step["name"], step["type"], step["config"], step.get("inputs")
+    _check_step_name(name, where)
     if inputs is not None and (not isinstance(inputs, list) or not inputs
                                or not all(isinstance(i, str) and _NAME.match(i) for i in inputs)):
         raise ValueError(f"{where} ({name}): 'inputs' must be a non-empty list of step names")

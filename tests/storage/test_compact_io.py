@@ -180,3 +180,24 @@ def test_unsavable_function_arguments_are_refused(tmp_path, compacted):
     with pytest.raises(TypeError, match="keys must be strings"):
         save_compact(net, tmp_path)
     assert not (tmp_path / "architecture.json").exists()
+
+
+def test_every_module_name_pytorch_allows_round_trips(tmp_path):
+    """torchvision names steps like ``trunk_output.block1.block1-0.proj.0``: what save accepts, load accepts."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module("proj-0", torch.nn.Conv2d(3, 4, 1))
+            self.add_module("act 1", torch.nn.ReLU())
+
+        def forward(self, x):
+            return getattr(self, "act 1")(getattr(self, "proj-0")(x))
+
+    model = torch.nn.Sequential()
+    model.add_module("block1-0", Block())
+    model.add_module("head", torch.nn.Flatten())
+    x = torch.rand(2, 3, 4, 4)
+    small = compact(model, x)
+    assert "block1-0.proj-0" in [n for n, _ in small.steps()]
+    loaded = load_compact(save_compact(small, tmp_path / "m"))
+    assert torch.equal(loaded(x), model(x))
