@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
-from ..graph.ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED
+from ..graph.ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED
 from ..layers import Constant
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
@@ -151,6 +151,12 @@ def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
     m.num_features = keep.numel()
 
 
+def _slice_depthwise(m: nn.Conv2d, keep: torch.Tensor) -> None:
+    """A depthwise conv's filters follow its channels: keep both."""
+    _slice_rows(m, keep)
+    m.in_channels = m.groups = m.out_channels
+
+
 def _add_bias(m: nn.Module, delta: torch.Tensor) -> None:
     if not bool(delta.ne(0).any()):
         return
@@ -254,6 +260,8 @@ def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
         elif node.role == NORM and isinstance(node.module, nn.modules.batchnorm._BatchNorm) \
                 and node.module.weight is not None and len(node.out_shape) == len(node.in_shapes[0]):
             out = ins[0] | node.module.weight.detach().eq(0)  # γ = 0: the channel is its shift β
+        elif node.role == DEPTHWISE:  # a zero filter leaves its bias, whatever the input
+            out = ins[0] | node.module.weight.detach().flatten(1).eq(0).all(1)
         elif node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
             out = ins[0]
         elif node.role == FLATTEN:
@@ -379,6 +387,8 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
             _slice_cols(m, keep_in.nonzero().flatten())
         elif node.role == NORM:
             _slice_norm(m, keep_out.nonzero().flatten())
+        elif node.role == DEPTHWISE:
+            _slice_depthwise(m, keep_out.nonzero().flatten())
         elif node.role == CHPAD:
             position = keep_out.long().cumsum(0) - 1  # new place of each kept output channel
             m.index = position[m.index[keep_in]]

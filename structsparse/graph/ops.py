@@ -7,7 +7,8 @@ how its channel dimension (dim 1) relates to its input's:
 * reductions and pooling (``max_pool2d``, adaptive pooling, within-channel LRN): per channel;
 * reshape (``flatten``, ``view(n, -1)``): each feature keeps the channel it came from;
 * normalisation (BatchNorm): per channel; cross-channel steps (softmax, LRN) mix channels;
-* convolution and Linear: read channels (columns) and write new ones (rows);
+* convolution and Linear: read channels (columns) and write new ones (rows); a depthwise conv (one
+  filter per channel) maps channel c to channel c, like a normalisation layer;
 * several inputs: ``a + b`` ties channel c of both, ``torch.cat`` along dim 1 stacks them.
 
 Names in :data:`FUNCTIONS` are what saved compact models store.
@@ -27,14 +28,14 @@ from ..layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
            "multi_input_step", "is_identity", "describe", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
-           "FLATTEN", "DROPOUT", "MIXING", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "WEIGHTED", "CHANNELWISE"]
+           "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "WEIGHTED", "CHANNELWISE"]
 
 # Roles: how a step treats the channel dimension (dim 1).
-CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING = (
-    "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing")
+CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING, DEPTHWISE = (
+    "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing", "depthwise")
 INPUT, ADD, CAT, CHPAD, CONST = "input", "add", "cat", "chpad", "const"
 WEIGHTED = (CONV, LINEAR)
-CHANNELWISE = (NORM, ELEMENTWISE, POOL, DROPOUT)
+CHANNELWISE = (NORM, ELEMENTWISE, POOL, DROPOUT, DEPTHWISE)  # channel c in, channel c out
 
 
 class UnsupportedModelError(ValueError):
@@ -107,6 +108,8 @@ def module_role(module: nn.Module) -> str | None:
     """The role of a module step, or ``None`` for a module with no rule."""
     if isinstance(module, nn.PReLU) and module.num_parameters != 1:
         return None
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+        return DEPTHWISE
     for types, role in MODULE_ROLES:
         if isinstance(module, types):
             return role

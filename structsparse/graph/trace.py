@@ -17,7 +17,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
-from .ops import (ADD, CAT, CONST, FLATTEN, FUNCTIONS, INPUT, NORM, WEIGHTED, UnsupportedModelError, describe,
+from .ops import (ADD, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, NORM, WEIGHTED, UnsupportedModelError, describe,
                   function_step, is_identity, module_role, multi_input_step)
 
 __all__ = ["Node", "Graph", "trace_graph"]
@@ -168,7 +168,7 @@ class _Builder:
                 (math.prod(inputs[0].meta["tensor_meta"].shape[1:]),):
             raise UnsupportedModelError(f"module {node.target!r} must flatten to (N, features)")
         if node.target in self.seen_modules:
-            if role in WEIGHTED + (NORM, CONST):
+            if role in WEIGHTED + (NORM, CONST, DEPTHWISE):
                 raise UnsupportedModelError(f"module {node.target!r} is called more than once (shared weights)")
             self.add(node, self.fresh(node.target), role, copy.deepcopy(module), inputs)  # a stateless step used twice
         else:
