@@ -1,7 +1,7 @@
 """Small modules that residual graphs and their compact forms are made of.
 
 ``ChannelPad`` is the CIFAR ResNets' option-A shortcut (subsample, then put the channels
-among zero channels); ``Add``, ``Cat`` and ``Constant`` are the multi-input steps and the
+among zero channels); ``Add``, ``Cat``, ``Broadcast`` and ``Constant`` are the multi-input steps and the
 folded constants of compact graphs. All are plain modules that torch.fx treats as leaves.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelPad", "Add", "Cat", "Constant", "WithinChannelLRN"]
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "WithinChannelLRN"]
 
 
 class ChannelPad(nn.Module):
@@ -51,6 +51,25 @@ class Add(nn.Module):
         for x in xs[1:]:
             out = out + x
         return out
+
+
+class Broadcast(nn.Module):
+    """``op(a, b)`` of two tensors of different shapes that broadcast (a squeeze-excite gate
+    ``x * g`` with ``g`` of shape N × C × 1 × 1, say); ``op`` is ``mul``, ``add``, ``sub`` or ``truediv``."""
+
+    OPS = {"mul": torch.mul, "add": torch.add, "sub": torch.sub, "truediv": torch.div}
+
+    def __init__(self, op: str = "mul"):
+        super().__init__()
+        if op not in self.OPS:
+            raise ValueError(f"Broadcast op must be one of {sorted(self.OPS)}, got {op!r}")
+        self.op = op
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.OPS[self.op](a, b)
+
+    def extra_repr(self) -> str:
+        return self.op
 
 
 class Cat(nn.Module):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
-from ..graph.ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED
+from ..graph.ops import (ADD, BCAST, CAT, CHANNELWISE, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM,
+                         REDUCE, WEIGHTED)
 from ..layers import Constant
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
@@ -266,7 +267,11 @@ def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
             out = ins[0]
         elif node.role == FLATTEN:
             out = ins[0].repeat_interleave(width // ins[0].numel()) if len(node.in_shapes[0]) > 2 else ins[0]
-        elif node.role == ADD:
+        elif node.role == REDUCE:
+            out = ins[0]
+        elif node.role == BCAST and ins[0].numel() != ins[1].numel():
+            out = (ins[0] if ins[0].numel() > 1 else ins[1]) & bool(min(ins, key=len).all())
+        elif node.role in (ADD, BCAST):
             out = torch.stack(ins).all(0)
         elif node.role == CAT:
             out = torch.cat(ins)

@@ -4,12 +4,15 @@ Every step of a traced model gets a *role* that tells channel tracking (:mod:`.u
 how its channel dimension (dim 1) relates to its input's:
 
 * elementwise and broadcast with a number (``relu``, ``x * 0.5`` ...): channel c in, channel c out;
-* reductions and pooling (``max_pool2d``, adaptive pooling, within-channel LRN): per channel;
+* reductions and pooling (``max_pool2d``, adaptive pooling, within-channel LRN, ``x.mean((2, 3))``
+  and ``amax``/``sum`` over positions): per channel;
 * reshape (``flatten``, ``view(n, -1)``): each feature keeps the channel it came from;
 * normalisation (BatchNorm): per channel; cross-channel steps (softmax, LRN) mix channels;
 * convolution and Linear: read channels (columns) and write new ones (rows); a depthwise conv (one
   filter per channel) maps channel c to channel c, like a normalisation layer;
-* several inputs: ``a + b`` ties channel c of both, ``torch.cat`` along dim 1 stacks them.
+* several inputs: ``a + b`` ties channel c of both, ``torch.cat`` along dim 1 stacks them, and an
+  elementwise op of tensors that broadcast (a squeeze-excite gate ``x * g``, ``g`` N × C × 1 × 1) ties
+  channel c of both when they have the same channels.
 
 Names in :data:`FUNCTIONS` are what saved compact models store.
 """
@@ -24,16 +27,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
            "multi_input_step", "is_identity", "describe", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
-           "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "WEIGHTED", "CHANNELWISE"]
+           "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "REDUCE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "BCAST", "WEIGHTED", "CHANNELWISE"]
 
 # Roles: how a step treats the channel dimension (dim 1).
-CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING, DEPTHWISE = (
-    "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing", "depthwise")
-INPUT, ADD, CAT, CHPAD, CONST = "input", "add", "cat", "chpad", "const"
+CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING, DEPTHWISE, REDUCE = (
+    "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing", "depthwise", "reduce")
+INPUT, ADD, CAT, CHPAD, CONST, BCAST = "input", "add", "cat", "chpad", "const", "broadcast"
 WEIGHTED = (CONV, LINEAR)
 CHANNELWISE = (NORM, ELEMENTWISE, POOL, DROPOUT, DEPTHWISE)  # channel c in, channel c out
 
@@ -55,17 +58,20 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
     "elu": (F.elu, ELEMENTWISE), "gelu": (F.gelu, ELEMENTWISE), "silu": (F.silu, ELEMENTWISE),
     "sigmoid": (torch.sigmoid, ELEMENTWISE), "tanh": (torch.tanh, ELEMENTWISE),
     "hardtanh": (F.hardtanh, ELEMENTWISE), "hardswish": (F.hardswish, ELEMENTWISE),
+    "hardsigmoid": (F.hardsigmoid, ELEMENTWISE),
     "mul": (_scalar(operator.mul), ELEMENTWISE), "add": (_scalar(operator.add), ELEMENTWISE),
     "sub": (_scalar(operator.sub), ELEMENTWISE), "truediv": (_scalar(operator.truediv), ELEMENTWISE),
     "max_pool2d": (F.max_pool2d, POOL), "avg_pool2d": (F.avg_pool2d, POOL),
     "adaptive_avg_pool2d": (F.adaptive_avg_pool2d, POOL), "adaptive_max_pool2d": (F.adaptive_max_pool2d, POOL),
     "flatten": (torch.flatten, FLATTEN),
+    "mean": (torch.mean, REDUCE), "amax": (torch.amax, REDUCE), "sum": (torch.sum, REDUCE),
     "softmax": (F.softmax, MIXING), "log_softmax": (F.log_softmax, MIXING),
 }
 _FN_NAMES = {
     F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.elu: "elu",
     F.gelu: "gelu", F.silu: "silu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
-    F.tanh: "tanh", F.hardtanh: "hardtanh", F.hardswish: "hardswish",
+    F.tanh: "tanh", F.hardtanh: "hardtanh", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid",
+    torch.mean: "mean", torch.amax: "amax", torch.sum: "sum",
     F.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d", F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
     F.adaptive_max_pool2d: "adaptive_max_pool2d", torch.flatten: "flatten",
     F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
@@ -74,7 +80,8 @@ _FN_NAMES = {
 }
 _METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax",
             "log_softmax": "log_softmax", "contiguous": "identity", "flatten": "flatten",
-            "view": "flatten", "reshape": "flatten", "mul": "mul", "add": "add", "sub": "sub", "div": "truediv"}
+            "view": "flatten", "reshape": "flatten", "mul": "mul", "add": "add", "sub": "sub", "div": "truediv",
+            "mean": "mean", "amax": "amax", "sum": "sum"}
 MODULE_ROLES: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d,), CONV), ((nn.Linear,), LINEAR), ((nn.BatchNorm1d, nn.BatchNorm2d), NORM),
     ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh,
@@ -83,7 +90,7 @@ MODULE_ROLES: list[tuple[tuple[type, ...], str]] = [
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout), DROPOUT),
     ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm), MIXING),
     ((WithinChannelLRN,), POOL),
-    ((Add,), ADD), ((Cat,), CAT), ((ChannelPad,), CHPAD), ((Constant,), CONST),
+    ((Add,), ADD), ((Cat,), CAT), ((Broadcast,), BCAST), ((ChannelPad,), CHPAD), ((Constant,), CONST),
 ]
 
 
@@ -159,19 +166,44 @@ def function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op:
     for k, v in kwargs.items():
         if isinstance(v, fx.Node):
             raise UnsupportedModelError(f"{describe(node)}: argument {k!r} is computed in the graph, not a constant")
+    if FUNCTIONS[name][1] == REDUCE:
+        kwargs = _spatial_reduction(node, kwargs, len(in_shape))
     return Op(name, kwargs)
 
 
+def _spatial_reduction(node: fx.Node, kwargs: dict, rank: int) -> dict:
+    """The arguments of a reduction over positions only (global pooling): channel c in, channel c out."""
+    if node.op == "call_method" and len(node.args) > 2:
+        kwargs["keepdim"] = node.args[2]
+    dim = kwargs.get("dim")
+    dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else []
+    if not dims or not all(isinstance(d, int) for d in dims) or {d % rank for d in dims} & {0, 1}:
+        raise UnsupportedModelError(f"{describe(node)}: only reductions over positions (dims 2 and up, not the "
+                                    f"channels or the batch) are supported, got dim={dim!r}")
+    return {k: v for k, v in kwargs.items() if k != "dtype" or v is not None} | {"dim": dims}
+
+
+_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", operator.sub: "sub",
+               torch.sub: "sub", operator.truediv: "truediv", torch.div: "truediv"}
+_ARITHMETIC_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "truediv"}
+
+
 def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
-    """``a + b`` and ``torch.cat([a, b], 1)`` as :class:`Add` / :class:`Cat`; None for other nodes."""
+    """``a + b``, ``torch.cat([a, b], 1)`` and ``a * g`` (shapes that broadcast) as :class:`Add`, :class:`Cat`
+    and :class:`Broadcast`; None for other nodes."""
     target = node.target
-    if node.op == "call_function" and target in (operator.add, torch.add) or \
-            node.op == "call_method" and target == "add":
-        if len(inputs) == 2 and not node.kwargs:
-            shapes = [tuple(a.meta["tensor_meta"].shape) for a in inputs]
-            if shapes[0] != shapes[1]:
-                raise UnsupportedModelError(f"{describe(node)} adds tensors of shapes {shapes}: only equal shapes")
+    op = _ARITHMETIC.get(target) if node.op == "call_function" else _ARITHMETIC_METHODS.get(target) \
+        if node.op == "call_method" else None
+    if op is not None and len(inputs) == 2 and not node.kwargs and list(node.args) == inputs:
+        shapes = [tuple(a.meta["tensor_meta"].shape) for a in inputs]
+        if op == "add" and shapes[0] == shapes[1]:
             return Add()
+        if len(shapes[0]) == len(shapes[1]) and len(shapes[0]) >= 2 and all(
+                a == b or 1 in (a, b) for a, b in zip(shapes[0][2:], shapes[1][2:])) \
+                and shapes[0][0] == shapes[1][0] and (shapes[0][1] == shapes[1][1] or 1 in (shapes[0][1], shapes[1][1])):
+            return Broadcast(op)
+        raise UnsupportedModelError(f"{describe(node)} combines tensors of shapes {shapes}: only equal shapes, or "
+                                    "shapes that broadcast over positions (N × C × 1 × 1) or channels (N × 1 × ...)")
     if node.op == "call_function" and target is torch.cat:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         rank = len(node.meta["tensor_meta"].shape)
@@ -182,10 +214,11 @@ def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
 
 
 def is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """nn.Identity, dropout (compact models are inference models), ``x.contiguous()``."""
+    """nn.Identity, dropout (compact models are inference models), ``x.contiguous()``, a one-tensor ``cat``."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                                                             nn.AlphaDropout))
     if node.op == "call_function":
-        return node.target is F.dropout
+        return node.target is F.dropout or (node.target is torch.cat and isinstance(node.args[0], (list, tuple))
+                                            and len(node.args[0]) == 1)
     return node.op == "call_method" and node.target == "contiguous"

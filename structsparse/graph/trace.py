@@ -180,9 +180,10 @@ class _Builder:
             module = multi_input_step(node, inputs)
             if module is None:
                 raise UnsupportedModelError(
-                    f"{describe(node)} reads {[a.name for a in inputs]}: only additions of equal shapes and "
-                    "concatenation along channels can combine tensors")
-            self.add(node, self.fresh(node.name), ADD if isinstance(module, Add) else CAT, module, inputs)
+                    f"{describe(node)} reads {[a.name for a in inputs]}: only additions, subtractions, products and "
+                    "quotients (of equal shapes or shapes that broadcast) and concatenation along channels can "
+                    "combine tensors")
+            self.add(node, self.fresh(node.name), module_role(module), module, inputs)
         elif len(inputs) == 1:
             op = function_step(node, self.gm, inputs[0])
             self.add(node, self.fresh(node.name), FUNCTIONS[op.fn][1], op, inputs)

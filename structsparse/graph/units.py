@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops import ADD, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, WEIGHTED
+from .ops import ADD, BCAST, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, REDUCE, WEIGHTED
 from .trace import Graph, Node
 
 __all__ = ["ChannelUnits", "channel_units"]
@@ -77,7 +77,13 @@ def channel_units(graph: Graph) -> ChannelUnits:
         elif node.role == FLATTEN:
             src = ins[0]
             of[node.name] = src.repeat_interleave(width // src.numel()) if len(node.in_shapes[0]) > 2 else src
-        elif node.role == ADD:
+        elif node.role == REDUCE:
+            of[node.name] = ins[0]
+        elif node.role == BCAST and ins[0].numel() != ins[1].numel():  # one operand is broadcast over channels
+            narrow = 0 if ins[0].numel() < ins[1].numel() else 1
+            pinned_ids.append(ins[narrow])
+            of[node.name] = ins[1 - narrow]
+        elif node.role in (ADD, BCAST):
             for other in ins[1:]:
                 for a, b in zip(ins[0].tolist(), other.tolist()):
                     ra, rb = find(a), find(b)

@@ -30,7 +30,7 @@ from ..checks import is_int, is_number
 from ..compaction.kernels import LoweredConv2d
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..graph import FUNCTIONS, MODULE_ROLES, Op
-from ..layers import Add, Cat, ChannelPad, Constant
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant
 from .files import atomic_write
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
@@ -42,7 +42,7 @@ _TYPES.update({"Op": Op, "IndexSelect": IndexSelect, "LoweredConv2d": LoweredCon
 # A step name: a dotted path whose parts are module names PyTorch accepts (non-empty, no "."), without
 # control characters. save_compact and load_compact apply the same rule (torchvision's "block1-0" passes).
 _NAME = re.compile(r"^[^.\x00-\x1f\x7f]+(\.[^.\x00-\x1f\x7f]+)*$")
-_MULTI_INPUT = (Add, Cat)        # steps that read one or more inputs; every other step reads exactly one
+_MULTI_INPUT = (Add, Cat, Broadcast)  # steps that read several inputs; every other step reads exactly one
 MAX_ELEMENTS = 2 ** 28           # the largest tensor a loaded model may make on its input_shape (batch of 2);
                                  # raise it to load models that need more
 MAX_DIMS = 8                     # input_shape and Constant shapes: at most this many dimensions

@@ -1,10 +1,12 @@
 """Hand-written replicas of the blocks of torchvision's and timm's CNNs, each compacted exactly, saved,
 loaded and exported: what the zoo benchmark checks on the real models."""
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
-from structsparse import compact, load_compact, save_compact
+from structsparse import compact, export_onnx, load_compact, save_compact
 from structsparse.graph import channel_units, trace_graph
 
 from helpers import check_exact, randomize
@@ -39,8 +41,12 @@ class MobileNetish(nn.Module):
 
 
 def _roundtrip(model, small, x, tmp_path):
+    """Saved and loaded, the compact model still gives the original's outputs; it exports to ONNX, checked
+    against ONNX Runtime where that is installed."""
     loaded = load_compact(save_compact(small, tmp_path / "m"))
     check_exact(model, loaded, x)
+    if importlib.util.find_spec("onnxscript") or importlib.util.find_spec("onnx"):
+        export_onnx(loaded, x, tmp_path / "m.onnx")
     return loaded
 
 
@@ -89,3 +95,98 @@ def test_group_lasso_on_depthwise_blocks_zeroes_what_compaction_removes():
     small = compact(model, x)
     check_exact(model, small, x)
     assert dict(small.named_modules())["blocks.0.dw.0"].out_channels == 32 - int(zero)
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: pool, reduce, expand, gate, ``scale * x``."""
+
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1, self.fc2 = nn.Conv2d(c, squeeze, 1), nn.Conv2d(squeeze, c, 1)
+        self.activation, self.scale_activation = nn.SiLU(), nn.Hardsigmoid()
+
+    def forward(self, x):
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: expand, depthwise, squeeze-excite, project; pooled by ``mean`` in the head."""
+
+    def __init__(self, c=8, expand=4):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h), nn.SiLU())
+        self.se = SqueezeExcite(h, 4)
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.project(self.se(self.dw(self.expand(x))))
+
+
+class EfficientNetish(nn.Module):
+    def __init__(self, keepdim=False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.blocks = nn.Sequential(MBConv(), MBConv())
+        self.fc = nn.Linear(8, 5)
+        self.keepdim = keepdim
+
+    def forward(self, x):
+        x = torch.cat([self.blocks(self.stem(x))], 1)        # a one-tensor cat, as densenet writes it
+        x = x.mean((2, 3), keepdim=self.keepdim)
+        return self.fc(x.flatten(1) if self.keepdim else x)
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_squeeze_excite_gates_tie_each_channel_to_its_gate(keepdim, tmp_path):
+    model = randomize(EfficientNetish(keepdim))
+    with torch.no_grad():
+        model.blocks[0].project[0].weight[:, 4:14] = 0      # 10 hidden channels that neither the projection
+        model.blocks[0].se.fc1.weight[:, 4:14] = 0          # nor the squeeze reads: gone with their gates
+    x = torch.rand(2, 3, 16, 16)
+    units = channel_units(trace_graph(model, x))
+    hidden = units.of["blocks.0.dw.0"]
+    assert torch.equal(units.of["blocks.0.se.fc2"], hidden) and not bool(units.pinned[hidden].any())
+    small = compact(model, x)
+    check_exact(model, small, x)
+    m = dict(small.named_modules())
+    assert m["blocks.0.dw.0"].out_channels == 22 and m["blocks.0.se.fc2"].out_channels == 22
+    assert m["blocks.0.se.fc1"].in_channels == 22 and m["blocks.0.expand.0"].out_channels == 22
+    _roundtrip(model, small, x, tmp_path)
+
+
+def test_a_gate_broadcast_over_channels_keeps_the_gates_channel():
+    class SpatialGate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.gate, self.fc = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 1, 1), nn.Linear(6, 2)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc((y * torch.sigmoid(self.gate(y))).amax((2, 3)))
+
+    model = SpatialGate().eval()
+    with torch.no_grad():
+        model.fc.weight[:, 1:3] = 0
+        model.gate.weight[:, 4] = 0
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    m = dict(small.named_modules())
+    assert m["gate"].out_channels == 1 and m["conv"].out_channels == 6   # channels 1, 2 feed the gate: kept
+
+
+def test_reductions_over_channels_are_named():
+    class ChannelMean(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean(1)
+
+    from structsparse.graph import UnsupportedModelError
+    with pytest.raises(UnsupportedModelError, match="only reductions over positions"):
+        compact(ChannelMean(), torch.rand(1, 3, 6, 6))

@@ -193,17 +193,25 @@ def test_compact_does_not_modify_original():
     assert model.training
 
 
+class Gate(nn.Module):
+    def __init__(self, combine=torch.mul):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.combine = combine
+
+    def forward(self, x):
+        return self.combine(x, self.conv(x))
+
+
+def test_elementwise_product_of_equal_shapes_ties_channels():
+    model = Gate().eval()
+    x = torch.rand(2, 3, 8, 8)
+    assert_same_outputs(model, compact(model, x), x)
+
+
 def test_unsupported_combination_names_the_node():
-    class Gate(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 3, 3, padding=1)
-
-        def forward(self, x):
-            return x * self.conv(x)
-
-    with pytest.raises(UnsupportedModelError, match="'mul'"):
-        compact(Gate(), torch.rand(1, 3, 8, 8))
+    with pytest.raises(UnsupportedModelError, match="'maximum'"):
+        compact(Gate(torch.maximum), torch.rand(1, 3, 8, 8))
 
 
 def test_unsupported_module_is_named():
