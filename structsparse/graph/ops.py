@@ -18,6 +18,7 @@ Names in :data:`FUNCTIONS` are what saved compact models store.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from typing import Any, Callable
@@ -213,12 +214,23 @@ def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
     return None
 
 
+def _training_off(node: fx.Node) -> bool:
+    """A function with a ``training`` argument, called with ``training=False``: dropout's family (drop-path,
+    stochastic depth) in eval mode, where it passes its input through. ``compact`` checks the outputs."""
+    try:
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    except (TypeError, ValueError):
+        return False
+    return bound.arguments.get("training", None) is False
+
+
 def is_identity(node: fx.Node, gm: fx.GraphModule) -> bool:
-    """nn.Identity, dropout (compact models are inference models), ``x.contiguous()``, a one-tensor ``cat``."""
+    """nn.Identity, dropout (compact models are inference models), ``x.contiguous()``, a one-tensor ``cat``,
+    a function called with ``training=False``."""
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                                                             nn.AlphaDropout))
     if node.op == "call_function":
         return node.target is F.dropout or (node.target is torch.cat and isinstance(node.args[0], (list, tuple))
-                                            and len(node.args[0]) == 1)
+                                            and len(node.args[0]) == 1) or _training_off(node)
     return node.op == "call_method" and node.target == "contiguous"

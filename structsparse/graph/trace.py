@@ -7,6 +7,7 @@ channels pass through it. Anything else is an error that names the node.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -96,24 +97,34 @@ class _Tracer(fx.Tracer):
 
 
 def _fx_trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    """The fx graph of ``model`` with every node's output shape for ``example_input`` (run in eval mode)."""
+    """The fx graph of ``model`` in eval mode (the graph of inference: dropout, drop-path and stochastic depth
+    are identities there), with every node's output shape for ``example_input``."""
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    try:
-        gm = fx.GraphModule(model, _Tracer().trace(model))
-    except Exception as e:  # fx raises many types for untraceable code
-        raise UnsupportedModelError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
-    was_training = model.training
+    with _eval_mode(model):
+        try:
+            gm = fx.GraphModule(model, _Tracer().trace(model))
+        except Exception as e:  # fx raises many types for untraceable code
+            raise UnsupportedModelError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        except Exception as e:
+            raise ValueError(
+                f"running the model on example_input of shape {list(example_input.shape)} failed: {e}") from e
+    return gm
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode, every module's own mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
-    except Exception as e:
-        raise ValueError(
-            f"running the model on example_input of shape {list(example_input.shape)} failed: {e}") from e
+        yield
     finally:
-        model.train(was_training)
-    return gm
+        for m, training in modes:
+            m.training = training
 
 
 class _Builder:

@@ -190,3 +190,38 @@ def test_reductions_over_channels_are_named():
     from structsparse.graph import UnsupportedModelError
     with pytest.raises(UnsupportedModelError, match="only reductions over positions"):
         compact(ChannelMean(), torch.rand(1, 3, 6, 6))
+
+
+def stochastic_depth(x, p: float, mode: str, training: bool = True):
+    """A drop-path function as torchvision writes one (``torch.fx.wrap``-ed, a ``training`` flag)."""
+    if not training or p == 0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class DropPathBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = x + stochastic_depth(self.conv2(torch.relu(self.conv1(x))), 0.2, "row", self.training)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_drop_path_is_the_identity_of_inference_even_when_the_model_trains():
+    from structsparse import GroupLasso
+    model = DropPathBlock().train()
+    with torch.no_grad():
+        model.conv1.weight[1] = 0
+        model.conv2.weight[:, 1] = 0
+    x = torch.rand(2, 4, 6, 6)
+    GroupLasso(model, {"channel": 1e-3}, example_input=x).penalty().backward()   # traced in train mode
+    assert model.training and model.conv1.training
+    small = compact(model, x)
+    check_exact(model, small, x)
+    assert dict(small.named_modules())["conv1"].out_channels == 3
