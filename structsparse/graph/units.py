@@ -7,7 +7,7 @@ it (input columns).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,8 +24,9 @@ class ChannelUnits:
     ``of[node]`` holds the unit of each dim-1 entry of the node's output (for a flattened
     tensor, each feature has the unit of the channel it came from). ``pinned[u]`` is True
     for units that cannot be removed (they reach the model output, feed a step that mixes
-    channels, or touch a grouped conv). ``readers`` lists the Conv2d/Linear nodes: each reads
-    the units ``of_input[node]`` (its columns) and writes the units ``of[node]`` (its rows).
+    channels, or touch a grouped conv); ``reasons[u]`` says why, naming the step (the first reason
+    found). ``readers`` lists the Conv2d/Linear nodes: each reads the units ``of_input[node]`` (its
+    columns) and writes the units ``of[node]`` (its rows).
     """
 
     of: dict[str, torch.Tensor]
@@ -33,6 +34,7 @@ class ChannelUnits:
     pinned: torch.Tensor
     readers: list[str]
     of_input: dict[str, torch.Tensor]  # reader → the units of its input
+    reasons: dict[int, str] = field(default_factory=dict)  # pinned unit → why
 
     def reader_count(self) -> torch.Tensor:
         """How many layers read each unit (a unit read by two or more layers is *coupled*)."""
@@ -42,13 +44,15 @@ class ChannelUnits:
         return counts
 
 
-def _pin_all(node: Node) -> bool:
-    """Whether a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features))."""
-    if node.role == CONV:
-        return node.module.groups != 1 or len(node.out_shape) != 4
-    if node.role == LINEAR:
-        return len(node.out_shape) != 2 or len(node.in_shapes[0]) != 2
-    return False
+def _pin_all(node: Node) -> str | None:
+    """Why a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features)), or None."""
+    if node.role == CONV and node.module.groups != 1:
+        return f"{node.name}: a grouped conv (groups={node.module.groups}) keeps its channels"
+    if node.role == CONV and len(node.out_shape) != 4:
+        return f"{node.name}: a conv on a {len(node.out_shape)}-D tensor"
+    if node.role == LINEAR and (len(node.out_shape) != 2 or len(node.in_shapes[0]) != 2):
+        return f"{node.name}: a Linear on a {len(node.in_shapes[0])}-D tensor (channels are not its features)"
+    return None
 
 
 def channel_units(graph: Graph) -> ChannelUnits:
@@ -67,7 +71,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
         return i
 
     of: dict[str, torch.Tensor] = {}
-    pinned_ids: list[torch.Tensor] = []
+    pinned_ids: list[tuple[torch.Tensor, str]] = []
     readers = []
     for node in graph.nodes.values():
         width = node.out_shape[1] if len(node.out_shape) > 1 else 1
@@ -81,7 +85,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
             of[node.name] = ins[0]
         elif node.role == BCAST and ins[0].numel() != ins[1].numel():  # one operand is broadcast over channels
             narrow = 0 if ins[0].numel() < ins[1].numel() else 1
-            pinned_ids.append(ins[narrow])
+            pinned_ids.append((ins[narrow], f"{node.name}: broadcast over every channel"))
             of[node.name] = ins[1 - narrow]
         elif node.role in (ADD, BCAST):
             for other in ins[1:]:
@@ -100,16 +104,21 @@ def channel_units(graph: Graph) -> ChannelUnits:
             of[node.name] = new(width)
             if node.role in WEIGHTED:
                 readers.append(node.name)
-                if _pin_all(node):
-                    pinned_ids += [ins[0], of[node.name]]
+                why = _pin_all(node)
+                if why:
+                    pinned_ids += [(ins[0], why), (of[node.name], why)]
             elif node.role != INPUT and node.role != CONST:
-                pinned_ids += ins + [of[node.name]]
-    pinned_ids.append(of[graph.output])
+                why = f"{node.name}: a {node.role} step mixes channels"
+                pinned_ids += [(i, why) for i in ins] + [(of[node.name], why)]
+    pinned_ids.append((of[graph.output], "the model's output"))
     roots = torch.tensor([find(i) for i in range(len(parent))], dtype=torch.long)
     _, compact_ids = torch.unique(roots, return_inverse=True)
     count = int(compact_ids.max()) + 1 if len(parent) else 0
     of = {k: compact_ids[v] for k, v in of.items()}
     pinned = torch.zeros(count, dtype=torch.bool)
-    for ids in pinned_ids:
+    reasons: dict[int, str] = {}
+    for ids, why in pinned_ids:
         pinned[compact_ids[ids]] = True
-    return ChannelUnits(of, count, pinned, readers, {r: of[graph.nodes[r].inputs[0]] for r in readers})
+        for u in compact_ids[ids].tolist():
+            reasons.setdefault(u, why)
+    return ChannelUnits(of, count, pinned, readers, {r: of[graph.nodes[r].inputs[0]] for r in readers}, reasons)

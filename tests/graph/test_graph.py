@@ -84,3 +84,19 @@ def test_every_function_name_has_a_role_and_runs():
             {"start_dim": 1} if name == "flatten" else {"dim": [2, 3]} if name in ("mean", "amax", "sum") else {}
         assert role in ("elementwise", "pool", "flatten", "mixing", "reduce"), name
         assert Op(name, kwargs)(x).shape[0] == 2, name
+
+
+def test_pinned_units_say_why():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.g, self.fc = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 3, groups=2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.softmax(self.g(self.a(x)), 1).mean((2, 3)))
+
+    units = channel_units(trace_graph(Net(), torch.rand(1, 3, 5, 5)))
+    assert units.reasons[int(units.of["a"][0])] == "g: a grouped conv (groups=2) keeps its channels"
+    assert units.reasons[int(units.of["softmax"][0])] == "softmax: a mixing step mixes channels"
+    assert units.reasons[int(units.of["fc"][0])] == "the model's output"
+    assert set(units.reasons) == set(units.pinned.nonzero().flatten().tolist())
