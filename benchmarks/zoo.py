@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Any model a user brings: torchvision's zoo through GroupLasso, compact, save/load and ONNX, beside
+Torch-Pruning at the same ratio.
+
+Per model (random weights, random BatchNorm statistics, one input of --size, seeded): build
+``GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)`` and backpropagate its penalty;
+zero --fraction of every Conv2d / Linear's filters (with the BatchNorm γ/β right after them) and of the
+channel units that several layers read (every reader's columns); then ``compact`` and check it on the
+example and on a new input (max abs difference against the output's scale), save/load, export to ONNX,
+count multiply-adds with ``torch.utils.flop_counter`` on both models, count the channel units that stay
+pinned and why, and time dense, compact and Torch-Pruning's ``MagnitudePruner`` (the same fraction per
+layer, the classifier left alone) in the same interleaved repetitions on one thread.
+
+Needs torchvision and torch-pruning, in an environment of their own (not the README's set-up)::
+
+    python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1
+    /tmp/tvenv/bin/pip install -e '.[export]'
+    /tmp/tvenv/bin/python benchmarks/zoo.py --out results/zoo
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from structsparse import GroupLasso, compact, export_onnx, load_compact, save_compact
+from structsparse.graph import channel_units, trace_graph
+from structsparse.report import count_macs
+from structsparse.timing import machine_info, summarize, time_interleaved
+
+MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn",
+          "densenet121", "googlenet", "convnext_tiny", "regnet_x_400mf", "shufflenet_v2_x1_0", "vit_b_16")
+EXACT = 1e-4   # max abs difference, as a fraction of the output's largest magnitude
+
+
+def build(name: str, size: int, seed: int) -> nn.Module:
+    """A torchvision model with random weights and random BatchNorm statistics, in eval mode."""
+    import torchvision
+    torch.manual_seed(seed)
+    kwargs = {"image_size": size} if name.startswith("vit") else {}
+    if name == "googlenet":
+        kwargs.update(aux_logits=False, init_weights=True)
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()
+
+
+@torch.no_grad()
+def zero_pattern(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> dict:
+    """Zero ``fraction`` of every weighted layer's filters (and the BatchNorm entries right after) and of the
+    coupled channel units (all readers' columns); the model's output layer keeps its filters."""
+    g = torch.Generator().manual_seed(seed)
+    graph = trace_graph(model, x)
+    users = graph.consumers()
+    filters = 0
+    for node in graph.nodes.values():
+        if node.role not in ("conv", "linear") or node.name == graph.output:
+            continue
+        w = node.module.weight
+        pick = torch.randperm(w.shape[0], generator=g)[:round(fraction * w.shape[0])]
+        w[pick] = 0
+        if node.module.bias is not None:
+            node.module.bias[pick] = 0
+        after = users[node.name]
+        if len(after) == 1 and graph.nodes[after[0]].role == "norm" and graph.nodes[after[0]].module.weight is not None:
+            graph.nodes[after[0]].module.weight[pick] = 0
+            graph.nodes[after[0]].module.bias[pick] = 0
+        filters += len(pick)
+    units = channel_units(graph)
+    coupled = ((units.reader_count() >= 2) & ~units.pinned).nonzero().flatten()
+    chosen = coupled[torch.randperm(len(coupled), generator=g)[:round(fraction * len(coupled))]]
+    for r in units.readers:
+        cols = torch.isin(units.of_input[r], chosen)
+        w = graph.nodes[r].module.weight
+        if w.dim() == 4 and graph.nodes[r].module.groups == 1:
+            w[:, cols] = 0
+        elif w.dim() == 2:
+            w[:, cols] = 0
+    return {"filters_zeroed": filters, "coupled_units": len(coupled), "coupled_zeroed": len(chosen)}
+
+
+def pinned(model: nn.Module, x: torch.Tensor) -> dict:
+    """The fraction of channel units that stay whatever their weights, and the commonest reasons."""
+    units = channel_units(trace_graph(model, x))
+    why = Counter(r.split(": ", 1)[-1] for r in units.reasons.values())
+    return {"units": units.count, "pinned_fraction": float(units.pinned.float().mean()) if units.count else 0.0,
+            "reasons": dict(why.most_common(4))}
+
+
+def max_rel_diff(a: nn.Module, b: nn.Module, xs: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        return max(float((a(x) - b(x)).abs().max() / a(x).abs().max().clamp_min(1e-12)) for x in xs)
+
+
+def ours(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> tuple[dict, nn.Module | None]:
+    """GroupLasso, the zero pattern, compact, save/load, ONNX: a row, and the compact model."""
+    row: dict = {}
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
+    gl.penalty().backward()
+    row["group_lasso"] = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    row.update(zero_pattern(model, x, fraction, seed))
+    row.update(pinned(model, x))
+    t0 = time.perf_counter()
+    small = compact(model, x)
+    row["compact_s"] = time.perf_counter() - t0
+    fresh = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    row["max_rel_diff"] = max_rel_diff(model, small, [x, fresh])
+    row["exact"] = row["max_rel_diff"] <= EXACT
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = load_compact(save_compact(small, Path(tmp) / "m"))
+        row["save_load_identical"] = bool(torch.equal(loaded(fresh), small(fresh)))
+        try:
+            export_onnx(small, x, Path(tmp) / "m.onnx")
+            row["onnx"] = "ok"
+        except Exception as e:  # noqa: BLE001  reported per model
+            row["onnx"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    row["flop_ratio"] = count_macs(small, x) / count_macs(model, x)
+    row["param_ratio"] = sum(p.numel() for p in small.parameters()) / sum(p.numel() for p in model.parameters())
+    return row, small
+
+
+def torch_pruning(dense: nn.Module, x: torch.Tensor, fraction: float) -> tuple[dict, nn.Module | None]:
+    """Torch-Pruning 1.6.1's MagnitudePruner at ``fraction`` per layer; the output Linear is left alone."""
+    import torch_pruning as tp
+    model = copy.deepcopy(dense)
+    out = model(x).shape[-1]
+    ignored = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == out]
+    heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    pruner = tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=fraction, ignored_layers=ignored, num_heads=heads)
+    pruner.step()
+    for m, h in heads.items():  # keep the attention layers' own head_dim in step with their new width
+        m.head_dim = m.embed_dim // h
+    model.eval()
+    return {"flop_ratio": count_macs(model, x) / count_macs(dense, x),
+            "param_ratio": sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in dense.parameters())}, \
+        model
+
+
+def latency(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> dict:
+    """Median ms of each model, timed in the same interleaved repetitions on one thread."""
+    names = [n for n, m in models.items() if m is not None]
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            samples = time_interleaved([lambda m=models[n]: m(x) for n in names], repeats=repeats, warmup=2)
+    finally:
+        torch.set_num_threads(old)
+    return {n: summarize(s) for n, s in zip(names, samples)}
+
+
+def run_model(name: str, size: int, fraction: float, repeats: int, seed: int) -> dict:
+    row: dict = {"model": name}
+    dense = build(name, size, seed)
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    timed = {"dense": dense}
+    for key, fn in (("structsparse", lambda: ours(copy.deepcopy(dense), x, fraction, seed)),
+                    ("torch_pruning", lambda: torch_pruning(dense, x, fraction))):
+        try:
+            row[key], timed[key] = fn()
+        except Exception as e:  # noqa: BLE001  a failure is a result
+            row[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                        "where": traceback.format_exc().splitlines()[-3].strip()[:200]}
+            timed[key] = None
+    ms = latency(timed, x, repeats)
+    row["latency_ms"] = ms
+    for key in ("structsparse", "torch_pruning"):
+        if key in ms:
+            row[key]["latency_ratio"] = ms[key]["median_ms"] / ms["dense"]["median_ms"]
+    return row
+
+
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"`{res['command']}` on {m['cpu']}, torch {m['torch']}, one thread, {res['date']}; input 1×3×"
+             f"{res['size']}×{res['size']}, {res['fraction']:.0%} of the groups zeroed; latency: median of "
+             f"{res['repeats']} interleaved repetitions (ratio to the dense model's).", "",
+             "| model | exact (max rel diff) | save/load | ONNX | FLOP ratio (ours / TP) | params (ours / TP) | "
+             "latency ratio (ours / TP) | units pinned | commonest reasons |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        s, t = r["structsparse"], r["torch_pruning"]
+        if "error" in s:
+            ours_cells = [f"fails: {s['error']}", "–", "–"]
+        else:
+            ours_cells = [f"{'yes' if s['exact'] else 'NO'} ({s['max_rel_diff']:.1e})",
+                          "identical" if s["save_load_identical"] else "DIFFERS", s["onnx"]]
+        def pair(k, fmt="{:.2f}"):
+            a = "–" if k not in s else fmt.format(s[k])
+            b = "fails" if "error" in t else fmt.format(t[k]) if k in t else "–"
+            return f"{a} / {b}"
+        reasons = "; ".join(f"{k} ({v})" for k, v in s.get("reasons", {}).items()) or "–"
+        pin = f"{s['pinned_fraction']:.0%} of {s['units']}" if "units" in s else "–"
+        lines.append(f"| {r['model']} | " + " | ".join(ours_cells) + f" | {pair('flop_ratio')} | "
+                     f"{pair('param_ratio')} | {pair('latency_ratio')} | {pin} | {reasons} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--fraction", type=float, default=0.4)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="folder for zoo.json and zoo.md (default: print only)")
+    args = ap.parse_args(argv)
+    res = {"command": "python benchmarks/zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+           "machine": machine_info(measure_threads=1), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "size": args.size, "fraction": args.fraction, "repeats": args.repeats, "results": []}
+    for name in args.models.split(","):
+        t0 = time.perf_counter()
+        res["results"].append(run_model(name, args.size, args.fraction, args.repeats, args.seed))
+        print(f"{name}: {json.dumps(res['results'][-1]['structsparse'])[:300]} ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+    md = markdown(res)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "zoo.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "zoo.md").write_text(md + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
