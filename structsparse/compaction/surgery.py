@@ -152,6 +152,17 @@ def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
     m.num_features = keep.numel()
 
 
+def _slice_grouped(m: nn.Conv2d, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
+    """A grouped conv keeping the same number of outputs and of inputs in every group."""
+    g = m.groups
+    _slice_rows(m, keep_out.nonzero().flatten())
+    cols = keep_in.view(g, -1).nonzero()[:, 1].view(g, -1)   # the kept columns of each group
+    w = m.weight.view(g, m.out_channels // g, *m.weight.shape[1:])
+    w = torch.stack([w[i][:, cols[i]] for i in range(g)]).flatten(0, 1)
+    m.weight = _param(w, m.weight)
+    m.in_channels = g * cols.shape[1]
+
+
 def _slice_depthwise(m: nn.Conv2d, keep: torch.Tensor) -> None:
     """A depthwise conv's filters follow its channels: keep both."""
     _slice_rows(m, keep)
@@ -326,9 +337,8 @@ def _reads(node: Node) -> torch.Tensor:
     w = node.module.weight.detach()
     if node.role == LINEAR:
         return w.ne(0).any(0) if len(node.in_shapes[0]) == 2 else torch.ones(node.in_shapes[0][1], dtype=torch.bool)
-    if node.module.groups != 1:
-        return torch.ones(node.in_shapes[0][1], dtype=torch.bool)
-    return w.ne(0).any(3).any(2).any(0)
+    g = node.module.groups  # input channel c is column c mod C/G of its group's filters
+    return w.ne(0).flatten(2).any(2).view(g, w.shape[0] // g, -1).any(1).flatten()
 
 
 def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
@@ -349,18 +359,36 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
         node = graph.nodes[r]
         ids = units.of_input[r]
         cand = mask & ~blocked[ids]
-        if node.role == CONV and bool(cand.any()):
+        if node.role == CONV and node.module.groups != 1:  # a grouped conv drops only constants that are zero
+            zero = values[node.inputs[0]][:1].flatten(2).eq(0).all(2)[0]
+            blocked[ids[cand & ~zero]] = True
+        elif node.role == CONV and bool(cand.any()):
             foldable, _ = _fold_conv(node.module, values[node.inputs[0]][:1], cand)
             blocked[ids[cand & ~foldable]] = True
-    remove = ~blocked
+    return units, _realisable(graph, units, ~blocked), reads
+
+
+def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
+    """``remove`` cut back until every tensor keeps an entry and every grouped conv loses the same number of
+    input and of output channels in each group (at least one stays per group), so it stays a grouped conv."""
+    grouped = [(units.of[n.inputs[0]], units.of[n.name], n.module.groups) for n in graph.nodes.values()
+               if n.role == CONV and n.module.groups != 1]
     changed = True
-    while changed:  # keep one entry of every tensor, so that no shape becomes empty
+    while changed:
         changed = False
-        for name, ids in units.of.items():
+        for name, ids in units.of.items():  # keep one entry of every tensor, so that no shape becomes empty
             if ids.numel() and bool(remove[ids].all()):
                 remove[ids[0]] = False
                 changed = True
-    return units, remove, reads
+        for ids_in, ids_out, g in grouped:
+            for ids in (ids_in, ids_out):
+                per = remove[ids].view(g, -1)
+                k = min(int(per.sum(1).min()), per.shape[1] - 1)
+                extra = per & (per.long().cumsum(1) > k)  # each group keeps all but its first k removals
+                if bool(extra.any()):
+                    remove[ids.view(g, -1)[extra]] = False
+                    changed = True
+    return remove
 
 
 def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[str, torch.Tensor]) -> None:
@@ -368,7 +396,7 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
     for r, mask in reads.items():
         node = graph.nodes[r]
         gone = remove[units.of_input[r]] & mask
-        if not bool(gone.any()):
+        if not bool(gone.any()) or (node.role == CONV and node.module.groups != 1):  # grouped: zeros only
             continue
         u = values[node.inputs[0]][:1]
         if node.role == LINEAR:
@@ -387,7 +415,9 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
         if bool(keep_out.all()) and (keep_in is None or bool(keep_in.all())):
             continue
         m = node.module
-        if node.role in WEIGHTED:
+        if node.role == CONV and m.groups != 1:
+            _slice_grouped(m, keep_out, keep_in)
+        elif node.role in WEIGHTED:
             _slice_rows(m, keep_out.nonzero().flatten())
             _slice_cols(m, keep_in.nonzero().flatten())
         elif node.role == NORM:

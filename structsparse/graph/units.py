@@ -24,7 +24,7 @@ class ChannelUnits:
     ``of[node]`` holds the unit of each dim-1 entry of the node's output (for a flattened
     tensor, each feature has the unit of the channel it came from). ``pinned[u]`` is True
     for units that cannot be removed (they reach the model output, feed a step that mixes
-    channels, or touch a grouped conv); ``reasons[u]`` says why, naming the step (the first reason
+    channels); ``reasons[u]`` says why, naming the step (the first reason
     found). ``readers`` lists the Conv2d/Linear nodes: each reads the units ``of_input[node]`` (its
     columns) and writes the units ``of[node]`` (its rows).
     """
@@ -45,9 +45,8 @@ class ChannelUnits:
 
 
 def _pin_all(node: Node) -> str | None:
-    """Why a weighted node's channels cannot be removed (grouped conv, Linear not on (N, features)), or None."""
-    if node.role == CONV and node.module.groups != 1:
-        return f"{node.name}: a grouped conv (groups={node.module.groups}) keeps its channels"
+    """Why a weighted node's channels cannot be removed (a conv or Linear whose channels are not its input's
+    dim 1), or None. (Grouped convs lose the same number of channels in every group: see compaction.)"""
     if node.role == CONV and len(node.out_shape) != 4:
         return f"{node.name}: a conv on a {len(node.out_shape)}-D tensor"
     if node.role == LINEAR and (len(node.out_shape) != 2 or len(node.in_shapes[0]) != 2):

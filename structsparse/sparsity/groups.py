@@ -196,8 +196,13 @@ class CoupledChannels:
 
     @staticmethod
     def _column_sq(module: nn.Module) -> torch.Tensor:
+        """Squared norm of the weights that read each input entry (for a grouped conv, input channel c is
+        column c mod C/G of its group's filters)."""
         w = module.weight
-        return (w * w).sum((0, 2, 3) if w.dim() == 4 else 0)
+        if w.dim() == 2:
+            return (w * w).sum(0)
+        g = module.groups
+        return (w * w).view(g, w.shape[0] // g, w.shape[1], -1).sum((1, 3)).flatten()
 
     def norms(self) -> torch.Tensor:
         """The groups' Euclidean norms; differentiable, with gradient 0 (not NaN) at all-zero groups."""
@@ -217,7 +222,11 @@ class CoupledChannels:
         for _, module, ids in self.members:
             s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
             w = module.weight
-            w.mul_(s.view(1, -1, 1, 1) if w.dim() == 4 else s.view(1, -1))
+            if w.dim() == 2:
+                w.mul_(s.view(1, -1))
+            else:
+                g = module.groups
+                w.view(g, w.shape[0] // g, w.shape[1], -1).mul_(s.view(g, 1, -1, 1))
 
 
 def coupled_channels(model: nn.Module, example_input: torch.Tensor,

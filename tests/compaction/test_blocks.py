@@ -225,3 +225,90 @@ def test_drop_path_is_the_identity_of_inference_even_when_the_model_trains():
     small = compact(model, x)
     check_exact(model, small, x)
     assert dict(small.named_modules())["conv1"].out_channels == 3
+
+
+class GroupedBottleneck(nn.Module):
+    """RegNet's / ResNeXt's block: 1×1, grouped 3×3, 1×1, with BatchNorm and a residual add."""
+
+    def __init__(self, c=8, width=16, groups=4):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False),
+                               nn.BatchNorm2d(width), nn.ReLU())
+        self.c = nn.Sequential(nn.Conv2d(width, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.c(self.b(self.a(x))))
+
+
+class RegNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = GroupedBottleneck()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path):
+    model = randomize(RegNetish())
+    with torch.no_grad():
+        # outputs of the grouped conv nobody reads: 2, 1, 3 and 1 in its four groups of 4 -> one per group goes
+        model.block.c[0].weight[:, [0, 1, 4, 8, 9, 10, 12]] = 0
+        # inputs: filters of the first conv zeroed with their BatchNorm: exact zeros, 1, 2, 1, 1 per group
+        for i in (1, 5, 6, 10, 15):
+            model.block.a[0].weight[i] = 0
+            model.block.a[1].weight[i] = model.block.a[1].bias[i] = 0
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    m = dict(small.named_modules())
+    b = m["block.b.0"]
+    assert b.groups == 4 and b.out_channels == 12 and b.in_channels == 12 and m["block.a.0"].out_channels == 12
+    assert m["block.c.0"].in_channels == 12
+    _roundtrip(model, small, x, tmp_path)
+
+
+def test_group_lasso_reads_a_grouped_convs_columns_per_input_channel():
+    from structsparse import GroupLasso
+    model = randomize(RegNetish())
+    x = torch.rand(2, 3, 8, 8)
+    gl = GroupLasso(model, {"channel": 0.1}, example_input=x)
+    gl.penalty().backward()
+    assert torch.isfinite(model.block.b[0].weight.grad).all()
+    gl.prox_step(lr=10.0)
+    small = compact(model, x)
+    check_exact(model, small, x)
+
+
+def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group():
+    from structsparse import GroupLasso
+    from structsparse.sparsity.groups import CoupledChannels
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 1)
+            self.g, self.p, self.fc = nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.fc((self.g(y) + self.p(y)).mean((2, 3)))
+
+    x = torch.rand(2, 3, 6, 6)
+    for lr, zero, kept in ((17.0, [4, 5, 7], 8), (18.0, [0, 2, 3, 4, 5, 6, 7], 2)):
+        torch.manual_seed(0)
+        model = Fork().eval()
+        gl = GroupLasso(model, {"p": {"channel": 0.05}}, example_input=x)   # the coupled groups take p's λ
+        assert gl.coupled is not None and {n for n, _, _ in gl.coupled.members} == {"g", "p"}
+        w = model.g.weight.detach()
+        assert torch.allclose(CoupledChannels._column_sq(model.g)[5], (w[4:, 1] ** 2).sum())  # column 1 of group 2
+        gl.penalty().backward()
+        gl.prox_step(lr=lr)
+        assert (gl.coupled.norms() == 0).nonzero().flatten().tolist() == zero
+        small = compact(model, x)
+        check_exact(model, small, x)
+        m = dict(small.named_modules())   # uneven zeros (0 and 3 per group) keep all; 3 and 4 lose 3 per group
+        assert m["stem"].out_channels == kept and m["g"].in_channels == kept and m["g"].groups == 2
