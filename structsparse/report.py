@@ -123,6 +123,9 @@ class SparsityReport:
         check = "agrees" if self.counter_agrees else f"DISAGREES ({self.counter_macs:,})"
         lines.append(f"\nWhole model: {self.macs_kept:,} of {self.macs:,} multiply-adds kept per input "
                      f"({100 * self.flop_fraction:.1f}%, from each layer's own zeros); torch.utils.flop_counter {check}.")
+        if self.compact_macs == 0:
+            lines.append("**Warning: the compact model does no multiply-add: its output no longer depends on its "
+                         "input (the zero structures cut every path from the input).**")
         if self.compact_macs is not None:
             lines.append(f"After compact (zeros of one layer also remove work in its neighbours): {self.compact_macs:,} "
                          f"multiply-adds per input ({100 * self.compact_flop_fraction:.1f}%), counted by "

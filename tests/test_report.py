@@ -87,6 +87,7 @@ def test_report_counts_removed_branches_as_no_work():
     assert rep.compact_flop_fraction < rep.flop_fraction < 1
 
 
+@pytest.mark.filterwarnings("ignore::structsparse.compaction.CollapseWarning")
 def test_report_on_a_model_whose_layers_are_all_zero():
     from structsparse import sparsity_report
 

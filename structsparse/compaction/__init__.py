@@ -1,5 +1,5 @@
 """Making a layer smaller: graph surgery (:mod:`.surgery`) and the shape-wise conv (:mod:`.kernels`)."""
 from .kernels import LoweredConv2d
-from .surgery import LOWERED_BELOW, CompactNet, IndexSelect, compact, lower_conv
+from .surgery import LOWERED_BELOW, CollapseWarning, CompactNet, IndexSelect, compact, lower_conv
 
-__all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "LoweredConv2d", "LOWERED_BELOW"]
+__all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "LoweredConv2d", "LOWERED_BELOW", "CollapseWarning"]

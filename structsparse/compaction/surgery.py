@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import statistics
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from ..layers import Constant
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
-__all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "RTOL", "ATOL"]
+__all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "CollapseWarning", "RTOL", "ATOL"]
 
 RTOL, ATOL = 1e-4, 1e-5
 LOWERED_BELOW = 0.5   # default: lower a conv that keeps at most half of its weight-matrix columns
@@ -368,6 +369,10 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     return units, _realisable(graph, units, ~blocked), reads
 
 
+class CollapseWarning(RuntimeWarning):
+    """The model, or a whole layer's width, no longer depends on the input: SSL zeroed too much."""
+
+
 def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
     """``remove`` cut back until every tensor keeps an entry and every grouped conv loses the same number of
     input and of output channels in each group (at least one stays per group), so it stays a grouped conv."""
@@ -380,6 +385,9 @@ def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
             if ids.numel() and bool(remove[ids].all()):
                 remove[ids[0]] = False
                 changed = True
+                if graph.nodes[name].role in WEIGHTED:
+                    warnings.warn(f"compact: every output channel of {name} is zero or unread; one is kept so that "
+                                  "the shapes stay valid", CollapseWarning, stacklevel=4)
         for ids_in, ids_out, g in grouped:
             for ids in (ids_in, ids_out):
                 per = remove[ids].view(g, -1)
@@ -508,6 +516,10 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
         _fold(graph, units, remove, reads, values)
         _shrink(graph, units, remove)
         gathers = _gather(graph, units, remove)
+    if graph.nodes[graph.output].role == CONST:
+        warnings.warn(f"compact: the output of {type(model).__name__} no longer depends on its input (its zero "
+                      "structures cut every path from the input); the compact model is a constant", CollapseWarning,
+                      stacklevel=2)
     steps = _steps(graph, gathers, example_input.shape[0], lowered_below)
     net = CompactNet(steps).eval()
     net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension

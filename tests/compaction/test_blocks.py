@@ -272,14 +272,17 @@ def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path)
 
 
 def test_group_lasso_reads_a_grouped_convs_columns_per_input_channel():
-    from structsparse import GroupLasso
+    from structsparse import GroupLasso, group_norms
     model = randomize(RegNetish())
     x = torch.rand(2, 3, 8, 8)
     gl = GroupLasso(model, {"channel": 0.1}, example_input=x)
     gl.penalty().backward()
     assert torch.isfinite(model.block.b[0].weight.grad).all()
-    gl.prox_step(lr=10.0)
-    small = compact(model, x)
+    before = group_norms(model.block.b[0].weight.detach(), "channel", 4)
+    gl.prox_step(lr=3.0)
+    after = group_norms(model.block.b[0].weight.detach(), "channel", 4)
+    assert after.numel() == 16 and bool((after < before).all())   # one group per (conv group, column)
+    small = compact(model, x)   # (a collapse to a constant would warn, and fail this test: see pyproject.toml)
     check_exact(model, small, x)
 
 

@@ -10,6 +10,8 @@ from structsparse.compaction.surgery import ATOL, RTOL, CompactNet, IndexSelect
 from structsparse.graph import UnsupportedModelError
 from structsparse.zoo.models import LeNet, MLP
 
+pytestmark = pytest.mark.filterwarnings("ignore::structsparse.compaction.CollapseWarning")  # random zeros may zero everything
+
 ACTS = [nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, lambda: nn.LeakyReLU(0.1)]
 
 
@@ -246,3 +248,15 @@ def test_lowering_chosen_by_measurement_stays_exact():
     assert isinstance(compact(model, x, lowered_below=0.0).conv2, nn.Conv2d)
     with pytest.raises(ValueError, match="lowered_below"):
         compact(model, x, lowered_below="fast")
+
+
+def test_a_model_that_collapses_to_a_constant_is_reported_loudly():
+    from structsparse.compaction import CollapseWarning
+    model = LeNet().eval()
+    with torch.no_grad():
+        model.conv2.weight.zero_()
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.warns(CollapseWarning, match="no longer depends on its input"):
+        small = compact(model, x)
+    assert_same_outputs(model, small, x)
+    assert "**Warning: the compact model does no multiply-add" in sparsity_report(model, x, compacted=small).to_markdown()
