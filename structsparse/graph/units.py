@@ -54,53 +54,67 @@ def _pin_all(node: Node) -> str | None:
     return None
 
 
-def channel_units(graph: Graph) -> ChannelUnits:
-    """Follow every channel through the graph; see :class:`ChannelUnits`."""
-    parent: list[int] = []
+class _Sets:
+    """Union-find over channel ids: ids joined by an add are one channel."""
 
-    def new(n: int) -> torch.Tensor:
-        start = len(parent)
-        parent.extend(range(start, start + n))
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> torch.Tensor:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
         return torch.arange(start, start + n)
 
-    def find(i: int) -> int:
+    def find(self, i: int) -> int:
+        parent = self.parent
         while parent[i] != i:
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
 
+    def join(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[ry] = rx
+
+    def numbered(self) -> tuple[torch.Tensor, int]:
+        """Every id's set as a number in 0 .. count - 1, and the count."""
+        roots = torch.tensor([self.find(i) for i in range(len(self.parent))], dtype=torch.long)
+        _, ids = torch.unique(roots, return_inverse=True)
+        return ids, int(ids.max()) + 1 if len(self.parent) else 0
+
+
+def channel_units(graph: Graph) -> ChannelUnits:
+    """Follow every channel through the graph; see :class:`ChannelUnits`."""
+    sets = _Sets()
     of: dict[str, torch.Tensor] = {}
     pinned_ids: list[tuple[torch.Tensor, str]] = []
     readers = []
     for node in graph.nodes.values():
         width = node.out_shape[1] if len(node.out_shape) > 1 else 1
         ins = [of[i] for i in node.inputs]
-        if node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
+        if node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]) or node.role == REDUCE:
             of[node.name] = ins[0]
         elif node.role == FLATTEN:
             src = ins[0]
             of[node.name] = src.repeat_interleave(width // src.numel()) if len(node.in_shapes[0]) > 2 else src
-        elif node.role == REDUCE:
-            of[node.name] = ins[0]
         elif node.role == BCAST and ins[0].numel() != ins[1].numel():  # one operand is broadcast over channels
             narrow = 0 if ins[0].numel() < ins[1].numel() else 1
             pinned_ids.append((ins[narrow], f"{node.name}: broadcast over every channel"))
             of[node.name] = ins[1 - narrow]
         elif node.role in (ADD, BCAST):
             for other in ins[1:]:
-                for a, b in zip(ins[0].tolist(), other.tolist()):
-                    ra, rb = find(a), find(b)
-                    if ra != rb:
-                        parent[rb] = ra
+                sets.join(ins[0], other)
             of[node.name] = ins[0]
         elif node.role == CAT:
             of[node.name] = torch.cat(ins)
         elif node.role == CHPAD:
-            out = new(width)
+            out = sets.new(width)
             out[node.module.index] = ins[0]
             of[node.name] = out
         else:  # input, const, conv, linear, mixing, and anything that makes new channels
-            of[node.name] = new(width)
+            of[node.name] = sets.new(width)
             if node.role in WEIGHTED:
                 readers.append(node.name)
                 why = _pin_all(node)
@@ -110,14 +124,12 @@ def channel_units(graph: Graph) -> ChannelUnits:
                 why = f"{node.name}: a {node.role} step mixes channels"
                 pinned_ids += [(i, why) for i in ins] + [(of[node.name], why)]
     pinned_ids.append((of[graph.output], "the model's output"))
-    roots = torch.tensor([find(i) for i in range(len(parent))], dtype=torch.long)
-    _, compact_ids = torch.unique(roots, return_inverse=True)
-    count = int(compact_ids.max()) + 1 if len(parent) else 0
-    of = {k: compact_ids[v] for k, v in of.items()}
+    ids, count = sets.numbered()
+    of = {k: ids[v] for k, v in of.items()}
     pinned = torch.zeros(count, dtype=torch.bool)
     reasons: dict[int, str] = {}
-    for ids, why in pinned_ids:
-        pinned[compact_ids[ids]] = True
-        for u in compact_ids[ids].tolist():
+    for raw, why in pinned_ids:
+        pinned[ids[raw]] = True
+        for u in ids[raw].tolist():
             reasons.setdefault(u, why)
     return ChannelUnits(of, count, pinned, readers, {r: of[graph.nodes[r].inputs[0]] for r in readers}, reasons)
