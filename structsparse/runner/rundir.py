@@ -34,9 +34,9 @@ def save_trained(model: torch.nn.Module, path: Path) -> None:
 
 
 def write_results(out_dir: Path, report_md: str, metrics: dict) -> None:
-    """``report.md`` and ``metrics.json``."""
-    (out_dir / REPORT).write_text(report_md, encoding="utf-8")
-    (out_dir / METRICS).write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    """``report.md`` and ``metrics.json``, each written atomically (a kill leaves the old file or the new one)."""
+    atomic_write(out_dir / REPORT, report_md.encode("utf-8"))
+    atomic_write(out_dir / METRICS, (json.dumps(metrics, indent=1) + "\n").encode("utf-8"))
 
 
 def load_run(run_dir: str | os.PathLike) -> tuple[torch.nn.Module, torch.nn.Module, dict]:

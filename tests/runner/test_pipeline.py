@@ -278,3 +278,20 @@ def test_smoke_recipe_on_real_mnist_end_to_end(tmp_path):
     assert metrics["sparsity"]["compact_flop_fraction"] < 1
     original, small, _ = rundir.load_run(out)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in original.parameters())
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch):
+    """A crash while metrics.json is written leaves the previous file whole (issue 18: non-atomic results)."""
+    (tmp_path / "metrics.json").write_text('{"old": true}\n')
+    import structsparse.storage.files as files
+
+    def crash(src, dst):   # the kill comes after the new bytes are written, before they replace the old file
+        raise OSError("killed")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(OSError):
+        rundir.write_results(tmp_path, "# report\n", {"new": True})
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"old": True}
+    rundir.write_results(tmp_path, "# report\n", {"new": True})
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"new": True}
