@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
-from ..graph.ops import (ADD, BCAST, CAT, CHANNELWISE, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM,
-                         REDUCE, WEIGHTED)
+from ..graph.ops import (ADD, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED,
+                         passes_channels)
 from ..layers import Constant
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
@@ -275,12 +275,10 @@ def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
             out = ins[0] | node.module.weight.detach().eq(0)  # γ = 0: the channel is its shift β
         elif node.role == DEPTHWISE:  # a zero filter leaves its bias, whatever the input
             out = ins[0] | node.module.weight.detach().flatten(1).eq(0).all(1)
-        elif node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]):
+        elif passes_channels(node):
             out = ins[0]
         elif node.role == FLATTEN:
             out = ins[0].repeat_interleave(width // ins[0].numel()) if len(node.in_shapes[0]) > 2 else ins[0]
-        elif node.role == REDUCE:
-            out = ins[0]
         elif node.role == BCAST and ins[0].numel() != ins[1].numel():
             out = (ins[0] if ins[0].numel() > 1 else ins[1]) & bool(min(ins, key=len).all())
         elif node.role in (ADD, BCAST):
@@ -333,6 +331,11 @@ def _replace_constants(graph: Graph, const: dict[str, torch.Tensor], values: dic
     return Graph({n: node for n, node in nodes.items() if n in live}, output)
 
 
+def _grouped(node: Node) -> bool:
+    """A grouped conv (not depthwise): it loses the same number of channels in every group."""
+    return node.role == CONV and node.module.groups != 1
+
+
 def _reads(node: Node) -> torch.Tensor:
     """True for each dim-1 entry of a weighted node's input that some nonzero weight reads."""
     w = node.module.weight.detach()
@@ -360,7 +363,7 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
         node = graph.nodes[r]
         ids = units.of_input[r]
         cand = mask & ~blocked[ids]
-        if node.role == CONV and node.module.groups != 1:  # a grouped conv drops only constants that are zero
+        if _grouped(node):  # a grouped conv drops only constants that are zero
             zero = values[node.inputs[0]][:1].flatten(2).eq(0).all(2)[0]
             blocked[ids[cand & ~zero]] = True
         elif node.role == CONV and bool(cand.any()):
@@ -377,7 +380,7 @@ def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
     """``remove`` cut back until every tensor keeps an entry and every grouped conv loses the same number of
     input and of output channels in each group (at least one stays per group), so it stays a grouped conv."""
     grouped = [(units.of[n.inputs[0]], units.of[n.name], n.module.groups) for n in graph.nodes.values()
-               if n.role == CONV and n.module.groups != 1]
+               if _grouped(n)]
     changed = True
     while changed:
         changed = False
@@ -404,7 +407,7 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
     for r, mask in reads.items():
         node = graph.nodes[r]
         gone = remove[units.of_input[r]] & mask
-        if not bool(gone.any()) or (node.role == CONV and node.module.groups != 1):  # grouped: zeros only
+        if not bool(gone.any()) or _grouped(node):  # a grouped conv drops only zeros: nothing to fold
             continue
         u = values[node.inputs[0]][:1]
         if node.role == LINEAR:
@@ -423,7 +426,7 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
         if bool(keep_out.all()) and (keep_in is None or bool(keep_in.all())):
             continue
         m = node.module
-        if node.role == CONV and m.groups != 1:
+        if _grouped(node):
             _slice_grouped(m, keep_out, keep_in)
         elif node.role in WEIGHTED:
             _slice_rows(m, keep_out.nonzero().flatten())

@@ -31,7 +31,7 @@ from torch import nn
 from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
-           "multi_input_step", "is_identity", "describe", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
+           "multi_input_step", "is_identity", "describe", "passes_channels", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
            "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "REDUCE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "BCAST", "WEIGHTED", "CHANNELWISE"]
 
 # Roles: how a step treats the channel dimension (dim 1).
@@ -112,6 +112,12 @@ class Op(nn.Module):
         return f"{self.fn}, {self.kwargs}" if self.kwargs else self.fn
 
 
+def passes_channels(node) -> bool:
+    """Whether a graph step maps channel c of its input to channel c of its output: a channel-wise step that
+    keeps the rank, or a reduction over positions."""
+    return node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]) or node.role == REDUCE
+
+
 def module_role(module: nn.Module) -> str | None:
     """The role of a module step, or ``None`` for a module with no rule."""
     if isinstance(module, nn.PReLU) and module.num_parameters != 1:
@@ -184,9 +190,11 @@ def _spatial_reduction(node: fx.Node, kwargs: dict, rank: int) -> dict:
     return {k: v for k, v in kwargs.items() if k != "dtype" or v is not None} | {"dim": dims}
 
 
-_ARITHMETIC = {operator.mul: "mul", torch.mul: "mul", operator.add: "add", torch.add: "add", operator.sub: "sub",
-               torch.sub: "sub", operator.truediv: "truediv", torch.div: "truediv"}
-_ARITHMETIC_METHODS = {"mul": "mul", "add": "add", "sub": "sub", "div": "truediv"}
+# Elementwise arithmetic of two tensors: the names of _FN_NAMES and _METHODS that Broadcast runs, and torch's
+# own functions (which, with a Python number, have no rule).
+_ARITHMETIC = {**{f: n for f, n in _FN_NAMES.items() if n in Broadcast.OPS},
+               torch.mul: "mul", torch.add: "add", torch.sub: "sub", torch.div: "truediv"}
+_ARITHMETIC_METHODS = {m: n for m, n in _METHODS.items() if n in Broadcast.OPS}
 
 
 def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:

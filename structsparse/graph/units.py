@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .ops import ADD, BCAST, CAT, CHANNELWISE, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, REDUCE, WEIGHTED
+from .ops import ADD, BCAST, CAT, CHPAD, CONST, CONV, FLATTEN, INPUT, LINEAR, WEIGHTED, passes_channels
 from .trace import Graph, Node
 
 __all__ = ["ChannelUnits", "channel_units"]
@@ -94,7 +94,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
     for node in graph.nodes.values():
         width = node.out_shape[1] if len(node.out_shape) > 1 else 1
         ins = [of[i] for i in node.inputs]
-        if node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]) or node.role == REDUCE:
+        if passes_channels(node):
             of[node.name] = ins[0]
         elif node.role == FLATTEN:
             src = ins[0]

@@ -195,14 +195,17 @@ class CoupledChannels:
         return self.lambdas.numel()
 
     @staticmethod
-    def _column_sq(module: nn.Module) -> torch.Tensor:
-        """Squared norm of the weights that read each input entry (for a grouped conv, input channel c is
-        column c mod C/G of its group's filters)."""
-        w = module.weight
-        if w.dim() == 2:
-            return (w * w).sum(0)
-        g = module.groups
-        return (w * w).view(g, w.shape[0] // g, w.shape[1], -1).sum((1, 3)).flatten()
+    def _channel_view(module: nn.Module) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The weight as :func:`group_norms` groups it, and the dims its ``channel`` groups reduce (for a
+        grouped conv, input channel c is column c mod C/G of its group's filters)."""
+        groups = getattr(module, "groups", 1)
+        return group_view(module.weight, groups), _dims(module.weight.dim(), "channel", groups)
+
+    @classmethod
+    def _column_sq(cls, module: nn.Module) -> torch.Tensor:
+        """Squared norm of the weights that read each input entry."""
+        w, dims = cls._channel_view(module)
+        return (w * w).sum(dims).flatten()
 
     def norms(self) -> torch.Tensor:
         """The groups' Euclidean norms; differentiable, with gradient 0 (not NaN) at all-zero groups."""
@@ -221,12 +224,8 @@ class CoupledChannels:
         """Multiply every group's columns by its entry of ``scale``."""
         for _, module, ids in self.members:
             s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
-            w = module.weight
-            if w.dim() == 2:
-                w.mul_(s.view(1, -1))
-            else:
-                g = module.groups
-                w.view(g, w.shape[0] // g, w.shape[1], -1).mul_(s.view(g, 1, -1, 1))
+            w, dims = self._channel_view(module)
+            w.mul_(s.view([1 if d in dims else n for d, n in enumerate(w.shape)]))
 
 
 def coupled_channels(model: nn.Module, example_input: torch.Tensor,
