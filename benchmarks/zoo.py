@@ -55,6 +55,8 @@ def build(name: str, size: int, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not bool(m.weight.ne(0).any()):  # ViT's zero head
+                nn.init.normal_(m.weight, std=0.02, generator=g)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -84,6 +86,13 @@ def zero_pattern(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) 
             graph.nodes[after[0]].module.weight[pick] = 0
             graph.nodes[after[0]].module.bias[pick] = 0
         filters += len(pick)
+    for node in graph.nodes.values():  # attention: whole heads (the output columns that read them)
+        if node.role == "attention":
+            m = node.module
+            heads = torch.randperm(m.num_heads, generator=g)[:round(fraction * m.num_heads)]
+            m.out.weight.view(m.embed_dim, m.num_heads, m.head_dim)[:, heads] = 0
+            mha = model.get_submodule(node.name)
+            mha.out_proj.weight.view(m.embed_dim, m.num_heads, m.head_dim)[:, heads] = 0
     units = channel_units(graph)
     coupled = ((units.reader_count() >= 2) & ~units.pinned).nonzero().flatten()
     chosen = coupled[torch.randperm(len(coupled), generator=g)[:round(fraction * len(coupled))]]

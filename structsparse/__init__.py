@@ -5,6 +5,7 @@ become exactly zero, cut them out to get a smaller dense model with the same out
 and measure the speedup.
 """
 from .compaction import LoweredConv2d, compact
+from .graph import explain
 from .report import SparsityReport, sparsity_report
 from .sparsity import KINDS, GroupLasso, Masks, group_norms
 from .speed import measure_speedup
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "KINDS", "group_norms", "GroupLasso", "Masks", "SparsityReport", "sparsity_report",
     "compact", "LoweredConv2d", "load_compact", "save_compact", "measure_speedup",
-    "export_onnx",
+    "export_onnx", "explain",
 ]

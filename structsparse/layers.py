@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "WithinChannelLRN"]
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "Param", "SelfAttention", "WithinChannelLRN"]
 
 
 class ChannelPad(nn.Module):
@@ -98,6 +98,85 @@ class Constant(nn.Module):
 
     def extra_repr(self) -> str:
         return f"shape={list(self.value.shape)}"
+
+
+class Param(nn.Module):
+    """A model's parameter (or buffer) read as a tensor by its graph (a layer scale, a class token, a position
+    embedding), without a batch dimension; the step's input only places it in the graph."""
+
+    def __init__(self, value: torch.Tensor | list[int] | tuple[int, ...]):
+        super().__init__()
+        if isinstance(value, torch.Tensor):
+            self.value = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
+        else:
+            self.value = nn.Parameter(torch.zeros(tuple(value)))
+
+    def forward(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        return self.value
+
+    def extra_repr(self) -> str:
+        return f"shape={list(self.value.shape)}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention of ``N × T × embed_dim`` tokens, each head ``head_dim`` wide: what
+    ``nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)(x, x, x, need_weights=False)[0]`` computes
+    (in eval mode), with the number of heads free, so that heads can be removed."""
+
+    def __init__(self, embed_dim: int, num_heads: int, head_dim: int, bias: bool = True):
+        super().__init__()
+        if min(embed_dim, num_heads, head_dim) < 1:
+            raise ValueError(f"SelfAttention needs sizes >= 1, got {embed_dim}, {num_heads}, {head_dim}")
+        self.embed_dim, self.num_heads, self.head_dim = int(embed_dim), int(num_heads), int(head_dim)
+        self.qkv = nn.Linear(embed_dim, 3 * num_heads * head_dim, bias=bias)
+        self.out = nn.Linear(num_heads * head_dim, embed_dim, bias=bias)
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> "SelfAttention":
+        att = cls(mha.embed_dim, mha.num_heads, mha.head_dim, bias=mha.in_proj_bias is not None)
+        with torch.no_grad():
+            att.qkv.weight.copy_(mha.in_proj_weight)
+            att.out.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                att.qkv.bias.copy_(mha.in_proj_bias)
+                att.out.bias.copy_(mha.out_proj.bias)
+        return att
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, _ = x.shape
+        q, k, v = self.qkv(x).view(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.qkv.bias
+
+    def dead_heads(self) -> torch.Tensor:
+        """True for each head whose output is zero whatever the input: its value rows (and biases) are zero,
+        or the output columns that read it are."""
+        d = self.head_dim
+        v = self.qkv.weight.detach()[2 * self.num_heads * d:].view(self.num_heads, -1)
+        if self.qkv.bias is not None:
+            v = torch.cat([v, self.qkv.bias.detach()[2 * self.num_heads * d:].view(self.num_heads, d)], 1)
+        out = self.out.weight.detach().view(self.embed_dim, self.num_heads, d).transpose(0, 1).reshape(self.num_heads, -1)
+        return v.eq(0).all(1) | out.eq(0).all(1)
+
+    @torch.no_grad()
+    def keep_heads(self, keep: torch.Tensor) -> None:
+        """Only the heads ``keep`` (a mask) stay; removed heads must be dead (see :meth:`dead_heads`)."""
+        h, d = self.num_heads, self.head_dim
+        rows = keep.view(1, h, 1).expand(3, h, d).reshape(-1)
+        cols = keep.view(h, 1).expand(h, d).reshape(-1)
+        self.qkv.weight = nn.Parameter(self.qkv.weight[rows].clone(), self.qkv.weight.requires_grad)
+        if self.qkv.bias is not None:
+            self.qkv.bias = nn.Parameter(self.qkv.bias[rows].clone(), self.qkv.bias.requires_grad)
+        self.out.weight = nn.Parameter(self.out.weight[:, cols].clone(), self.out.weight.requires_grad)
+        self.num_heads = int(keep.sum())
+        self.qkv.out_features, self.out.in_features = 3 * self.num_heads * d, self.num_heads * d
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
 class WithinChannelLRN(nn.Module):

@@ -8,6 +8,7 @@ of its lowered weight matrix, e.g. LeNet 2's conv2 keeps 19/50 filters and 4/20 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -16,22 +17,25 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .compaction.kernels import LoweredConv2d
 from .compaction.surgery import compact
-from .graph import UnsupportedModelError
+from .graph import UnsupportedModelError, channel_units, trace_graph
+from .graph.ops import OPAQUE
 from .sparsity.groups import covered_modules, group_norms
 
-__all__ = ["SparsityReport", "sparsity_report", "count_macs"]
+__all__ = ["SparsityReport", "sparsity_report", "count_macs", "pinned_summary"]
 
 
 def count_macs(model: nn.Module, example_input: torch.Tensor, per_module: bool = False):
     """Multiply-adds of one forward pass on ``example_input`` as torch.utils.flop_counter counts
     them; with ``per_module``, a dict ``{module name: MACs}`` ("" for the whole model)."""
-    was_training = model.training
+    was_training, fastpath = model.training, torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no flop formula: count what it computes
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(example_input)
     finally:
         model.train(was_training)
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     if not per_module:
         return counter.get_total_flops() // 2
     root = type(model).__name__
@@ -86,6 +90,7 @@ class SparsityReport:
     counter_macs: int
     input_shape: list[int] = field(default_factory=list)
     compact_macs: int | None = None
+    pinned: dict | None = None  # channel units that stay whatever the weights, and why (see pinned_summary)
 
     @property
     def compact_flop_fraction(self) -> float | None:
@@ -110,7 +115,7 @@ class SparsityReport:
         return {"layers": self.layers, "macs": self.macs, "macs_kept": self.macs_kept,
                 "flop_fraction": self.flop_fraction, "flop_counter_macs": self.counter_macs,
                 "compact_macs": self.compact_macs, "compact_flop_fraction": self.compact_flop_fraction,
-                "input_shape": self.input_shape}
+                "input_shape": self.input_shape, "pinned": self.pinned}
 
     def to_markdown(self) -> str:
         lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | FLOP after compact | params kept |",
@@ -126,11 +131,29 @@ class SparsityReport:
         if self.compact_macs == 0:
             lines.append("**Warning: the compact model does no multiply-add: its output no longer depends on its "
                          "input (the zero structures cut every path from the input).**")
+        if self.pinned and self.pinned["pinned"]:
+            why = "; ".join(f"{k}: {v}" for k, v in self.pinned["reasons"].items())
+            lines.append(f"Channels that stay whatever their weights: {self.pinned['pinned']:,} of "
+                         f"{self.pinned['units']:,} ({why}).")
+        if self.pinned and self.pinned["as_code"]:
+            lines.append(f"**Kept as the model's own code (no channel rule), with every channel they touch: "
+                         f"{', '.join(self.pinned['as_code'])}.**")
         if self.compact_macs is not None:
             lines.append(f"After compact (zeros of one layer also remove work in its neighbours): {self.compact_macs:,} "
                          f"multiply-adds per input ({100 * self.compact_flop_fraction:.1f}%), counted by "
                          "torch.utils.flop_counter on the compacted model.")
         return "\n".join(lines)
+
+
+def pinned_summary(model: nn.Module, example_input: torch.Tensor) -> dict:
+    """``{"units", "pinned", "reasons": {why: units}, "as_code": [step]}``: how many channel units stay whatever
+    the weights (commonest reasons first, without the step names), and the steps with no channel rule."""
+    graph = trace_graph(model, example_input)
+    units = channel_units(graph)
+    why = Counter(r.split(": ", 1)[-1] for r in units.reasons.values())
+    as_code = [f"{n.name} ({n.module.what})" for n in graph.nodes.values() if n.role == OPAQUE]
+    return {"units": units.count, "pinned": int(units.pinned.sum()), "reasons": dict(why.most_common()),
+            "as_code": as_code}
 
 
 def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact: bool = True,
@@ -168,17 +191,18 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
             h.remove()
     rows = [_layer_row(n, m, shapes[n]) for n, m in layers.items() if n in shapes]
     batch = example_input.shape[0]
-    compact_macs = None
+    compact_macs = pinned = None
     if with_compact:
         try:
             if compacted is None:
                 compacted = compact(model, example_input)
             per_module = count_macs(compacted, example_input, per_module=True)
+            pinned = pinned_summary(model, example_input)
         except UnsupportedModelError:
-            per_module = None
+            per_module = pinned = None
         if per_module is not None:
             compact_macs = per_module.get("", 0) // batch  # no entry: the compact model multiplies nothing
             for r in rows:  # a layer compaction removed (a branch that became a constant) does no work
                 r["compact_flop_fraction"] = per_module.get(r["name"], 0) / batch / r["macs"]
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
-                          count_macs(model, example_input) // batch, list(example_input.shape), compact_macs)
+                          count_macs(model, example_input) // batch, list(example_input.shape), compact_macs, pinned)

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
-from ..graph.ops import (ADD, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, FLATTEN, INPUT, LINEAR, NORM, WEIGHTED,
-                         passes_channels)
-from ..layers import Constant
+from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
+                         LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED)
+from ..graph.units import along, compress, full_shape, move
+from ..layers import Constant, Param
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
@@ -247,51 +248,90 @@ def _run(graph: Graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return values
 
 
-def _width(node: Node) -> int:
-    return node.out_shape[1] if len(node.out_shape) > 1 else 1
-
-
 def _input_independent(graph: Graph) -> dict[str, torch.Tensor]:
-    """Per node, True for each dim-1 entry whose value does not depend on the model input:
-    written by zero weights (or read only from such entries), a BatchNorm with γ = 0, a
-    constant, or zero padding."""
+    """Per node, a map (see :mod:`structsparse.graph.units`) that is True for each entry whose value does
+    not depend on the model input: written by zero weights (or read only from such entries), a BatchNorm
+    with γ = 0, a constant or parameter, or zero padding."""
     const: dict[str, torch.Tensor] = {}
     for node in graph.nodes.values():
-        width = _width(node)
-        ins = [const[i] for i in node.inputs]
-        if node.role == INPUT:
-            out = torch.zeros(width, dtype=torch.bool)
-        elif node.role == CONST:
-            out = torch.ones(width, dtype=torch.bool)
-        elif node.role == CONV and len(node.in_shapes[0]) == 4:
-            g = node.module.groups
-            reads = node.module.weight.detach().ne(0).flatten(2).any(2)  # N × C/G
-            reads = reads.view(g, -1, reads.shape[1])
-            out = ~(reads & ~ins[0].view(g, 1, -1)).any(2).flatten()
-        elif node.role == LINEAR and len(node.in_shapes[0]) == 2:
-            out = ~(node.module.weight.detach().ne(0) & ~ins[0][None, :]).any(1)
-        elif node.role == NORM and isinstance(node.module, nn.modules.batchnorm._BatchNorm) \
-                and node.module.weight is not None and len(node.out_shape) == len(node.in_shapes[0]):
-            out = ins[0] | node.module.weight.detach().eq(0)  # γ = 0: the channel is its shift β
-        elif node.role == DEPTHWISE:  # a zero filter leaves its bias, whatever the input
-            out = ins[0] | node.module.weight.detach().flatten(1).eq(0).all(1)
-        elif passes_channels(node):
-            out = ins[0]
-        elif node.role == FLATTEN:
-            out = ins[0].repeat_interleave(width // ins[0].numel()) if len(node.in_shapes[0]) > 2 else ins[0]
-        elif node.role == BCAST and ins[0].numel() != ins[1].numel():
-            out = (ins[0] if ins[0].numel() > 1 else ins[1]) & bool(min(ins, key=len).all())
-        elif node.role in (ADD, BCAST):
-            out = torch.stack(ins).all(0)
-        elif node.role == CAT:
-            out = torch.cat(ins)
-        elif node.role == CHPAD:
-            out = torch.ones(width, dtype=torch.bool)
-            out[node.module.index] = ins[0]
-        else:
-            out = torch.full((width,), bool(all(bool(c.all()) for c in ins)))
-        const[node.name] = out
+        const[node.name] = compress(_independent(node, [const[i] for i in node.inputs]))
     return const
+
+
+def _independent(node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
+    rank = len(node.out_shape)
+    if node.role == INPUT:
+        return torch.zeros((1,) * rank, dtype=torch.bool)
+    if node.role in (CONST, PARAM):
+        return torch.ones((1,) * rank, dtype=torch.bool)
+    if node.role in (CONV, LINEAR, NORM, DEPTHWISE) and not (node.role == CONV and rank != 4):
+        dim = rank - 1 if node.role == LINEAR else 1
+        if ins[0].dim() != len(node.in_shapes[0]):
+            return torch.zeros((1,) * rank, dtype=torch.bool)
+        fixed = along(ins[0], full_shape(node.in_shapes[0], True), dim, torch.all)  # at every position
+        out = _channel_independent(node, fixed)
+        shape = [1] * rank
+        shape[dim] = out.numel()
+        return out.view(shape)
+    if node.role == POOL and rank == ins[0].dim():  # a window mixes positions
+        return ins[0].all(tuple(range(2, rank)), keepdim=True) if rank > 2 else ins[0]
+    if node.role in (ELEMENTWISE, DROPOUT, FLATTEN, MOVE, REDUCE, LAYERNORM, ADD, BCAST, CAT, CHPAD):
+        return _follow(node, ins)
+    values = [c for c, only in zip(ins, getattr(node.module, "shape_only", [False] * len(ins))) if not only]
+    return torch.full((1,) * rank, all(bool(c.all()) for c in values))
+
+
+def _channel_independent(node: Node, fixed: torch.Tensor) -> torch.Tensor:
+    """Which output channels of a conv, Linear, BatchNorm or depthwise conv are input-independent, given
+    which input channels are."""
+    w = node.module.weight.detach() if node.module.weight is not None else None
+    if node.role == CONV:
+        g = node.module.groups
+        reads = w.ne(0).flatten(2).any(2)  # N × C/G
+        return ~(reads.view(g, -1, reads.shape[1]) & ~fixed.view(g, 1, -1)).any(2).flatten()
+    if node.role == LINEAR:
+        return ~(w.ne(0) & ~fixed[None, :]).any(1)
+    if node.role == DEPTHWISE:  # a zero filter leaves its bias, whatever the input
+        return fixed | w.flatten(1).eq(0).all(1)
+    if isinstance(node.module, nn.modules.batchnorm._BatchNorm) and w is not None:
+        return fixed | w.eq(0)  # γ = 0: the channel is its shift β
+    return fixed
+
+
+def _follow(node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
+    """Steps that move or combine entries: an output entry is input-independent when what it is made of is."""
+    if node.role in (FLATTEN, MOVE):
+        return move(node, ins[0], node.in_shapes[0])
+    if node.role in (ADD, BCAST):
+        out = ins[0]
+        for c in ins[1:]:
+            out = out & c
+        return out
+    if node.role == CAT:
+        return torch.cat([c.expand(full_shape(s, True)) for c, s in zip(ins, node.in_shapes)], node.module.dim)
+    if node.role == CHPAD:
+        out = torch.ones((1, node.out_shape[1], 1, 1), dtype=torch.bool)
+        out[0, node.module.index, 0, 0] = along(ins[0], full_shape(node.in_shapes[0], True), 1, torch.all)
+        return out
+    if node.role == REDUCE:
+        fixed = ins[0].all() if ins[0].dim() != len(node.in_shapes[0]) else None
+        if fixed is None:
+            m = ins[0]
+            for d in sorted((d % m.dim() for d in node.module.kwargs["dim"]), reverse=True):
+                m = m.all(d, keepdim=True)
+                if not node.module.kwargs.get("keepdim"):
+                    m = m.squeeze(d)
+            return m
+        return fixed.view((1,) * len(node.out_shape))
+    if node.role == LAYERNORM:  # normalised over its last dims: fixed only if all of them are
+        dims = len(node.module.normalized_shape)
+        m = ins[0]
+        for d in range(m.dim() - dims, m.dim()):
+            m = m.all(d, keepdim=True)
+        return m
+    if len(node.out_shape) != ins[0].dim():
+        return ins[0].all().view((1,) * len(node.out_shape))
+    return ins[0]
 
 
 def _replace_constants(graph: Graph, const: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> Graph:
@@ -310,11 +350,15 @@ def _replace_constants(graph: Graph, const: dict[str, torch.Tensor], values: dic
                 renamed[node.name] = node.inputs[0]
                 del nodes[node.name]
                 continue
-        if node.role in (INPUT, CONST) or not bool(const[node.name].all()):
+        if node.role in (INPUT, CONST, PARAM) or not bool(const[node.name].all()):
             continue
         if node.name != graph.output and all(bool(const[u].all()) for u in users[node.name]):
             continue  # only constant steps read it: they are replaced instead
         value = values[node.name]
+        if not node.batched:  # computed from parameters only: a parameter of its own
+            nodes[node.name] = Node(node.name, PARAM, Param(value), [graph.input], node.out_shape,
+                                    [nodes[graph.input].out_shape], False)
+            continue
         if not torch.equal(value, value[:1].expand_as(value)):
             continue  # not exactly one value for every sample: keep the step (safe)
         constant = Constant(value.shape[1:]).to(value.device)
@@ -336,11 +380,22 @@ def _grouped(node: Node) -> bool:
     return node.role == CONV and node.module.groups != 1
 
 
+def _feature_dim(node: Node) -> int:
+    """The dim a weighted node reads its channels from: 1 for a conv, the last for a Linear."""
+    return 1 if node.role == CONV else len(node.in_shapes[0]) - 1
+
+
+def _zeros_only(node: Node) -> bool:
+    """A reader that drops only constant channels that are zero (nothing to fold into a bias): a grouped conv,
+    and a Linear on tokens or positions (its constant features may differ from one position to the next)."""
+    return _grouped(node) or (node.role == LINEAR and len(node.in_shapes[0]) > 2)
+
+
 def _reads(node: Node) -> torch.Tensor:
-    """True for each dim-1 entry of a weighted node's input that some nonzero weight reads."""
+    """True for each input channel (feature) of a weighted node that some nonzero weight reads."""
     w = node.module.weight.detach()
-    if node.role == LINEAR:
-        return w.ne(0).any(0) if len(node.in_shapes[0]) == 2 else torch.ones(node.in_shapes[0][1], dtype=torch.bool)
+    if node.role == LINEAR:  # its features: the last dim
+        return w.ne(0).any(0)
     g = node.module.groups  # input channel c is column c mod C/G of its group's filters
     return w.ne(0).flatten(2).any(2).view(g, w.shape[0] // g, -1).any(1).flatten()
 
@@ -353,7 +408,9 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     const = _input_independent(graph)
     varying = torch.zeros(units.count, dtype=torch.bool)  # input-dependent where some layer reads it
     for r in units.readers:
-        varying[units.of_input[r][~const[graph.nodes[r].inputs[0]]]] = True
+        node = graph.nodes[r]
+        fixed = along(const[node.inputs[0]], full_shape(node.in_shapes[0], True), _feature_dim(node), torch.all)
+        varying[units.of_input[r][~fixed]] = True
     read = torch.zeros(units.count, dtype=torch.bool)
     reads = {r: _reads(graph.nodes[r]) for r in units.readers}
     for r, mask in reads.items():
@@ -363,8 +420,9 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
         node = graph.nodes[r]
         ids = units.of_input[r]
         cand = mask & ~blocked[ids]
-        if _grouped(node):  # a grouped conv drops only constants that are zero
-            zero = values[node.inputs[0]][:1].flatten(2).eq(0).all(2)[0]
+        if _zeros_only(node):
+            x = values[node.inputs[0]][:1].movedim(_feature_dim(node), 0)
+            zero = x.reshape(x.shape[0], -1).eq(0).all(1)
             blocked[ids[cand & ~zero]] = True
         elif node.role == CONV and bool(cand.any()):
             foldable, _ = _fold_conv(node.module, values[node.inputs[0]][:1], cand)
@@ -407,7 +465,7 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
     for r, mask in reads.items():
         node = graph.nodes[r]
         gone = remove[units.of_input[r]] & mask
-        if not bool(gone.any()) or _grouped(node):  # a grouped conv drops only zeros: nothing to fold
+        if not bool(gone.any()) or _zeros_only(node):
             continue
         u = values[node.inputs[0]][:1]
         if node.role == LINEAR:
@@ -421,8 +479,14 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
 def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
     """Slice every module to the kept entries of its input and output."""
     for node in graph.nodes.values():
+        if node.role == ATTENTION:  # its channels stay; dead heads go (one stays)
+            dead = node.module.dead_heads()
+            if bool(dead.any()):
+                dead[0] &= not bool(dead.all())
+                node.module.keep_heads(~dead)
+            continue
         keep_out = ~remove[units.of[node.name]]
-        keep_in = ~remove[units.of[node.inputs[0]]] if node.inputs else None
+        keep_in = ~remove[units.of_input.get(node.name, units.of[node.inputs[0]])] if node.inputs else None
         if bool(keep_out.all()) and (keep_in is None or bool(keep_in.all())):
             continue
         m = node.module
@@ -439,8 +503,23 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
             position = keep_out.long().cumsum(0) - 1  # new place of each kept output channel
             m.index = position[m.index[keep_in]]
             m.out_channels = int(keep_out.sum())
-        elif node.role == CONST:
-            m.value = m.value[keep_out].clone()
+        elif node.role in (CONST, PARAM):  # a constant's value has no batch dimension; nor has a parameter
+            dim = units.dims[node.name] - (node.role == CONST)
+            kept = m.value.detach().index_select(dim, keep_out.nonzero().flatten()).clone()
+            m.value = nn.Parameter(kept, requires_grad=m.value.requires_grad) if node.role == PARAM else kept
+        elif node.role == MOVE:
+            _shrink_move(m, keep_out, keep_in, units.dims[node.name], units.dims[node.inputs[0]])
+
+
+def _shrink_move(op, keep_out: torch.Tensor, keep_in: torch.Tensor, dim_out: int, dim_in: int) -> None:
+    """A reshape's sizes and a slice's bounds, for the kept channels."""
+    if op.fn == "reshape":
+        op.kwargs["shape"][dim_out - 1] = int(keep_out.sum())
+    elif op.fn == "take" and 1 <= dim_in <= len(op.kwargs["start"]):
+        start, length = op.kwargs["start"][dim_in - 1], op.kwargs["length"][dim_in - 1]
+        op.kwargs["start"][dim_in - 1] = int(keep_in[:start].sum())
+        if length:
+            op.kwargs["length"][dim_in - 1] = int(keep_in[start:start + length].sum())
 
 
 def _gather(graph: Graph, units, remove: torch.Tensor) -> list[tuple[str, IndexSelect, list[str]]]:

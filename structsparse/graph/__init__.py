@@ -3,7 +3,7 @@ tracing into steps with roles (:mod:`.trace`), and the channel units shared acro
 (:mod:`.units`)."""
 from .ops import FUNCTIONS, MODULE_ROLES, Op, UnsupportedModelError
 from .trace import Graph, Node, trace_graph
-from .units import ChannelUnits, channel_units
+from .units import ChannelUnits, channel_units, explain
 
-__all__ = ["Node", "Graph", "trace_graph", "ChannelUnits", "channel_units", "Op", "FUNCTIONS", "MODULE_ROLES",
+__all__ = ["Node", "Graph", "trace_graph", "ChannelUnits", "channel_units", "explain", "Op", "FUNCTIONS", "MODULE_ROLES",
            "UnsupportedModelError"]

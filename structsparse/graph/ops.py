@@ -1,18 +1,24 @@
 """How a channel passes through each operation: one rule per operation, grouped by family.
 
 Every step of a traced model gets a *role* that tells channel tracking (:mod:`.units`) and compaction
-how its channel dimension (dim 1) relates to its input's:
+how its channels relate to its inputs':
 
-* elementwise and broadcast with a number (``relu``, ``x * 0.5`` ...): channel c in, channel c out;
-* reductions and pooling (``max_pool2d``, adaptive pooling, within-channel LRN, ``x.mean((2, 3))``
-  and ``amax``/``sum`` over positions): per channel;
-* reshape (``flatten``, ``view(n, -1)``): each feature keeps the channel it came from;
-* normalisation (BatchNorm): per channel; cross-channel steps (softmax, LRN) mix channels;
-* convolution and Linear: read channels (columns) and write new ones (rows); a depthwise conv (one
-  filter per channel) maps channel c to channel c, like a normalisation layer;
-* several inputs: ``a + b`` ties channel c of both, ``torch.cat`` along dim 1 stacks them, and an
-  elementwise op of tensors that broadcast (a squeeze-excite gate ``x * g``, ``g`` N × C × 1 × 1) ties
-  channel c of both when they have the same channels.
+* elementwise and broadcast with a number (``relu``, ``x * 0.5`` ...): entry for entry;
+* pooling, BatchNorm and depthwise convs (one filter per channel): per channel of dim 1;
+* reductions (``x.mean((2, 3))``, ``amax``, ``sum``) over positions keep the channels; over channels
+  they mix them;
+* moves (``permute``, ``transpose``, ``view``/``reshape``/``flatten``, indexing ``x[:, 0]``, ``chunk``,
+  ``split``): entries move, channels are followed to wherever they go (channels-last blocks, tokens,
+  a channel shuffle);
+* LayerNorm: normalises over its last dims, so those channels stay; softmax, cross-channel LRN and
+  GroupNorm mix channels; attention (:class:`~structsparse.layers.SelfAttention`) keeps its channels and
+  loses whole heads;
+* convolution reads dim 1, Linear its last dim (columns), and both write new channels (rows);
+* several inputs: ``a + b`` ties channel c of both, ``torch.cat`` stacks (or, along positions, ties),
+  an elementwise op of tensors that broadcast (a squeeze-excite gate ``x * g``, a layer-scale parameter)
+  ties the entries that meet;
+* a parameter read as a tensor (``self.layer_scale``) is a :class:`~structsparse.layers.Param` step;
+* anything else is kept as the model's own code (role ``opaque``), with its channels.
 
 Names in :data:`FUNCTIONS` are what saved compact models store.
 """
@@ -28,18 +34,19 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, WithinChannelLRN
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
-           "multi_input_step", "is_identity", "describe", "passes_channels", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
-           "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "REDUCE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "BCAST", "WEIGHTED", "CHANNELWISE"]
+           "multi_input_step", "is_identity", "describe", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
+           "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "REDUCE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "BCAST", "WEIGHTED",
+           "LAYERNORM", "MOVE", "PARAM", "OPAQUE", "ATTENTION", "move_step", "describe_step"]
 
 # Roles: how a step treats the channel dimension (dim 1).
 CONV, LINEAR, NORM, ELEMENTWISE, POOL, FLATTEN, DROPOUT, MIXING, DEPTHWISE, REDUCE = (
     "conv", "linear", "norm", "elementwise", "pool", "flatten", "dropout", "mixing", "depthwise", "reduce")
 INPUT, ADD, CAT, CHPAD, CONST, BCAST = "input", "add", "cat", "chpad", "const", "broadcast"
+LAYERNORM, MOVE, PARAM, OPAQUE, ATTENTION = "layernorm", "move", "param", "opaque", "attention"
 WEIGHTED = (CONV, LINEAR)
-CHANNELWISE = (NORM, ELEMENTWISE, POOL, DROPOUT, DEPTHWISE)  # channel c in, channel c out
 
 
 class UnsupportedModelError(ValueError):
@@ -50,6 +57,17 @@ def _scalar(fn):
     def run(x, other, reverse=False):
         return fn(other, x) if reverse else fn(x, other)
     return run
+
+
+def _reshape(x: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    return x.reshape(x.shape[0], *shape)
+
+
+def _take(x: torch.Tensor, start: list[int], length: list[int]) -> torch.Tensor:
+    """Entries ``start[d] .. start[d] + length[d]`` of dim d + 1 (length 0: entry ``start[d]``, dropping the dim)."""
+    for d in reversed(range(len(start))):
+        x = x.select(d + 1, start[d]) if length[d] == 0 else x.narrow(d + 1, start[d], length[d])
+    return x
 
 
 # name → (callable taking the tensor first, role). Names are what saved models store.
@@ -67,6 +85,7 @@ FUNCTIONS: dict[str, tuple[Callable, str]] = {
     "flatten": (torch.flatten, FLATTEN),
     "mean": (torch.mean, REDUCE), "amax": (torch.amax, REDUCE), "sum": (torch.sum, REDUCE),
     "softmax": (F.softmax, MIXING), "log_softmax": (F.log_softmax, MIXING),
+    "permute": (torch.permute, MOVE), "reshape": (_reshape, MOVE), "take": (_take, MOVE),
 }
 _FN_NAMES = {
     F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.leaky_relu: "leaky_relu", F.elu: "elu",
@@ -80,8 +99,7 @@ _FN_NAMES = {
     operator.truediv: "truediv",
 }
 _METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "softmax": "softmax",
-            "log_softmax": "log_softmax", "contiguous": "identity", "flatten": "flatten",
-            "view": "flatten", "reshape": "flatten", "mul": "mul", "add": "add", "sub": "sub", "div": "truediv",
+            "log_softmax": "log_softmax", "contiguous": "identity", "mul": "mul", "add": "add", "sub": "sub", "div": "truediv",
             "mean": "mean", "amax": "amax", "sum": "sum"}
 MODULE_ROLES: list[tuple[tuple[type, ...], str]] = [
     ((nn.Conv2d,), CONV), ((nn.Linear,), LINEAR), ((nn.BatchNorm1d, nn.BatchNorm2d), NORM),
@@ -89,9 +107,10 @@ MODULE_ROLES: list[tuple[tuple[type, ...], str]] = [
       nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Mish, nn.Identity), ELEMENTWISE),
     ((nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d), POOL),
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout), DROPOUT),
-    ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm), MIXING),
+    ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm, nn.GroupNorm), MIXING),
+    ((nn.LayerNorm,), LAYERNORM), ((SelfAttention,), ATTENTION),
     ((WithinChannelLRN,), POOL),
-    ((Add,), ADD), ((Cat,), CAT), ((Broadcast,), BCAST), ((ChannelPad,), CHPAD), ((Constant,), CONST),
+    ((Add,), ADD), ((Cat,), CAT), ((Broadcast,), BCAST), ((ChannelPad,), CHPAD), ((Constant,), CONST), ((Param,), PARAM),
 ]
 
 
@@ -112,12 +131,6 @@ class Op(nn.Module):
         return f"{self.fn}, {self.kwargs}" if self.kwargs else self.fn
 
 
-def passes_channels(node) -> bool:
-    """Whether a graph step maps channel c of its input to channel c of its output: a channel-wise step that
-    keeps the rank, or a reduction over positions."""
-    return node.role in CHANNELWISE and len(node.out_shape) == len(node.in_shapes[0]) or node.role == REDUCE
-
-
 def module_role(module: nn.Module) -> str | None:
     """The role of a module step, or ``None`` for a module with no rule."""
     if isinstance(module, nn.PReLU) and module.num_parameters != 1:
@@ -130,37 +143,103 @@ def module_role(module: nn.Module) -> str | None:
     return None
 
 
+def describe_step(node) -> str:
+    """Why a traced step keeps its channels (a step with no channel rule, or one that mixes channels)."""
+    if node.role == OPAQUE:
+        return f"no channel rule for {node.module.what}"
+    if node.role == ATTENTION:
+        return "attention keeps its input and output channels (whole heads go)"
+    return f"a {node.role} step mixes channels"
+
+
 def describe(node: fx.Node) -> str:
     """``node 'x' (call_function relu)``: how errors name a node."""
     target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
     return f"node {node.name!r} ({node.op} {target})"
 
 
-def function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op:
-    """Turn a call_function / call_method node into an Op with constant keyword arguments."""
-    if node.op == "call_function":
-        name = _FN_NAMES.get(node.target)
-    else:
-        name = _METHODS.get(node.target)
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.flatten, torch.reshape,
+             torch.squeeze, torch.unsqueeze}
+
+
+def _ints(values) -> list[int] | None:
+    values = list(values[0]) if len(values) == 1 and isinstance(values[0], (list, tuple)) else list(values)
+    return values if all(isinstance(v, int) and not isinstance(v, bool) for v in values) else None
+
+
+def _index(index, shape: tuple[int, ...]) -> dict | None:
+    """``x[index]`` as :func:`_take` arguments, for an index that keeps the batch and slices with step 1."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if not items or items[0] != slice(None) or (Ellipsis in items and items.index(Ellipsis) != len(items) - 1):
+        return None
+    items = [i for i in items[1:] if i is not Ellipsis]
+    start, length = [], []
+    for item, size in zip(items, shape[1:]):
+        if isinstance(item, int) and not isinstance(item, bool) and -size <= item < size:
+            start.append(item % size)
+            length.append(0)
+        elif isinstance(item, slice) and item.step in (None, 1) and all(
+                v is None or isinstance(v, int) for v in (item.start, item.stop)):
+            r = range(size)[item]
+            if not len(r):
+                return None
+            start.append(r.start)
+            length.append(len(r))
+        else:
+            return None
+    return {"start": start, "length": length} if len(items) <= len(shape) - 1 else None
+
+
+def move_step(node: fx.Node, x: fx.Node) -> Op | None:
+    """A step that only moves entries (reshape, permute, transpose, indexing) as an :data:`FUNCTIONS` op that
+    works for any batch size; None if it is not one (or touches the batch dimension)."""
+    in_shape, out_shape = tuple(x.meta["tensor_meta"].shape), tuple(node.meta["tensor_meta"].shape)
+    target = node.target
+    if not out_shape or not in_shape or out_shape[0] != in_shape[0]:
+        return None
+    rest = [a for a in node.args[1:]] + list(node.kwargs.values())
+    if target in _RESHAPES and node.args[0] is x:
+        if out_shape == (in_shape[0], math.prod(in_shape[1:])):
+            return Op("flatten", {"start_dim": 1})
+        return Op("reshape", {"shape": list(out_shape[1:])})
+    if target in ("permute", torch.permute) and node.args[0] is x:
+        dims = _ints(rest)
+        if dims is None or len(dims) != len(in_shape) or dims[0] % len(in_shape) != 0:
+            return None
+        return Op("permute", {"dims": [d % len(in_shape) for d in dims]})
+    if target in ("transpose", torch.transpose) and node.args[0] is x:
+        pair = _ints(rest)
+        if pair is None or len(pair) != 2 or 0 in [p % len(in_shape) for p in pair]:
+            return None
+        dims = list(range(len(in_shape)))
+        a, b = (p % len(in_shape) for p in pair)
+        dims[a], dims[b] = dims[b], dims[a]
+        return Op("permute", {"dims": dims})
+    if target is operator.getitem and node.args[0] is x and not isinstance(node.args[1], fx.Node):
+        index = _index(node.args[1], in_shape)
+        return None if index is None else Op("take", index)
+    return None
+
+
+def function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op | None:
+    """A call_function / call_method node of one tensor as an Op with constant keyword arguments; None for
+    a node with no channel rule (the caller keeps it as code)."""
+    move = move_step(node, x)
+    if move is not None:
+        return move
+    name = _FN_NAMES.get(node.target) if node.op == "call_function" else _METHODS.get(node.target)
     if name is None:
-        raise UnsupportedModelError(f"{describe(node)} is not supported")
-    in_shape = tuple(x.meta["tensor_meta"].shape)
-    out_shape = tuple(node.meta["tensor_meta"].shape)
+        return None
     if name == "dropout":  # compact models are inference models: dropout is the identity
         return Op("identity")
     if name in ("mul", "add", "sub", "truediv"):
         args = list(node.args) + list(node.kwargs.values())
         consts = [a for a in args if a is not x]
         if len(consts) != 1 or not isinstance(consts[0], (int, float)) or isinstance(consts[0], bool):
-            raise UnsupportedModelError(f"{describe(node)}: only arithmetic with a Python number is supported")
+            return None
         return Op(name, {"other": consts[0], "reverse": node.args[0] is not x})
     if name == "identity":
         return Op("identity")
-    if name == "flatten":
-        if out_shape != (in_shape[0], math.prod(in_shape[1:])):
-            raise UnsupportedModelError(
-                f"{describe(node)} maps {list(in_shape)} to {list(out_shape)}: only flattening to (N, features) is supported")
-        return Op("flatten", {"start_dim": 1})
     if node.op == "call_method":
         kwargs = dict(node.kwargs)
         if len(node.args) > 1:
@@ -168,25 +247,26 @@ def function_step(node: fx.Node, gm: fx.GraphModule, x: fx.Node) -> Op:
     else:
         normalized = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
         if normalized is None:
-            raise UnsupportedModelError(f"{describe(node)}: could not read its arguments")
+            return None
         kwargs = {k: v for k, v in normalized.kwargs.items() if k not in ("input", "_stacklevel")}
-    for k, v in kwargs.items():
-        if isinstance(v, fx.Node):
-            raise UnsupportedModelError(f"{describe(node)}: argument {k!r} is computed in the graph, not a constant")
+    if any(isinstance(v, fx.Node) for v in kwargs.values()):  # computed in the graph, not a constant
+        return None
     if FUNCTIONS[name][1] == REDUCE:
-        kwargs = _spatial_reduction(node, kwargs, len(in_shape))
+        kwargs = _spatial_reduction(node, kwargs, len(x.meta["tensor_meta"].shape))
+        if kwargs is None:
+            return None
     return Op(name, kwargs)
 
 
-def _spatial_reduction(node: fx.Node, kwargs: dict, rank: int) -> dict:
-    """The arguments of a reduction over positions only (global pooling): channel c in, channel c out."""
+def _spatial_reduction(node: fx.Node, kwargs: dict, rank: int) -> dict | None:
+    """The arguments of a reduction that keeps the batch (over positions, or over channels, which channel
+    tracking then pins); None for others."""
     if node.op == "call_method" and len(node.args) > 2:
         kwargs["keepdim"] = node.args[2]
     dim = kwargs.get("dim")
     dims = [dim] if isinstance(dim, int) else list(dim) if isinstance(dim, (list, tuple)) else []
-    if not dims or not all(isinstance(d, int) for d in dims) or {d % rank for d in dims} & {0, 1}:
-        raise UnsupportedModelError(f"{describe(node)}: only reductions over positions (dims 2 and up, not the "
-                                    f"channels or the batch) are supported, got dim={dim!r}")
+    if not dims or not all(isinstance(d, int) for d in dims) or 0 in {d % rank for d in dims}:
+        return None
     return {k: v for k, v in kwargs.items() if k != "dtype" or v is not None} | {"dim": dims}
 
 
@@ -198,8 +278,9 @@ _ARITHMETIC_METHODS = {m: n for m, n in _METHODS.items() if n in Broadcast.OPS}
 
 
 def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
-    """``a + b``, ``torch.cat([a, b], 1)`` and ``a * g`` (shapes that broadcast) as :class:`Add`, :class:`Cat`
-    and :class:`Broadcast`; None for other nodes."""
+    """``a + b``, ``torch.cat([a, b], d)`` (not along the batch) and ``a * g`` (shapes that broadcast: a
+    squeeze-excite gate, a layer-scale parameter) as :class:`Add`, :class:`Cat` and :class:`Broadcast`; None
+    for other nodes."""
     target = node.target
     op = _ARITHMETIC.get(target) if node.op == "call_function" else _ARITHMETIC_METHODS.get(target) \
         if node.op == "call_method" else None
@@ -207,18 +288,13 @@ def multi_input_step(node: fx.Node, inputs: list[fx.Node]) -> nn.Module | None:
         shapes = [tuple(a.meta["tensor_meta"].shape) for a in inputs]
         if op == "add" and shapes[0] == shapes[1]:
             return Add()
-        if len(shapes[0]) == len(shapes[1]) and len(shapes[0]) >= 2 and all(
-                a == b or 1 in (a, b) for a, b in zip(shapes[0][2:], shapes[1][2:])) \
-                and shapes[0][0] == shapes[1][0] and (shapes[0][1] == shapes[1][1] or 1 in (shapes[0][1], shapes[1][1])):
-            return Broadcast(op)
-        raise UnsupportedModelError(f"{describe(node)} combines tensors of shapes {shapes}: only equal shapes, or "
-                                    "shapes that broadcast over positions (N × C × 1 × 1) or channels (N × 1 × ...)")
+        return Broadcast(op)  # the shapes broadcast: the node ran
     if node.op == "call_function" and target is torch.cat:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
         rank = len(node.meta["tensor_meta"].shape)
-        if not isinstance(dim, int) or dim % rank != 1:
-            raise UnsupportedModelError(f"{describe(node)}: only concatenation along dim 1 (channels) is supported")
-        return Cat(1)
+        if not isinstance(dim, int) or dim % rank == 0:
+            return None
+        return Cat(dim % rank)
     return None
 
 

@@ -1,24 +1,30 @@
 """Reading a model as a graph of steps (torch.fx), with shapes.
 
 Each step is a module call (``conv1``), a function or method with a rule in :mod:`.ops` (``F.relu``,
-``torch.flatten``, ``x.view(n, -1)``, ``a + b``, ``torch.cat`` ...), or one of :mod:`structsparse.layers`
-(``Add``, ``Cat``, ``ChannelPad``, ``Constant``). Every step has a *role* that tells compaction how
-channels pass through it. Anything else is an error that names the node.
+``torch.flatten``, ``x.permute(0, 2, 3, 1)``, ``a + b``, ``torch.cat`` ...), a parameter read as a tensor,
+or one of :mod:`structsparse.layers`. Every step has a *role* that tells compaction how channels pass
+through it. A step with no rule is kept as the model's own code (:class:`Traced`, role ``opaque``): the
+channels it touches stay and the rest of the model compacts. Errors are left for what cannot be a graph of
+steps: several inputs, a non-tensor output, weights shared between calls.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..layers import Add, Cat, ChannelPad, Constant, WithinChannelLRN
-from .ops import (ADD, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, NORM, WEIGHTED, UnsupportedModelError, describe,
+from ..layers import Add, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
+from .ops import (ADD, ATTENTION, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, LAYERNORM, MIXING, MOVE, NORM, OPAQUE, PARAM,
+                  WEIGHTED, Op, UnsupportedModelError, describe,
                   function_step, is_identity, module_role, multi_input_step)
 
 __all__ = ["Node", "Graph", "trace_graph"]
@@ -34,6 +40,7 @@ class Node:
     inputs: list[str]
     out_shape: tuple[int, ...]
     in_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    batched: bool = True  # False for a parameter and what is computed from parameters only
 
 
 @dataclass
@@ -88,7 +95,7 @@ def trace_graph(model: nn.Module, example_input: torch.Tensor) -> Graph:
     return Graph(builder.nodes, output)
 
 
-_LEAVES = (Add, Cat, ChannelPad, Constant, WithinChannelLRN)
+_LEAVES = (Add, Cat, ChannelPad, Constant, Param, WithinChannelLRN)
 
 
 class _Tracer(fx.Tracer):
@@ -127,14 +134,52 @@ def _eval_mode(model: nn.Module):
             m.training = training
 
 
+class Traced(nn.Module):
+    """A step with no channel rule, kept as the model's own code: an fx graph of the node (and of the shape
+    arithmetic its arguments need) that reads the step's inputs. ``compact`` keeps the channels it touches.
+    ``shape_only[i]`` is True for an input read only for its batch size (``x.shape[0]``)."""
+
+    def __init__(self, gm: fx.GraphModule, what: str, shape_only: list[bool]):
+        super().__init__()
+        self.gm, self.what, self.shape_only = gm, what, shape_only
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return self.gm(*xs)
+
+    def extra_repr(self) -> str:
+        return self.what
+
+
+def _shape_only(placeholder: fx.Node) -> bool:
+    """An input read only for its batch size (``x.shape[0]``, ``x.size(0)``)."""
+    def batch(u: fx.Node) -> bool:
+        if u.op == "call_method" and u.target == "size":
+            return u.args[1:] == (0,) or u.kwargs == {"dim": 0}
+        return u.op == "call_function" and u.target is getattr and u.args[1] == "shape" and all(
+            v.op == "call_function" and v.target is operator.getitem and v.args[1] == 0 for v in u.users)
+    return all(batch(u) for u in placeholder.users)
+
+
+def _what(node: fx.Node, gm: fx.GraphModule) -> str:
+    """What a step kept as code runs: its module's type, or its function or method."""
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+
+
+_SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
+
+
 class _Builder:
-    """Turns fx nodes into :class:`Node` steps, one at a time, in execution order."""
+    """Turns fx nodes into :class:`Node` steps, one at a time, in execution order. A node with no channel
+    rule becomes a :class:`Traced` step (role ``opaque``): the model still compacts around it."""
 
     def __init__(self, gm: fx.GraphModule, taken: set[str]):
         self.gm, self.taken = gm, taken
         self.names: dict[fx.Node, str] = {}
         self.nodes: dict[str, Node] = {}
         self.seen_modules: set[str] = set()
+        self.input: fx.Node | None = None
 
     def fresh(self, base: str) -> str:
         name = base
@@ -144,42 +189,63 @@ class _Builder:
 
     def add(self, node: fx.Node, name: str, role: str, module: nn.Module | None, inputs: list[fx.Node]) -> None:
         self.names[node] = name
+        batched = role == INPUT or any(self.nodes[self.names[a]].batched for a in inputs)
         self.nodes[name] = Node(name, role, module, [self.names[a] for a in inputs],
                                 tuple(node.meta["tensor_meta"].shape),
-                                [tuple(a.meta["tensor_meta"].shape) for a in inputs])
+                                [tuple(a.meta["tensor_meta"].shape) for a in inputs], batched)
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        """The traced tensors a node reads; a parameter read for the first time becomes a step."""
+        inputs = _tensor_args(node)
+        for a in inputs:
+            if a not in self.names and a.op == "get_attr":
+                self.param(a)
+        return inputs
+
+    def param(self, a: fx.Node) -> None:
+        """A parameter or buffer that the graph reads as a tensor: a :class:`Param` step (no batch dimension)."""
+        value = fx.graph_module._get_attr(self.gm, a.target)
+        owner = self.gm.get_submodule(a.target.rpartition(".")[0]) if "." in a.target else self.gm
+        name = self.fresh(a.target if any(True for _ in owner.children()) else a.target.replace(".", "_"))
+        self.names[a] = name
+        source = self.nodes[self.names[self.input]]
+        self.nodes[name] = Node(name, PARAM, Param(value), [source.name], tuple(value.shape), [source.out_shape], False)
 
     def step(self, node: fx.Node) -> None:
         if node.op == "placeholder":
             if self.nodes:
                 raise UnsupportedModelError(f"{describe(node)}: models with several inputs are not supported")
+            self.input = node
             self.add(node, self.fresh("input"), INPUT, None, [])
             return
-        if not _is_tensor(node):  # shape queries such as x.size(0)
+        if not _is_tensor(node) or node.op == "get_attr":  # shape queries such as x.size(0); tuples; parameters
             return
-        inputs = _tensor_args(node)
-        if any(a not in self.names for a in inputs):
-            raise UnsupportedModelError(f"{describe(node)} reads a value that is not a traced tensor")
-        if len(inputs) == 1 and is_identity(node, self.gm):  # no step: readers read its input
+        inputs = self.tensor_args(node)
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] not in self.names:
+            if not self.attention(node):
+                self.split_step(node)
+        elif len(inputs) == 1 and is_identity(node, self.gm):  # no step: readers read its input
             self.names[node] = self.names[inputs[0]]
         elif node.op == "call_module":
             self.module_step(node, inputs)
-        elif node.op in ("call_function", "call_method"):
+        elif node.op in ("call_function", "call_method") and inputs:
             self.function_step(node, inputs)
         else:
-            raise UnsupportedModelError(f"{describe(node)} is not supported")
+            self.opaque(node)
 
     def module_step(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         module = self.gm.get_submodule(node.target)
         role = module_role(module)
-        if role is None:
-            raise UnsupportedModelError(f"module {node.target!r} ({type(module).__name__}) is not supported")
-        if len(inputs) != 1 and role not in (ADD, CAT):
-            raise UnsupportedModelError(f"module {node.target!r} is called on {len(inputs)} tensors; expected one")
+        if role is None or (len(inputs) != 1 and role not in (ADD, CAT)) or node.kwargs or any(
+                isinstance(a, fx.Node) and not _is_tensor(a) for a in node.args):
+            self.opaque(node)
+            return
         if role == FLATTEN and tuple(node.meta["tensor_meta"].shape)[1:] != \
                 (math.prod(inputs[0].meta["tensor_meta"].shape[1:]),):
-            raise UnsupportedModelError(f"module {node.target!r} must flatten to (N, features)")
+            self.opaque(node)
+            return
         if node.target in self.seen_modules:
-            if role in WEIGHTED + (NORM, CONST, DEPTHWISE):
+            if role in WEIGHTED + (NORM, CONST, DEPTHWISE, LAYERNORM, MIXING):
                 raise UnsupportedModelError(f"module {node.target!r} is called more than once (shared weights)")
             self.add(node, self.fresh(node.target), role, copy.deepcopy(module), inputs)  # a stateless step used twice
         else:
@@ -187,16 +253,93 @@ class _Builder:
             self.add(node, node.target, role, module, inputs)
 
     def function_step(self, node: fx.Node, inputs: list[fx.Node]) -> None:
-        if len(inputs) > 1:
-            module = multi_input_step(node, inputs)
-            if module is None:
-                raise UnsupportedModelError(
-                    f"{describe(node)} reads {[a.name for a in inputs]}: only additions, subtractions, products and "
-                    "quotients (of equal shapes or shapes that broadcast) and concatenation along channels can "
-                    "combine tensors")
-            self.add(node, self.fresh(node.name), module_role(module), module, inputs)
-        elif len(inputs) == 1:
-            op = function_step(node, self.gm, inputs[0])
-            self.add(node, self.fresh(node.name), FUNCTIONS[op.fn][1], op, inputs)
+        if node.target is F.layer_norm:
+            self.layer_norm(node, inputs)
+            return
+        module = multi_input_step(node, inputs) if len(inputs) > 1 else function_step(node, self.gm, inputs[0])
+        if module is None:
+            self.opaque(node)
         else:
-            raise UnsupportedModelError(f"{describe(node)} creates a tensor from no input")
+            role = FUNCTIONS[module.fn][1] if isinstance(module, Op) else module_role(module)
+            self.add(node, self.fresh(node.name), role, module, inputs)
+
+    def layer_norm(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        """``F.layer_norm(x, shape, weight, bias, eps)`` with parameters as weight and bias: an nn.LayerNorm."""
+        bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs).arguments
+        weight, bias, shape = bound.get("weight"), bound.get("bias"), bound["normalized_shape"]
+        params = [p for p in (weight, bias) if p is not None]
+        if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params) or bound["input"] is not inputs[0] \
+                or not all(isinstance(d, int) for d in shape):
+            self.opaque(node)
+            return
+        norm = nn.LayerNorm(list(shape), bound.get("eps", 1e-5), weight is not None, bias=bias is not None)
+        with torch.no_grad():
+            for name, p in (("weight", weight), ("bias", bias)):
+                if p is not None:
+                    getattr(norm, name).copy_(fx.graph_module._get_attr(self.gm, p.target))
+        owner = weight.target.rpartition(".")[0] if weight is not None else ""
+        leaf = owner and owner not in self.nodes and not any(True for _ in self.gm.get_submodule(owner).children())
+        self.add(node, owner if leaf else self.fresh(node.name), LAYERNORM, norm, [inputs[0]])
+
+    def attention(self, node: fx.Node) -> bool:
+        """``mha(x, x, x, need_weights=False)[0]`` of a batch-first ``nn.MultiheadAttention`` without masks:
+        a :class:`SelfAttention` step (whole heads can go). False for other uses."""
+        source, i = node.args
+        if source.op != "call_module" or i != 0:
+            return False
+        mha = self.gm.get_submodule(source.target)
+        x = source.args[0] if source.args else None
+        if not isinstance(mha, nn.MultiheadAttention) or not mha.batch_first or not mha._qkv_same_embed_dim \
+                or mha.bias_k is not None or mha.add_zero_attn or len(source.args) != 3 \
+                or any(a is not x for a in source.args) or x not in self.names \
+                or source.kwargs not in ({}, {"need_weights": False}) or source.target in self.seen_modules:
+            return False
+        self.seen_modules.add(source.target)
+        self.add(node, source.target, ATTENTION, SelfAttention.from_mha(mha), [x])
+        return True
+
+    def split_step(self, node: fx.Node) -> None:
+        """Piece i of ``x.chunk(n, d)`` / ``x.split(s, d)`` as ``take``; other tuples stay code."""
+        source, i = node.args
+        x = source.args[0] if source.args else None
+        metas = source.meta.get("tensor_meta")
+        if source.target not in _SPLITS or not isinstance(i, int) or x not in self.names \
+                or not isinstance(metas, (tuple, list)):
+            self.opaque(node)
+            return
+        dim = source.kwargs.get("dim", source.args[2] if len(source.args) > 2 else 0)
+        shape = tuple(x.meta["tensor_meta"].shape)
+        if not isinstance(dim, int) or dim % len(shape) == 0:
+            self.opaque(node)
+            return
+        dim %= len(shape)
+        begin = sum(m.shape[dim] for m in metas[:i])
+        start = [begin if d == dim else 0 for d in range(1, dim + 1)]
+        length = [metas[i].shape[dim] if d == dim else shape[d] for d in range(1, dim + 1)]
+        self.add(node, self.fresh(node.name), MOVE, Op("take", {"start": start, "length": length}), [x])
+
+    def opaque(self, node: fx.Node) -> None:
+        """``node`` kept as code (:class:`Traced`), with the shape arithmetic its arguments need."""
+        graph, env, inputs = fx.Graph(), {}, []
+
+        def copy_arg(a: fx.Node) -> fx.Node:
+            if a not in env:
+                if a in self.names or (a.op == "get_attr" and _is_tensor(a)):
+                    if a not in self.names:
+                        self.param(a)
+                    inputs.append(a)
+                    env[a] = graph.placeholder(f"x{len(inputs) - 1}")
+                elif a.op == "placeholder":
+                    raise UnsupportedModelError(f"{describe(node)} reads a value that is not a traced tensor")
+                else:
+                    env[a] = graph.node_copy(a, copy_arg)
+            return env[a]
+
+        graph.output(graph.node_copy(node, copy_arg))
+        gm = fx.GraphModule(self.gm, graph)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        module = Traced(gm, _what(node, self.gm), [_shape_only(p) for p in placeholders])
+        own = node.op == "call_module" and node.target not in self.seen_modules and node.target not in self.nodes
+        if own:
+            self.seen_modules.add(node.target)
+        self.add(node, node.target if own else self.fresh(node.name), OPAQUE, module, inputs)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 __all__ = ["KINDS", "NORM_KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules",
-           "normalization_modules", "norm_group_norms", "group_lasso", "CoupledChannels", "coupled_channels"]
+           "normalization_modules", "norm_group_norms", "group_lasso", "CoupledChannels", "coupled_channels", "safe_sqrt"]
 
 KINDS = ("filter", "channel", "shape", "depth", "filter2d")
 
@@ -40,7 +40,7 @@ def covered_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
-def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
+def safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     """√sq for sums of squares, with gradient 0 (not NaN or inf) where sq is 0."""
     return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), torch.zeros_like(sq))
 
@@ -66,7 +66,7 @@ def norm_group_norms(module: nn.Module, kind: str) -> torch.Tensor:
     sq = module.weight * module.weight + module.bias * module.bias
     if kind == "depth":
         sq = sq.sum()
-    return _safe_sqrt(sq)
+    return safe_sqrt(sq)
 
 
 def group_view(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -214,7 +214,7 @@ class CoupledChannels:
         for _, module, ids in self.members:
             inside = ids >= 0
             sq = sq.index_add(0, ids[inside], self._column_sq(module)[inside])
-        return _safe_sqrt(sq)
+        return safe_sqrt(sq)
 
     def penalty(self) -> torch.Tensor:
         return (self.lambdas * self.norms()).sum()
@@ -229,15 +229,15 @@ class CoupledChannels:
 
 
 def coupled_channels(model: nn.Module, example_input: torch.Tensor,
-                     channel_lambdas: dict[str, float]) -> CoupledChannels | None:
+                     channel_lambdas: dict[str, float], graph=None) -> CoupledChannels | None:
     """The coupled channel groups of ``model`` (None if it has none with λ > 0).
 
     ``channel_lambdas`` maps layer names to their ``channel`` λ; a group's λ is the largest
-    λ among the layers that read it.
+    λ among the layers that read it. Pass ``graph`` (``trace_graph(model, example_input)``) if you have it.
     """
     from ..graph import channel_units, trace_graph  # graph imports nothing from here
 
-    graph = trace_graph(model, example_input)
+    graph = graph if graph is not None else trace_graph(model, example_input)
     units = channel_units(graph)
     coupled = (units.reader_count() >= 2) & ~units.pinned
     lam = torch.zeros(units.count)

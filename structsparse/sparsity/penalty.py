@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import checks
 from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso, group_norms,
-                     group_view, nonzero_groups, norm_group_norms, normalization_modules)
+                     group_view, nonzero_groups, norm_group_norms, normalization_modules, safe_sqrt)
 from .masks import Masks
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec", "check_spec", "check_kinds"]
@@ -115,12 +115,27 @@ class _Term:
     module: nn.Module
     lambdas: dict[str, float]
     channel_scale: torch.Tensor | None = None  # 0 for the columns that a coupled group covers instead
+    norm: nn.Module | None = None  # the BatchNorm right after the layer: (γ_n, β_n) join filter n's group
 
     def effective(self) -> dict:
-        """λ per kind; the channel λ as one value per column when some columns are coupled."""
-        if self.channel_scale is None or "channel" not in self.lambdas:
-            return self.lambdas
-        return {**self.lambdas, "channel": self.lambdas["channel"] * self.channel_scale}
+        """λ per kind for the fused term: the channel λ as one value per column when some columns are coupled;
+        without ``filter`` when the filter groups include a BatchNorm's (γ, β) (see :meth:`filter_norms`)."""
+        out = dict(self.lambdas)
+        if self.norm is not None:
+            out.pop("filter", None)
+        if self.channel_scale is not None and "channel" in out:
+            out["channel"] = out["channel"] * self.channel_scale
+        return out
+
+    def filter_norms(self) -> torch.Tensor:
+        """‖(W[n], γ_n, β_n)‖ per filter n: the group that decides output channel n under BatchNorm."""
+        sq = self.module.weight.flatten(1).square().sum(1) + self.norm.weight.square() + self.norm.bias.square()
+        return safe_sqrt(sq)
+
+    @torch.no_grad()
+    def scale_filters_(self, scale: torch.Tensor) -> None:
+        self.module.weight.mul_(scale.view(-1, *[1] * (self.module.weight.dim() - 1)))
+        _scale_norm_(self.norm, scale)
 
 
 class GroupLasso:
@@ -146,9 +161,14 @@ class GroupLasso:
         self.terms = [_Term(n, modules[n], lam) for n, lam in resolved.items() if n not in norms]
         self.norm_terms = [_Term(n, modules[n], lam) for n, lam in resolved.items() if n in norms]  # (γ, β) groups
         self.coupled: CoupledChannels | None = None
+        graph = None
         if example_input is not None:
+            from ..graph import trace_graph  # graph imports nothing from here
+            graph = trace_graph(model, example_input)
             self.coupled = coupled_channels(model, example_input,
-                                            {t.name: t.lambdas.get("channel", 0.0) for t in self.terms})
+                                            {t.name: t.lambdas.get("channel", 0.0) for t in self.terms}, graph)
+        if graph is not None:
+            self._join_norms(graph, spec)
         if self.coupled is not None:
             by_name = {t.name: t for t in self.terms}
             for name, module, ids in self.coupled.members:
@@ -158,6 +178,23 @@ class GroupLasso:
                     t.channel_scale = scale.view(1, -1, 1, 1) if module.weight.dim() == 4 else scale.view(1, -1)
         self.active = True
         self.masks: Masks | None = None
+
+    def _join_norms(self, graph, spec: Mapping) -> None:
+        """A layer with a model-wide ``filter`` λ whose output only an affine BatchNorm reads: its filter groups
+        take in that BatchNorm's (γ_n, β_n), which decide channel n (the conv's own groups are scale-free
+        under it). Layers whose filter λ a pattern sets, and BatchNorms a pattern regularises, are left alone."""
+        if "filter" not in spec:
+            return
+        patterned = resolve_spec(self.model, {k: v for k, v in spec.items() if k not in KINDS})
+        users = graph.consumers()
+        regularised = {t.name for t in self.norm_terms}
+        for t in self.terms:
+            if "filter" in patterned.get(t.name, {}) or t.name not in graph.nodes or len(users[t.name]) != 1:
+                continue
+            after = graph.nodes[users[t.name][0]]
+            if after.role == "norm" and after.name not in regularised and getattr(after.module, "weight", None) \
+                    is not None and getattr(after.module, "bias", None) is not None:
+                t.norm = after.module
 
     @property
     def lambdas(self) -> dict[str, dict[str, float]]:
@@ -172,6 +209,9 @@ class GroupLasso:
             return total
         if self.terms:
             total = group_lasso([(t.module.weight, t.effective(), _groups(t.module)) for t in self.terms])
+        for t in self.terms:
+            if t.norm is not None:
+                total = total + t.lambdas["filter"] * t.filter_norms().sum()
         if self.coupled is not None:
             total = total + self.coupled.penalty()
         for t in self.norm_terms:
@@ -182,7 +222,8 @@ class GroupLasso:
     def norms(self) -> dict[str, dict[str, torch.Tensor]]:
         """Detached group norms ``{layer: {kind: norms}}`` of the regularised kinds (the coupled
         groups' norms under the key ``"coupled"``, as ``{"channel": norms}``)."""
-        out = {t.name: {k: group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
+        out = {t.name: {k: t.filter_norms() if k == "filter" and t.norm is not None
+                        else group_norms(t.module.weight, k, _groups(t.module)) for k in t.lambdas} for t in self.terms}
         out.update({t.name: {k: norm_group_norms(t.module, k) for k in t.lambdas} for t in self.norm_terms})
         if self.coupled is not None:
             out["coupled"] = {"channel": self.coupled.norms()}
@@ -208,6 +249,8 @@ class GroupLasso:
             if step is None:
                 continue
             view = group_view(w, g)
+            if t.norm is not None:
+                t.scale_filters_(_shrink(t.filter_norms(), step * t.lambdas["filter"]))
             for kind, lam in t.effective().items():
                 norms = group_norms(w, kind, g, keepdim=True)
                 view.mul_(_shrink(norms, step * lam))
@@ -230,6 +273,11 @@ class GroupLasso:
         for t in self.terms:
             w = t.module.weight
             w.masked_fill_(w.abs() < threshold, 0.0)
+            if t.norm is not None:  # γ, β of the filter groups: channel n is zero once both are, so is W[n]
+                for p in (t.norm.weight, t.norm.bias):
+                    p.masked_fill_(p.abs() < threshold, 0.0)
+                dead = t.norm.weight.eq(0) & t.norm.bias.eq(0)
+                w[dead] = 0.0
 
     @torch.no_grad()
     def zero_groups_(self, threshold: float | None = None,
@@ -249,7 +297,11 @@ class GroupLasso:
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             view = group_view(w, g)
-            for kind in t.lambdas:
+            if t.norm is not None:
+                s = small(t.filter_norms(), "filter")
+                count += int(s.sum())
+                t.scale_filters_((~s).to(w.dtype))
+            for kind in t.effective():
                 s = small(group_norms(w, kind, g, keepdim=True), kind)
                 count += int(s.sum())
                 view.masked_fill_(s.expand_as(view), 0.0)
@@ -276,6 +328,11 @@ class GroupLasso:
             for kind in t.lambdas:
                 alive &= (norm_group_norms(t.module, kind) > 0).expand_as(alive)
             out[t.name], out[f"{t.name}.bias"] = alive, alive.clone()
+        names = {m: n for n, m in self.model.named_modules()}
+        for t in self.terms:
+            if t.norm is not None:  # the BatchNorm entries of a zero filter group stay zero too
+                alive = t.filter_norms() > 0
+                out[names[t.norm]], out[f"{names[t.norm]}.bias"] = alive, alive.clone()
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             kinds = _STRUCTURAL + (("filter2d",) if "filter2d" in t.lambdas else ())

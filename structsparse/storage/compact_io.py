@@ -30,7 +30,8 @@ from ..checks import is_int, is_number
 from ..compaction.kernels import LoweredConv2d
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..graph import FUNCTIONS, MODULE_ROLES, Op
-from ..layers import Add, Broadcast, Cat, ChannelPad, Constant
+from ..graph.trace import Traced
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param
 from .files import atomic_write
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
@@ -77,7 +78,7 @@ def _config(m: nn.Module) -> dict:
         return {"dim": m.dim, "index": m.index.numel()}
     if isinstance(m, ChannelPad):
         return {"out_channels": m.out_channels, "index": m.index.numel(), "stride": m.stride}
-    if isinstance(m, Constant):
+    if isinstance(m, (Constant, Param)):
         return {"shape": list(m.value.shape)}
     if isinstance(m, LoweredConv2d):
         return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": list(m.kernel_size),
@@ -118,6 +119,9 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     previous = CompactNet.INPUT
     for name, m in model.steps():
         _check_step_name(name, "save_compact")
+        if isinstance(m, Traced):
+            raise TypeError(f"step {name!r} is kept as the model's own code ({m.what}: no channel rule), which "
+                            "save_compact does not store; keep the model object itself, or export it with export_onnx")
         if type(m).__name__ not in _TYPES or _TYPES[type(m).__name__] is not type(m):
             raise TypeError(f"step {name!r}: {type(m).__name__} cannot be saved (not in the allow-list)")
         cfg = _config(m)
@@ -253,12 +257,12 @@ def _module(name: str, kind, cfg, where: str) -> nn.Module:
             if index > out:
                 raise ValueError(f"'index' ({index}) must be at most out_channels ({out})")
             return ChannelPad(out, _meta(index, dtype=torch.long), _int(cfg, "stride", 1, 1))
-        if cls is Constant:
+        if cls in (Constant, Param):
             _only(cfg, {"shape"})
             shape = cfg["shape"]
             if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(is_int(s) and s >= 0 for s in shape)):
                 raise ValueError(f"'shape' must be a list of at most {MAX_DIMS} sizes >= 0, got {shape!r}")
-            return Constant(shape)
+            return cls(shape)
         if cls is LoweredConv2d:
             return _lowered_conv(cfg)
         params = _ctor_params(cls)

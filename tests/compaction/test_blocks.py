@@ -178,7 +178,7 @@ def test_a_gate_broadcast_over_channels_keeps_the_gates_channel():
     assert m["gate"].out_channels == 1 and m["conv"].out_channels == 6   # channels 1, 2 feed the gate: kept
 
 
-def test_reductions_over_channels_are_named():
+def test_reductions_over_channels_pin_them():
     class ChannelMean(nn.Module):
         def __init__(self):
             super().__init__()
@@ -187,9 +187,8 @@ def test_reductions_over_channels_are_named():
         def forward(self, x):
             return self.conv(x).mean(1)
 
-    from structsparse.graph import UnsupportedModelError
-    with pytest.raises(UnsupportedModelError, match="only reductions over positions"):
-        compact(ChannelMean(), torch.rand(1, 3, 6, 6))
+    units = channel_units(trace_graph(ChannelMean(), torch.rand(1, 3, 6, 6)))
+    assert units.reasons[int(units.of["conv"][0])] == "mean: a reduction over channels mixes them"
 
 
 def stochastic_depth(x, p: float, mode: str, training: bool = True):
@@ -315,3 +314,177 @@ def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group
         check_exact(model, small, x)
         m = dict(small.named_modules())   # uneven zeros (0 and 3 per group) keep all; 3 and 4 lose 3 per group
         assert m["stem"].out_channels == kept and m["g"].in_channels == kept and m["g"].groups == 2
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's: a LayerNorm over the channels of an N × C × H × W tensor (permute, F.layer_norm, permute)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt's block: 7×7 depthwise, channels-last LayerNorm and MLP (Linear on the last dim), a learned
+    layer scale (C × 1 × 1), drop-path, residual add."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.act, self.fc2 = nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x):
+        y = self.fc2(self.act(self.fc1(self.norm(self.dw(x).permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return x + stochastic_depth(self.layer_scale * y, 0.1, "row", self.training)
+
+
+class ConvNeXtish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), LayerNorm2d(8))
+        self.blocks = nn.Sequential(ConvNeXtBlock(), ConvNeXtBlock())
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_channels_last_blocks_lose_hidden_units_and_keep_what_layernorm_normalises(tmp_path):
+    model = randomize(ConvNeXtish())
+    with torch.no_grad():
+        model.blocks[0].fc1.weight[:12] = 0       # 12 of 32 hidden units write zero (GELU(0) = 0)
+        model.blocks[0].fc1.bias[:12] = 0
+        model.blocks[1].fc2.weight[:, 20:] = 0    # 12 hidden units nobody reads
+    x = torch.rand(2, 3, 16, 16)
+    units = channel_units(trace_graph(model, x))
+    assert units.reasons[int(units.of["stem.0"][0])] == "stem.1: LayerNorm normalises over these channels"
+    assert units.dims["blocks.0.fc1"] == 3 and not bool(units.pinned[units.of["blocks.0.fc1"]].any())
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["blocks.0.fc1"].out_features == 20 and steps["blocks.1.fc2"].in_features == 20
+    assert steps["blocks.0.dw"].out_channels == 8        # the residual stream stays whole
+    _roundtrip(model, small, x, tmp_path)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's unit (stride 1): split the channels in two, transform one half, concatenate, shuffle."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        h = c // 2
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                                    nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                    nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        y = torch.cat((a, self.branch(b)), dim=1)
+        n, c, h, w = y.size()
+        return y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+class ShuffleNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.units = nn.Sequential(ShuffleUnit(), ShuffleUnit())
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.units(self.stem(x)).mean([2, 3]))
+
+
+def test_channel_shuffle_and_chunk_keep_the_shuffled_channels_and_free_the_branch(tmp_path):
+    model = randomize(ShuffleNetish())
+    with torch.no_grad():
+        model.units[0].branch[0].weight[1:3] = 0       # two of the branch's four hidden channels write zero
+        model.units[0].branch[1].weight[1:3] = 0
+        model.units[0].branch[1].bias[1:3] = 0
+    x = torch.rand(2, 3, 8, 8)
+    units = channel_units(trace_graph(model, x))
+    why = units.reasons[int(units.of["stem.0"][0])]
+    assert "spread over several dimensions" in why               # the shuffle view splits the channel dim
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["units.0.branch.0"].out_channels == 2 and steps["units.0.branch.3"].out_channels == 2
+    _roundtrip(model, small, x, tmp_path)
+
+
+class EncoderBlock(nn.Module):
+    """A ViT encoder block: pre-norm multi-head self-attention and MLP, both residual."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Dropout(0.1), nn.Linear(2 * d, d))
+
+    def forward(self, inp):
+        x = self.ln_1(inp)
+        x, _ = self.attention(x, x, x, need_weights=False)
+        x = x + inp
+        return x + self.mlp(self.ln_2(x))
+
+
+class ViTish(nn.Module):
+    """Patches (a strided conv, reshaped to tokens), a class token, a position embedding, two blocks."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.d = d
+        self.proj = nn.Conv2d(3, d, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 5, d) * 0.1)
+        self.blocks = nn.Sequential(EncoderBlock(d), EncoderBlock(d))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        n = x.shape[0]
+        x = self.proj(x).reshape(n, self.d, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1) + self.pos
+        return self.head(self.ln(self.blocks(x))[:, 0])
+
+
+def test_transformer_blocks_lose_whole_heads_and_mlp_units(tmp_path):
+    model = ViTish().eval()
+    with torch.no_grad():
+        model.blocks[0].attention.out_proj.weight[:, 4:12] = 0   # heads 1 and 2 (4 wide) write nothing
+        model.blocks[1].mlp[0].weight[5:15] = 0                  # 10 of 32 MLP units write zero
+        model.blocks[1].mlp[0].bias[5:15] = 0
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    att = dict(small.steps())["blocks.0.attention"]
+    assert att.num_heads == 2 and dict(small.steps())["blocks.1.mlp.0"].out_features == 22
+    units = channel_units(trace_graph(model, x))
+    assert units.pinned[units.of["proj"]].all()                  # the residual stream, under LayerNorm, stays
+    loaded = _roundtrip(model, small, x, tmp_path)
+    assert dict(loaded.steps())["blocks.0.attention"].num_heads == 2
+
+
+def test_an_operation_with_no_rule_keeps_its_channels_and_the_rest_compacts(tmp_path):
+    class Cumulative(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.cumsum(self.a(x), 1))))
+
+    model = Cumulative().eval()
+    with torch.no_grad():
+        model.a.weight[:2] = 0            # pinned: cumsum mixes the channels it reads
+        model.b.weight[:3] = 0            # free: three of b's channels write their bias only
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["a"].out_channels == 6 and steps["b"].out_channels == 3
+    with pytest.raises(TypeError, match="cumsum"):
+        save_compact(small, tmp_path / "m")

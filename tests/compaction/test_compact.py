@@ -7,7 +7,6 @@ from torch import nn
 
 from structsparse import LoweredConv2d, compact, sparsity_report
 from structsparse.compaction.surgery import ATOL, RTOL, CompactNet, IndexSelect
-from structsparse.graph import UnsupportedModelError
 from structsparse.zoo.models import LeNet, MLP
 
 pytestmark = pytest.mark.filterwarnings("ignore::structsparse.compaction.CollapseWarning")  # random zeros may zero everything
@@ -211,15 +210,26 @@ def test_elementwise_product_of_equal_shapes_ties_channels():
     assert_same_outputs(model, compact(model, x), x)
 
 
-def test_unsupported_combination_names_the_node():
-    with pytest.raises(UnsupportedModelError, match="'maximum'"):
-        compact(Gate(torch.maximum), torch.rand(1, 3, 8, 8))
+def test_a_combination_with_no_rule_keeps_its_channels_and_compacts_the_rest():
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 3, 1), Gate(torch.maximum))
+    with torch.no_grad():
+        model[0].weight[:2] = 0
+        model[0].bias[:2] = 0
+    x = torch.rand(2, 3, 8, 8)
+    c = compact(model, x)
+    assert torch.allclose(c(x), model.eval()(x), rtol=RTOL, atol=ATOL)
+    assert c.steps()[0][1].out_channels == 4                  # the zero filters go
+    assert any(type(m).__name__ == "Traced" for _, m in c.steps())  # torch.maximum stays as code
 
 
-def test_unsupported_module_is_named():
+def test_a_module_with_no_rule_keeps_its_channels():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Upsample(scale_factor=2), nn.Flatten())
-    with pytest.raises(UnsupportedModelError, match="Upsample"):
-        compact(model, torch.rand(1, 1, 8, 8))
+    x = torch.rand(1, 1, 8, 8)
+    c = compact(model, x)
+    assert torch.allclose(c(x), model(x)) and c.steps()[0][1].out_channels == 2
+    report = sparsity_report(model, x)
+    assert report.pinned["as_code"] == ["1 (Upsample)"] and report.pinned["pinned"] == 3  # 2 channels, its output
+    assert "Kept as the model's own code" in report.to_markdown() and "Upsample" in report.to_markdown()
 
 
 def test_wrong_input_shape_is_a_clear_error():

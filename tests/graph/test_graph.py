@@ -48,17 +48,21 @@ def test_identity_steps_vanish_and_readers_read_their_input():
     assert flat.inputs == ["conv"]
 
 
-def test_an_operation_with_no_rule_is_named():
-    class ChannelsLast(nn.Module):
+def test_an_operation_with_no_rule_is_kept_as_code_and_named():
+    class Cumulative(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
+            self.a, self.b = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 1)
 
         def forward(self, x):
-            return self.conv(x).permute(0, 2, 3, 1)
+            return self.b(torch.cumsum(self.a(x), 1))
 
-    with pytest.raises(UnsupportedModelError, match="node 'permute'"):
-        trace_graph(ChannelsLast(), torch.rand(1, 1, 8, 8))
+    graph = trace_graph(Cumulative(), torch.rand(1, 1, 8, 8))
+    assert [n.role for n in graph.nodes.values()] == ["input", "conv", "opaque", "conv"]
+    units = channel_units(graph)
+    why = units.reasons[int(units.of["a"][0])]
+    assert "no channel rule" in why and "cumsum" in why
+    assert int(units.of["input"][0]) not in units.reasons
 
 
 def test_a_weighted_module_called_twice_is_refused():
@@ -81,8 +85,10 @@ def test_every_function_name_has_a_role_and_runs():
         kwargs = {"other": 2.0} if name in ("mul", "add", "sub", "truediv") else \
             {"kernel_size": 2} if name in ("max_pool2d", "avg_pool2d") else \
             {"output_size": 1} if name.startswith("adaptive") else {"dim": 1} if "softmax" in name else \
-            {"start_dim": 1} if name == "flatten" else {"dim": [2, 3]} if name in ("mean", "amax", "sum") else {}
-        assert role in ("elementwise", "pool", "flatten", "mixing", "reduce"), name
+            {"start_dim": 1} if name == "flatten" else {"dim": [2, 3]} if name in ("mean", "amax", "sum") else \
+            {"dims": [0, 2, 3, 1]} if name == "permute" else {"shape": [3, 16]} if name == "reshape" else \
+            {"start": [1, 0], "length": [2, 0]} if name == "take" else {}
+        assert role in ("elementwise", "pool", "flatten", "mixing", "reduce", "move"), name
         assert Op(name, kwargs)(x).shape[0] == 2, name
 
 
