@@ -6,6 +6,7 @@ starts with ``where``, the key path of the value.
 from __future__ import annotations
 
 import math
+import reprlib
 
 __all__ = ["is_int", "is_number", "number", "show"]
 
@@ -37,8 +38,13 @@ def number(value, where: str, minimum: float | None = None, positive: bool = Fal
     return value
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 6, 6, 60, 60
+
+
 def show(value) -> str:
-    """A value as error messages quote it: its repr and type, or ``null``."""
+    """A value as error messages quote it: its repr (shortened: a few levels, items and characters, never
+    the whole of a large value) and type, or ``null``."""
     if value is None:
         return "null"
-    return f"{value!r} ({type(value).__name__})"
+    return f"{_SHORT.repr(value)} ({type(value).__name__})"

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError
 
 __all__ = ["main", "build_parser", "run_bench"]
 
@@ -27,6 +28,7 @@ class CLIError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="structsparse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="train a recipe, compact the model, measure the speedup",
                          description="Train a recipe's phases, compact the model, measure the speedup.")
@@ -102,7 +104,27 @@ def run_bench(args: argparse.Namespace) -> None:
     print(md)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, which ends a run as Ctrl-C does."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # also during start-up (imports, argument parsing)
+        print("structsparse: interrupted; continue with --resume", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from .runner.distributed import env_is_main
     from .runner.pipeline import run_recipe
     from .runner.recipe import RecipeError
     from .runner.rundir import RunError
@@ -111,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     # Under torchrun every process meets these errors alike; rank 0 alone reports them.
-    say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)
+    say = (lambda msg: print(msg, file=sys.stderr)) if env_is_main() else (lambda msg: None)
     try:
         if args.command == "run":
             run_recipe(args.recipe, args.out, resume=args.resume, device=args.device,
@@ -125,10 +147,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as e:
         say(f"structsparse: error: {e}")
         return 1
-    except KeyboardInterrupt:
-        print("structsparse: interrupted; continue with --resume", file=sys.stderr)
-        return 130
+    except _USER_ERRORS as e:  # a bad file, value or environment that a check further in did not name
+        if args.debug:
+            raise
+        say(f"structsparse: error: {_one_line(e)} (--debug shows where)")
+        return 2
     return 0
+
+
+# Errors a user's input or environment can cause deep inside (a loader's ValueError, a full disk, a file
+# that is not UTF-8, JSON or safetensors, nesting too deep): one line each, the traceback under --debug.
+_USER_ERRORS = (ValueError, OSError, RecursionError, UnicodeError, SafetensorError)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error as one bounded line; an OSError with its file name."""
+    if isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, RecursionError):
+        text = "an input nests too deeply"
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 if __name__ == "__main__":

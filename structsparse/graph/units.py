@@ -13,12 +13,13 @@ channels are followed into channels-last blocks and token sequences; steps that 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from .ops import (ADD, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT, LAYERNORM,
-                  MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, describe_step)
+                  MOVE, NORM, OPAQUE, PARAM, POOL, REDUCE, WEIGHTED, describe_step)
 from .trace import Graph, Node
 
 __all__ = ["ChannelUnits", "channel_units", "explain", "compress", "along", "channel_dim", "move"]
@@ -132,6 +133,9 @@ class _Sets:
         return ids, int(ids.max()) + 1 if len(self.parent) else 0
 
 
+_LARGE = 2 ** 16  # a parameter (or a tensor made of parameters) with more entries gets one id, not one each
+
+
 class _Pass:
     """One walk through the graph: each node's map from its inputs' maps."""
 
@@ -150,6 +154,10 @@ class _Pass:
         if dim is not None:
             shape[dim] = node.out_shape[dim]
         return self.sets.new(tuple(shape))
+
+    def free(self, m: torch.Tensor) -> bool:
+        """Whether every id of a map comes from parameters or constants only."""
+        return all(self.sets.free[r] for r in self.sets.roots(m).flatten().tolist())
 
     def only_along(self, m: torch.Tensor, dim: int, node: Node, what: str) -> bool:
         """Pin the ids of a map that changes along a dim other than ``dim`` (the step treats that dim only);
@@ -172,8 +180,9 @@ class _Pass:
             shape = [1] * rank
             shape[min(1, rank - 1)] = node.out_shape[min(1, rank - 1)]
             return self.sets.new(tuple(shape), free=True)
-        if role == PARAM:
-            return self.sets.new(tuple(node.out_shape), free=True)
+        if role == PARAM:  # an id per entry, to join the channels it meets; one for a large one (a weight)
+            small = math.prod(node.out_shape) <= _LARGE
+            return self.sets.new(tuple(node.out_shape) if small else (1,) * rank, free=True)
         if role in WEIGHTED:
             return self.weighted(node, ins[0])
         if role in (NORM, POOL, DEPTHWISE):
@@ -202,10 +211,13 @@ class _Pass:
                 if ins[0].shape[d] > 1:
                     self.pin(ins[0], f"{node.name}: LayerNorm normalises over these channels")
             return ins[0]
+        values = [m for m, only in zip(ins, getattr(node.module, "shape_only", [False] * len(ins))) if not only]
+        shape = full_shape(node.out_shape, node.batched)
+        if role == OPAQUE and all(self.free(m) for m in values) and math.prod(shape) <= _LARGE:
+            return self.sets.new(shape, free=True)  # made of parameters only: a constant, like a parameter
         why = f"{node.name}: {describe_step(node)}"  # attention, a mixing step, or one with no channel rule
-        for m, only in zip(ins, getattr(node.module, "shape_only", [False] * len(ins))):
-            if not only:  # an input read for its batch size keeps no channel
-                self.pin(m, why)
+        for m in values:  # an input read for its batch size keeps no channel
+            self.pin(m, why)
         out = self.fresh(node, None)
         self.pin(out, why)
         return out

@@ -13,7 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["env_world_size", "init_from_env", "world_size", "rank", "is_main", "barrier", "all_reduce_sum",
+__all__ = ["env_world_size", "env_is_main", "init_from_env", "world_size", "rank", "is_main", "barrier", "all_reduce_sum",
            "local_batch_size", "same_on_all"]
 
 
@@ -23,6 +23,11 @@ def env_world_size() -> int:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
+
+
+def env_is_main() -> bool:
+    """Whether this process is rank 0 by the environment (``RANK`` unset or 0), before any process group."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def init_from_env(device: str = "cpu") -> torch.device:

@@ -6,6 +6,7 @@ and writes.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import shlex
 import sys
@@ -23,7 +24,7 @@ from ..storage.compact_io import save_compact
 from ..timing import machine_info
 from . import distributed
 from .recipe import Recipe, load_recipe
-from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, save_trained, write_results
+from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, locked, save_trained, write_results
 from .runlog import RunLog
 from .trainer import Split, Trainer, evaluate, load_splits
 
@@ -36,20 +37,26 @@ def run_recipe(recipe_path: str, out: str, resume: bool = False, device: str = "
     """What ``structsparse run`` does; returns the metrics it writes to ``OUT/metrics.json``
     (``None`` in the processes other than rank 0 of a distributed run, which write nothing)."""
     recipe = load_recipe(recipe_path)
-    world = _check_start(recipe, recipe_path, Path(out), resume, device)
-    t0 = time.perf_counter()
-    trained = _train(recipe, recipe_path, Path(out), resume, device, world, progress, on_epoch_end, tensorboard)
-    if trained is None:
-        return None
-    trainer, splits, results = trained
-    command = "structsparse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    run = {"recipe": str(recipe_path), "command": command, "device": device, "world_size": world,
-           "train_seconds": time.perf_counter() - t0}
-    return _finish(recipe, trainer.finish(), splits, results, Path(out), run)
+    # Rank 0 of a distributed run writes the folder; it alone holds the lock.
+    world = _check_start(recipe, recipe_path, device)
+    with locked(Path(out)) if distributed.env_is_main() else contextlib.nullcontext():
+        ckpt_dir = Path(out) / CHECKPOINT
+        if has_checkpoint(ckpt_dir) and not resume:
+            raise RunError(f"{out} already holds a checkpoint ({ckpt_dir}); pass --resume to continue it, "
+                           "or choose another --out directory")
+        t0 = time.perf_counter()
+        trained = _train(recipe, recipe_path, Path(out), resume, device, world, progress, on_epoch_end, tensorboard)
+        if trained is None:
+            return None
+        trainer, splits, results = trained
+        command = "structsparse " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        run = {"recipe": str(recipe_path), "command": command, "device": device, "world_size": world,
+               "train_seconds": time.perf_counter() - t0}
+        return _finish(recipe, trainer.finish(), splits, results, Path(out), run)
 
 
-def _check_start(recipe: Recipe, recipe_path: str, out_dir: Path, resume: bool, device: str) -> int:
-    """The world size, once the recipe, the device and the output folder are found fit for a run."""
+def _check_start(recipe: Recipe, recipe_path: str, device: str) -> int:
+    """The world size, once the recipe and the device are found fit for a run."""
     try:
         world = distributed.env_world_size()
         if world > 1:
@@ -59,10 +66,9 @@ def _check_start(recipe: Recipe, recipe_path: str, out_dir: Path, resume: bool, 
     if device == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: CUDA is not available in this PyTorch build or on this machine "
                        f"(torch {torch.__version__}); use --device cpu")
-    ckpt_dir = out_dir / CHECKPOINT
-    if has_checkpoint(ckpt_dir) and not resume:
-        raise RunError(f"{out_dir} already holds a checkpoint ({ckpt_dir}); pass --resume to continue it, "
-                       "or choose another --out directory")
+    if recipe.data_root is not None and not Path(recipe.data_root).is_dir():
+        raise RunError(f"{recipe_path}: data_root {recipe.data_root} is not a directory; fix the path, or create "
+                       "it first (data is fetched into it)")
     return world
 
 
@@ -111,25 +117,31 @@ def _train(recipe: Recipe, recipe_path: str, out_dir: Path, resume: bool, device
 
 def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], results: dict, out_dir: Path,
             run: dict) -> dict:
-    """Compact, evaluate, measure, save and report (rank 0)."""
+    """Compact, evaluate, measure, save and report (rank 0); each step says what it does on stderr."""
+    start = time.perf_counter()
     example = splits["test"].images[:1]
+    _say("compacting the trained model")
     with torch.no_grad():
         small = compact(model, example, lowered_below=(LOWERED_BELOW if recipe.lower_convs_below is None
                                                        else recipe.lower_convs_below))
     report = sparsity_report(model, example, compacted=small)
+    _say(f"test error of the compact model ({len(splits['test']):,} images)")
     test = {"original": results["test_error"], "compact": evaluate(small, splits["test"], recipe.eval_batch_size)}
     m = recipe.measure
+    _say(f"measuring the speedup: batch {', '.join(map(str, m.batch_sizes))}, {m.repeats} interleaved repetitions")
     speed = measure_speedup(model, small, example, batch_sizes=m.batch_sizes, threads=m.threads,
                             repeats=m.repeats, warmup=m.warmup)
     save_compact(small, out_dir / COMPACT)
     save_trained(model, out_dir / TRAINED)
+    run = {**run, "total_seconds": run["train_seconds"] + time.perf_counter() - start}
     machine = machine_info(measure_threads=m.threads)
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     report_md = _report_markdown(recipe, run, machine, date, test, len(splits["test"]), results, report, speed)
     metrics = {
         "recipe": run["recipe"], "model": recipe.model, "model_args": recipe.model_args, "data": recipe.data,
         "command": run["command"], "machine": machine, "date": date, "device": run["device"],
-        "world_size": run["world_size"], "train_seconds": run["train_seconds"], "test_error": test,
+        "world_size": run["world_size"], "train_seconds": run["train_seconds"],
+        "total_seconds": run["total_seconds"], "test_error": test,
         "val_error": results["val_error"], "train_with_val": recipe.train_with_val, "history": results["history"],
         "sparsity": report.to_dict(), "speed": speed.to_dict(),
     }
@@ -141,6 +153,11 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
     return metrics
 
 
+def _say(what: str) -> None:
+    """A progress line on stderr (stdout carries the report)."""
+    print(f"structsparse: {what} ...", file=sys.stderr, flush=True)
+
+
 def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: dict, n_test: int, results: dict,
                      report: SparsityReport, speed: SpeedReport) -> str:
     errors_md = "\n".join(["| model | test error |", "|---|---|"] + [
@@ -150,7 +167,8 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
     return "\n\n".join([
         f"# {Path(run['recipe']).name}: {recipe.model} on {recipe.data}",
         f"Command: `{run['command']}`  \nMachine: {machine['cpu']}, {machine['platform']}, torch {machine['torch']}, "
-        f"{machine['threads']} threads (measure threads: {recipe.measure.threads or 'default'})  \nDate: {date}",
+        f"{machine['threads']} threads (measure threads: {recipe.measure.threads or 'default'})  \nDate: {date}  \n"
+        f"Time: {run['total_seconds']:.0f} s in all, {run['train_seconds']:.0f} s of it training",
         "## Test error\n\n" + errors_md + ("\n\n**The compact model's test error differs from the original's.**"
                                            if test["original"] != test["compact"] else ""),
         "## Validation error at the end of each phase\n\n" + val_md

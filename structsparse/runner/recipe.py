@@ -202,7 +202,14 @@ def _jsonable(x):
 # --------------------------------------------------------------------------- YAML loading
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2; PyYAML's 1.1 makes it a string)."""
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2; PyYAML's 1.1 makes it a string) and refuses
+    aliases (``*name``): a recipe needs none, and nested aliases expand exponentially ("billion laughs")."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in recipes",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -225,7 +232,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        raise RecipeError(f"{path}: not valid YAML: {str(e)[:500]}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
     return parse_recipe(raw, source=path)
 
 
@@ -257,13 +268,15 @@ class _Checker:
         except ValueError as e:
             self.fail("", str(e))
 
-    def integer(self, value, where, minimum=None, optional=False):
+    def integer(self, value, where, minimum=None, optional=False, maximum=None):
         if value is None and optional:
             return None
         if not checks.is_int(value):
             self.fail(where, f"expected an integer, got {_show(value)}")
         if minimum is not None and value < minimum:
             self.fail(where, f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            self.fail(where, f"must be <= {maximum:,}, got {value:,}")
         return value
 
     def number(self, value, where, minimum=None, positive=False, maximum=None, optional=False):
@@ -295,6 +308,8 @@ def _join(where: str, key) -> str:
 
 _show = checks.show
 
+
+MAX_EPOCHS = 100_000  # more in one phase is a typo, not a plan
 
 _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "seed", "batch_size", "eval_batch_size",
         "train_with_val", "lower_convs_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
@@ -384,7 +399,7 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     at = lambda key: f"{where}.{key}"  # noqa: E731
     kw = dict(
         name=c.string(p["name"], at("name")),
-        epochs=c.integer(p["epochs"], at("epochs"), minimum=0),
+        epochs=c.integer(p["epochs"], at("epochs"), minimum=0, maximum=MAX_EPOCHS),
         lr=c.number(p["lr"], at("lr"), positive=True),
         momentum=c.number(p.get("momentum", 0.9), at("momentum"), minimum=0, maximum=1),
         weight_decay=c.number(p.get("weight_decay", 0.0), at("weight_decay"), minimum=0),

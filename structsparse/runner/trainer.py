@@ -249,6 +249,8 @@ class Trainer:
             self.log(f"no checkpoint in {self.checkpoint_dir}; starting from the beginning")
             return 0, 0, None
         c = ckpt.load_checkpoint(self.checkpoint_dir, map_location=self.device)
+        if c.note:
+            self.log(c.note)
         info = c.info
         stored = info.get("recipe")
         if not isinstance(stored, dict) or upgrade_keys(stored) != self.recipe.to_dict():

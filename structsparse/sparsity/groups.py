@@ -191,8 +191,13 @@ class CoupledChannels:
         self.members = members      # (layer name, module, unit index per input entry, -1 = not in a group)
         self.lambdas = lambdas
 
+    kind = "channel"  # the kind whose thresholds GroupLasso.zero_groups_ applies
+
     def __len__(self) -> int:
         return self.lambdas.numel()
+
+    def weights(self) -> list[torch.Tensor]:
+        return [m.weight for _, m, _ in self.members]
 
     @staticmethod
     def _channel_view(module: nn.Module) -> tuple[torch.Tensor, tuple[int, ...]]:

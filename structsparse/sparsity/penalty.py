@@ -138,6 +138,31 @@ class _Term:
         _scale_norm_(self.norm, scale)
 
 
+@dataclass
+class _Heads:
+    """The heads of a multi-head attention as groups: head h is the ``head_dim`` columns of the output
+    projection that read it (zero, the head writes nothing and ``compact`` removes it)."""
+    name: str            # the output projection's name
+    module: nn.Module    # the output projection (Linear, embed_dim × heads·head_dim)
+    heads: int
+    lambdas: float
+    kind = "filter"      # the kind whose thresholds zero_groups_ applies
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.module.weight]
+
+    def _view(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.view(w.shape[0], self.heads, -1)
+
+    def norms(self) -> torch.Tensor:
+        return safe_sqrt(self._view().square().sum((0, 2)))
+
+    @torch.no_grad()
+    def scale_(self, scale: torch.Tensor) -> None:
+        self._view().mul_(scale.view(1, -1, 1))
+
+
 class GroupLasso:
     """The SSL regulariser: Σ_layers Σ_kinds λ · Σ_groups ‖w_g‖₂ over Conv2d and Linear weights.
 
@@ -167,8 +192,10 @@ class GroupLasso:
             graph = trace_graph(model, example_input)
             self.coupled = coupled_channels(model, example_input,
                                             {t.name: t.lambdas.get("channel", 0.0) for t in self.terms}, graph)
+        self.heads: list[_Heads] = []
         if graph is not None:
             self._join_norms(graph, spec)
+            self._attention_heads(graph)
         if self.coupled is not None:
             by_name = {t.name: t for t in self.terms}
             for name, module, ids in self.coupled.members:
@@ -196,6 +223,18 @@ class GroupLasso:
                     is not None and getattr(after.module, "bias", None) is not None:
                 t.norm = after.module
 
+    def _attention_heads(self, graph) -> None:
+        """Each self-attention's heads, with its output projection's ``filter`` λ (heads are what it writes)."""
+        by_name = {t.name: t for t in self.terms}
+        for node in graph.nodes.values():
+            t = by_name.get(f"{node.name}.out_proj")
+            if node.role == "attention" and t is not None and "filter" in t.lambdas:
+                self.heads.append(_Heads(t.name, t.module, node.module.num_heads, t.lambdas["filter"]))
+
+    def _cross(self) -> list:
+        """The groups that are not one layer's kind: coupled channels, attention heads."""
+        return ([self.coupled] if self.coupled is not None else []) + self.heads
+
     @property
     def lambdas(self) -> dict[str, dict[str, float]]:
         """``{layer: {kind: λ}}`` for every regularised layer."""
@@ -212,8 +251,8 @@ class GroupLasso:
         for t in self.terms:
             if t.norm is not None:
                 total = total + t.lambdas["filter"] * t.filter_norms().sum()
-        if self.coupled is not None:
-            total = total + self.coupled.penalty()
+        for grp in self._cross():
+            total = total + (grp.lambdas * grp.norms()).sum()
         for t in self.norm_terms:
             total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
         return total
@@ -227,6 +266,8 @@ class GroupLasso:
         out.update({t.name: {k: norm_group_norms(t.module, k) for k in t.lambdas} for t in self.norm_terms})
         if self.coupled is not None:
             out["coupled"] = {"channel": self.coupled.norms()}
+        for h in self.heads:
+            out[h.name]["head"] = h.norms()
         return out
 
     @torch.no_grad()
@@ -254,12 +295,10 @@ class GroupLasso:
             for kind, lam in t.effective().items():
                 norms = group_norms(w, kind, g, keepdim=True)
                 view.mul_(_shrink(norms, step * lam))
-        if self.coupled is not None:
-            steps = [lrs.get(id(m.weight), lr) for _, m, _ in self.coupled.members]
-            steps = [s for s in steps if s is not None]
+        for grp in self._cross():
+            steps = [s for s in (lrs.get(id(w), lr) for w in grp.weights()) if s is not None]
             if steps:  # one step size per group: the smallest of its layers'
-                norms = self.coupled.norms()
-                self.coupled.scale_(_shrink(norms, min(steps) * self.coupled.lambdas))
+                grp.scale_(_shrink(grp.norms(), min(steps) * grp.lambdas))
         for t in self.norm_terms:
             m = t.module
             step = lrs.get(id(m.weight), lr)
@@ -305,11 +344,11 @@ class GroupLasso:
                 s = small(group_norms(w, kind, g, keepdim=True), kind)
                 count += int(s.sum())
                 view.masked_fill_(s.expand_as(view), 0.0)
-        if self.coupled is not None:
-            norms = self.coupled.norms()
-            s = small(norms, "channel")
+        for grp in self._cross():
+            norms = grp.norms()
+            s = small(norms, grp.kind)
             count += int(s.sum())
-            self.coupled.scale_((~s).to(norms.dtype))
+            grp.scale_((~s).to(norms.dtype))
         for t in self.norm_terms:
             for kind in t.lambdas:
                 norms = norm_group_norms(t.module, kind)
@@ -340,6 +379,9 @@ class GroupLasso:
             for kind in kinds:
                 mask &= nonzero_groups(w, kind, g)
             out[t.name] = mask
+        for h in self.heads:  # a zero head's columns stay zero
+            alive = h.norms() > 0
+            out[h.name] &= alive.view(1, -1, 1).expand_as(h._view()).reshape(h.module.weight.shape)
         return out
 
     def freeze(self) -> Masks:

@@ -1,7 +1,8 @@
 """Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
 
-A checkpoint directory holds ``checkpoint.json`` and the one ``state-*.safetensors`` file
-it names. The tensors file (model weights, optimizer state tensors such as momentum
+A checkpoint directory holds ``checkpoint.json`` and the ``state-*.safetensors`` file it names, and
+``checkpoint.prev.json`` (the checkpoint before, with its own tensors file): when the newest is damaged,
+:func:`load_checkpoint` falls back to the previous one and says so. The tensors file (model weights, optimizer state tensors such as momentum
 buffers, torch RNG states, group masks) is written first, under a new name; the JSON
 (progress, metrics, optimizer hyper-parameters, the file name and its SHA-256) is written
 last. Both go through a temporary file in the same directory, ``fsync`` and
@@ -29,7 +30,7 @@ __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "has_checkpoint",
 
 FORMAT = "structsparse-checkpoint"
 VERSION = 1
-INDEX = "checkpoint.json"
+INDEX, PREVIOUS = "checkpoint.json", "checkpoint.prev.json"
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +44,7 @@ class Checkpoint:
     masks: dict[str, torch.Tensor] | None
     rng: dict[str, Any]              # {"cpu": ByteTensor, "cuda": [ByteTensor, ...]}
     info: dict                       # whatever JSON the trainer stored (progress, metrics, ...)
+    note: str | None = None          # set when the newest checkpoint was damaged and this is the previous one
 
 
 # --------------------------------------------------------------------------- optimizer, RNG
@@ -87,7 +89,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- save / load
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / INDEX).is_file()
+    return (Path(directory) / INDEX).is_file() or (Path(directory) / PREVIOUS).is_file()
 
 
 def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, info: Mapping,
@@ -119,12 +121,26 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, info: 
     state_name = f"state-{tag + '-' if tag else ''}{digest[:12]}.safetensors"
     atomic_write(directory / state_name, data)
     meta.update(state_file=state_name, sha256=digest, info=dict(info))
+    keep = {state_name}
+    if (directory / INDEX).is_file():  # the newest so far becomes the previous one
+        current = (directory / INDEX).read_bytes()
+        atomic_write(directory / PREVIOUS, current)
+        keep.add(_state_file(current))
     atomic_write(directory / INDEX, json.dumps(meta, indent=1, sort_keys=True).encode())
     # Only now are older tensor files unreferenced.
     for old in directory.glob("state-*.safetensors"):
-        if old.name != state_name:
+        if old.name not in keep:
             old.unlink(missing_ok=True)
     return directory / INDEX
+
+
+def _state_file(index_bytes: bytes) -> str | None:
+    """The tensors file an index names (None if it cannot be read: nothing to keep for it)."""
+    try:
+        name = json.loads(index_bytes.decode("utf-8")).get("state_file")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 _INDEX_KEYS = {"format", "version", "optimizer", "masks", "state_file", "sha256", "info"}
@@ -259,10 +275,25 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.devi
 
     Anything wrong -- an unreadable or malformed ``checkpoint.json``, a missing, corrupt or
     inconsistent tensor file -- raises :class:`CheckpointError` naming the file and the field
-    or tensor. Nothing is unpickled.
+    or tensor, unless the previous checkpoint (``checkpoint.prev.json``) reads: then that one is
+    returned, with :attr:`Checkpoint.note` saying why. Nothing is unpickled.
     """
     directory = Path(directory)
-    index = directory / INDEX
+    try:
+        return _load(directory / INDEX, map_location)
+    except CheckpointError as newest:
+        if not (directory / PREVIOUS).is_file():
+            raise
+        try:
+            c = _load(directory / PREVIOUS, map_location)
+        except CheckpointError:
+            raise newest from None
+        c.note = f"{newest}; continuing from the checkpoint before it ({directory / PREVIOUS})"
+        return c
+
+
+def _load(index: Path, map_location) -> Checkpoint:
+    directory = index.parent
     try:
         meta = json.loads(index.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # unreadable, not JSON/UTF-8, huge ints, deep nesting

@@ -2,7 +2,8 @@
 
 A directory written by :func:`save_compact` holds ``architecture.json`` (the steps of the
 :class:`~structsparse.compaction.surgery.CompactNet`, each a module type from an allow-list with its
-constructor arguments) and ``model.safetensors``. :func:`load_compact` validates both and
+constructor arguments, and the SHA-256 of the weights file) and ``model.safetensors``. :func:`load_compact`
+checks the hash (files saved before it was recorded load without one), validates both and
 names the file and the entry whenever something is wrong: every problem is a ``ValueError``
 (or ``FileNotFoundError`` for a missing file) whose message starts with the file's path.
 
@@ -14,6 +15,7 @@ before the weights are read and it is run for real.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -132,11 +134,12 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
             step["inputs"] = inputs
         steps.append(step)
         previous = name
-    arch = {"format": FORMAT, "version": VERSION, "input_shape": getattr(model, "input_shape", None),
-            "steps": steps}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(tensors, metadata={"format": FORMAT})
+    arch = {"format": FORMAT, "version": VERSION, "input_shape": getattr(model, "input_shape", None),
+            "weights_sha256": hashlib.sha256(blob).hexdigest(), "steps": steps}
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS, save(tensors, metadata={"format": FORMAT}))
+    atomic_write(directory / WEIGHTS, blob)
     atomic_write(directory / ARCHITECTURE, json.dumps(arch, indent=1).encode())
     return directory
 
@@ -375,6 +378,24 @@ def _dry_run(net: CompactNet, input_shape: list[int], arch_path: Path) -> None:
                 m._index_cache = {}  # meta indices from the dry run
 
 
+def _check_sha256(digest, present: bool, path: Path, arch_path: Path) -> None:
+    """The weights file is the one saved beside the description (files saved before hashes load unchecked)."""
+    if not present:
+        return
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ValueError(f"{arch_path}: 'weights_sha256' must be 64 hexadecimal digits")
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read: {e}") from e
+    if h.hexdigest() != digest:
+        raise ValueError(f"{path}: its SHA-256 does not match the one {ARCHITECTURE} records: the file is damaged "
+                         "or was changed after it was saved")
+
+
 def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, after checking names and shapes in its header against ``expected``
     (so that sizes claimed by architecture.json are never allocated), converted to the expected dtypes."""
@@ -454,6 +475,7 @@ def load_compact(directory: str | os.PathLike) -> CompactNet:
     if not is_int(version) or version != VERSION:
         raise ValueError(f"{arch_path}: unsupported version {version!r} (this library reads {VERSION})")
     input_shape = _input_shape(arch.get("input_shape"), arch_path)
+    _check_sha256(arch.get("weights_sha256", None), "weights_sha256" in arch, weights_path, arch_path)
     steps = arch.get("steps")
     if not isinstance(steps, list) or not steps:
         raise ValueError(f"{arch_path}: 'steps' must be a non-empty list")

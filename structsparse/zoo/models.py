@@ -280,10 +280,21 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+MAX_PARAMETERS = 2 ** 30  # a model with more (over 4 GB of float weights) is refused before it is built
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """Build a registered model by name; an unknown name is an error listing the known ones."""
+    """Build a registered model by name; an unknown name is an error listing the known ones, and arguments
+    that would make more than :data:`MAX_PARAMETERS` parameters are refused (counted on the meta device)."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {str(name)[:60]!r}; known models: {', '.join(sorted(MODELS))}")
+    factory = MODELS[name]
     try:
-        factory = MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+        with torch.device("meta"):
+            size = sum(t.numel() for t in factory(**kwargs).state_dict().values())
+    except (RuntimeError, OverflowError, MemoryError) as e:
+        raise ValueError(f"model {name!r} cannot be built with these arguments: {str(e)[:200]}") from None
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"model {name!r} with these arguments would hold {size:,} numbers, more than "
+                         f"{MAX_PARAMETERS:,}")
     return factory(**kwargs)

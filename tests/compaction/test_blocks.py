@@ -464,6 +464,7 @@ def test_transformer_blocks_lose_whole_heads_and_mlp_units(tmp_path):
     assert att.num_heads == 2 and dict(small.steps())["blocks.1.mlp.0"].out_features == 22
     units = channel_units(trace_graph(model, x))
     assert units.pinned[units.of["proj"]].all()                  # the residual stream, under LayerNorm, stays
+    assert units.reasons[int(units.of["proj"][0])] == "blocks.0.ln_1: LayerNorm normalises over these channels"
     loaded = _roundtrip(model, small, x, tmp_path)
     assert dict(loaded.steps())["blocks.0.attention"].num_heads == 2
 
@@ -488,3 +489,23 @@ def test_an_operation_with_no_rule_keeps_its_channels_and_the_rest_compacts(tmp_
     assert steps["a"].out_channels == 6 and steps["b"].out_channels == 3
     with pytest.raises(TypeError, match="cumsum"):
         save_compact(small, tmp_path / "m")
+
+
+def test_group_lasso_makes_attention_heads_groups_that_compaction_removes():
+    from structsparse import GroupLasso
+    model = ViTish().eval()
+    x = torch.rand(2, 3, 8, 8)
+    out_proj = model.blocks[0].attention.out_proj
+    with torch.no_grad():
+        out_proj.weight[:, 4:8] *= 1e-3                   # head 1 (columns 4..7) is nearly silent
+    gl = GroupLasso(model, {"blocks.0.attention.out_proj": {"filter": 0.01}}, example_input=x)
+    assert [(h.name, h.heads) for h in gl.heads] == [("blocks.0.attention.out_proj", 4)]
+    norms = gl.norms()["blocks.0.attention.out_proj"]["head"]
+    gl.prox_step(lr=1.0)
+    assert (gl.norms()["blocks.0.attention.out_proj"]["head"] == 0).tolist() == [False, True, False, False]
+    assert norms[1] < 0.01 and bool((norms[[0, 2, 3]] > 0.01).all())   # only head 1 was under lr · λ
+    masks = gl.freeze()
+    assert not masks.masks["blocks.0.attention.out_proj"][:, 4:8].any()
+    small = compact(model, x)
+    check_exact(model, small, x)
+    assert dict(small.steps())["blocks.0.attention"].num_heads == 3

@@ -106,3 +106,20 @@ def test_pinned_units_say_why():
     assert units.reasons[int(units.of["softmax"][0])] == "softmax: a mixing step mixes channels"
     assert units.reasons[int(units.of["fc"][0])] == "the model's output"
     assert set(units.reasons) == set(units.pinned.nonzero().flatten().tolist())
+
+
+def test_explain_lists_each_steps_kept_channels_with_the_reason():
+    from structsparse import explain
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), 1))
+
+    rows = {r["node"]: r for r in explain(Net(), torch.rand(1, 3, 4, 4))}
+    assert rows["a"]["channels"] == 4 and rows["a"]["pinned"] == 4
+    assert list(rows["a"]["reasons"]) == ["cumsum: no channel rule for cumsum"]
+    assert rows["input"]["pinned"] == 0 and rows["b"]["reasons"] == {"the model's output": 2}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,8 +110,10 @@ def test_checkpoint_is_safetensors_and_json(full_run):
     d = full_run / "checkpoint"
     info = json.loads((d / "checkpoint.json").read_text())
     assert info["info"]["phase"] == 2 and info["info"]["epoch"] == 1
+    previous = json.loads((d / "checkpoint.prev.json").read_text())
+    assert previous["info"]["phase"] == 2 and previous["info"]["epoch"] == 0
     files = sorted(p.name for p in d.iterdir())
-    assert files == ["checkpoint.json", info["state_file"]]  # older tensor files were removed
+    assert files == sorted(["checkpoint.json", "checkpoint.prev.json", info["state_file"], previous["state_file"]])
     from safetensors.torch import load_file
     tensors = load_file(d / info["state_file"])
     assert any(k.startswith("optimizer.") and k.endswith("momentum_buffer") for k in tensors)
@@ -295,3 +298,106 @@ def test_results_are_written_atomically(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"old": True}
     rundir.write_results(tmp_path, "# report\n", {"new": True})
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"new": True}
+
+
+def test_a_second_run_on_a_busy_folder_fails_at_once_naming_the_holder(env, tmp_path, capsys):
+    import fcntl
+    _, recipe = env
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / rundir.LOCK, "w") as held:      # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        assert cli.main(["run", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"structsparse: error: {out} is in use by another run (pid 4242); wait for it to end, or " \
+                      "choose another --out directory"
+        assert not (out / "checkpoint").exists()
+    # the holder ended: its lock is gone with it, and the stale file does not block
+    with rundir.locked(out):
+        assert (out / rundir.LOCK).read_text().strip() == str(os.getpid())
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_and_resume_loses_nothing(env, full_run, tmp_path, monkeypatch, capsys):
+    import functools
+    import signal
+    _, recipe = env
+    out = tmp_path / "term"
+
+    def term(trainer, p, e):
+        if (p, e) == (1, 0):
+            os.kill(os.getpid(), signal.SIGTERM)   # as `kill PID` or a job scheduler would
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "run_recipe", functools.partial(pipeline.run_recipe, on_epoch_end=term))
+        assert cli.main(["run", str(recipe), "--out", str(out)]) == 143
+    assert capsys.readouterr().err.strip().endswith("structsparse: interrupted; continue with --resume")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL     # main() puts the old handler back
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+    a, b = _final_weights(full_run), _final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(env, full_run, tmp_path, capsys):
+    base, recipe = env
+    out = tmp_path / "damaged"
+
+    def stop(trainer, p, e):
+        if (p, e) == (1, 1):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pipeline.run_recipe(str(recipe), str(out), on_epoch_end=stop)
+    index = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    state = out / "checkpoint" / index["state_file"]
+    state.write_bytes(state.read_bytes()[:-7] + b"garbage")        # the newest tensors file is damaged
+    (out / "checkpoint" / ".checkpoint.json.999.tmp").write_text("{")  # and a killed run left a temporary file
+    capsys.readouterr()
+    assert cli.main(["run", str(recipe), "--out", str(out), "--resume"]) == 0
+    said = capsys.readouterr()
+    assert "SHA-256 does not match" in said.out + said.err and "checkpoint before it" in said.out + said.err
+    assert not list((out / "checkpoint").glob(".*.tmp"))
+    a, b = _final_weights(full_run), _final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)           # the epoch is done again, exactly
+
+
+def _metrics_edit(fn):
+    def edit(run: Path) -> None:
+        m = json.loads((run / "metrics.json").read_text())
+        fn(m)
+        (run / "metrics.json").write_text(json.dumps(m))
+    return edit
+
+
+def _evil_recipe(run: Path) -> None:
+    """metrics.json without model_args, naming as its recipe a file that is not one (its text must not leak)."""
+    (run / "evil.yaml").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    _metrics_edit(lambda m: m.update(model_args=None, recipe=str(run / "evil.yaml")))(run)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda run: (run / "metrics.json").write_text('{"model": "le'), "metrics.json: cannot read"),
+    (_metrics_edit(lambda m: m["model_args"].update(num_classes=10 ** 12)), "more than 1,073,741,824"),
+    (lambda run: _evil_recipe(run), "does not load"),
+    (_metrics_edit(lambda m: m.update(model="x" * 10000)), "unknown model"),
+    (lambda run: (run / "compact" / "model.safetensors").write_bytes(b"\0" * 64), "model.safetensors"),
+])
+def test_bench_model_trusts_no_file_and_says_one_line(full_run, tmp_path, capsys, edit, message):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run, ignore=shutil.ignore_patterns("checkpoint"))
+    edit(run)
+    capsys.readouterr()
+    assert cli.main(["bench", "model", str(run), "--batch", "1", "--repeats", "1", "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("structsparse: error: ") and "\n" not in err and len(err) < 600, err
+    assert re.search(message, err) and "root:" not in err, err
+
+
+def test_a_mistyped_data_root_is_an_error_not_a_download(env, tmp_path, capsys):
+    base, _ = env
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "dtaa")}))
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "data_root" in capsys.readouterr().err and not (base / "dtaa").exists()

@@ -185,3 +185,42 @@ def test_old_threshold_names_are_aliases_and_old_checkpoints_still_compare_equal
     stored["phases"] = [{renames.get(k, k): v for k, v in ph.items()} for ph in stored["phases"]]
     assert "lowered_below" in stored and "zero_below" in stored["phases"][1]
     assert stored != r_new.to_dict() and upgrade_keys(stored) == r_new.to_dict()
+
+
+BILLION_LAUGHS = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+model: [*g, *g, *g, *g, *g, *g, *g, *g, *g]
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (BILLION_LAUGHS, "aliases .* are not allowed"),
+    ("model: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
+])
+def test_hostile_yaml_is_one_short_error(tmp_path, text, message):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(str(path)) and len(str(e.value)) < 600
+
+
+def test_a_huge_value_is_quoted_short(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "lenet", "data": "mnist", "phases": [{"name": "a", "epochs": 1, "lr": ["x" * 10] * 10000}]}))
+    with pytest.raises(RecipeError, match=r"phases\[0\]\.lr") as e:
+        load_recipe(path)
+    assert len(str(e.value)) < 400
+
+
+def test_an_epoch_count_beyond_reason_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": "lenet", "data": "mnist", "phases": [{"name": "a", "epochs": 10 ** 12, "lr": 0.1}]}))
+    with pytest.raises(RecipeError, match=r"phases\[0\]\.epochs: must be <= 100,000"):
+        load_recipe(path)

@@ -1,5 +1,6 @@
 """Checkpoints: safetensors + JSON, written atomically, checked by SHA-256 on load, never pickled.
 (Damaged files are fuzzed in ``tests/properties/test_fuzz_checkpoint.py``.)"""
+import json
 from pathlib import Path
 
 import pytest
@@ -48,9 +49,26 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert c.info == {"step": 1}
     assert all(torch.equal(c.model[k], before[k]) for k in before)
     assert torch.equal(c.optimizer["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"])
-    # The next successful save cleans up the orphaned tensor file.
+    # The next successful save cleans up the orphaned tensor file; the one before it stays, as the fallback.
     ckpt.save_checkpoint(tmp_path, model, {"step": 3}, optimizer=opt)
-    assert len(list(tmp_path.glob("state-*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("state-*.safetensors"))) == 2
+
+
+def test_the_two_newest_checkpoints_are_kept_and_a_damaged_newest_falls_back(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.bias.fill_(step)       # tensor files are named by their content
+        ckpt.save_checkpoint(tmp_path, model, {"step": step})
+    assert len(list(tmp_path.glob("state-*.safetensors"))) == 2
+    assert ckpt.load_checkpoint(tmp_path).note is None
+    newest = tmp_path / json.loads((tmp_path / ckpt.INDEX).read_text())["state_file"]
+    newest.write_bytes(newest.read_bytes()[:-1] + b"!")
+    c = ckpt.load_checkpoint(tmp_path)
+    assert c.info == {"step": 2} and "SHA-256 does not match" in c.note and ckpt.PREVIOUS in c.note
+    (tmp_path / ckpt.PREVIOUS).write_text("{")
+    with pytest.raises(ckpt.CheckpointError, match="SHA-256 does not match"):   # both damaged: the newest's error
+        ckpt.load_checkpoint(tmp_path)
 
 
 def test_corrupt_checkpoint_is_detected(tmp_path):

@@ -78,11 +78,36 @@ def edit_arch(fn):
 
 
 def edit_weights(fn):
+    """An edited weights file, its hash removed (as in files saved before hashes): the checks behind it."""
     def edit(d):
         t = load_file(d / "model.safetensors")
         fn(t)
         save_file(t, d / "model.safetensors")
+        edit_arch(lambda a: a.pop("weights_sha256"))(d)
     return edit
+
+
+def flip_bytes(d):
+    data = bytearray((d / "model.safetensors").read_bytes())
+    for i in range(len(data) - 16, len(data) - 12):   # four bytes inside the last tensor's data
+        data[i] ^= 0x5A
+    (d / "model.safetensors").write_bytes(bytes(data))
+
+
+def test_a_compact_model_with_flipped_bytes_is_rejected_naming_the_file(tmp_path, compacted):
+    d = corrupt(tmp_path, compacted, flip_bytes)
+    with pytest.raises(ValueError, match=r"model\.safetensors: its SHA-256 does not match"):
+        load_compact(d)
+    edit_arch(lambda a: a.update(weights_sha256="x" * 64))(d)
+    with pytest.raises(ValueError, match="64 hexadecimal digits"):
+        load_compact(d)
+
+
+def test_a_model_saved_before_hashes_still_loads(tmp_path, compacted):
+    model, c, x = compacted
+    d = corrupt(tmp_path, compacted, edit_arch(lambda a: a.pop("weights_sha256")))
+    with torch.no_grad():
+        assert torch.equal(load_compact(d)(x), c(x))
 
 
 @pytest.mark.parametrize("edit, message", [
