@@ -6,5 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 out="${1:-runs/lenet_mnist}"
 extra=()
-[ -f "$out/checkpoint/checkpoint.json" ] && extra+=(--resume)  # interrupted (or finished) before: continue
+if [ -f "$out/checkpoint/checkpoint.json" ] || [ -f "$out/checkpoint/checkpoint.prev.json" ]; then
+  extra+=(--resume)  # interrupted (or finished) before: continue
+fi
 exec "${STRUCTSPARSE_VENV:-.venv}/bin/structsparse" run recipes/lenet_mnist.yaml --out "$out" "${extra[@]}"

@@ -118,10 +118,11 @@ class SparsityReport:
                 "input_shape": self.input_shape, "pinned": self.pinned}
 
     def to_markdown(self) -> str:
-        lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | FLOP after compact | params kept |",
-                 "|---|---|---|---|---|---|---|---|"]
+        lines = ["| layer | type | filters kept | channels kept | columns kept | FLOP | after compact: filters, "
+                 "channels, FLOP | params kept |", "|---|---|---|---|---|---|---|---|"]
         for r in self.layers:
-            after = "–" if r.get("compact_flop_fraction") is None else f"{100 * r['compact_flop_fraction']:.1f}%"
+            after = "–" if r.get("compact_flop_fraction") is None else \
+                f"{r['filters_after']}, {r['channels_after']}, {100 * r['compact_flop_fraction']:.1f}%"
             lines.append(f"| {r['name']} | {r['type']} | {r['filters_kept']}/{r['filters']} | "
                          f"{r['channels_kept']}/{r['channels']} | {r['columns_kept']}/{r['columns']} | "
                          f"{100 * r['flop_fraction']:.1f}% | {after} | {r['params_kept']}/{r['params']} |")
@@ -143,6 +144,19 @@ class SparsityReport:
                          f"multiply-adds per input ({100 * self.compact_flop_fraction:.1f}%), counted by "
                          "torch.utils.flop_counter on the compacted model.")
         return "\n".join(lines)
+
+
+def _sizes(net: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (filters, input channels it reads)}`` of a compacted model (its layers keep their names)."""
+    out = {}
+    for name, m in net.named_modules():
+        if isinstance(m, LoweredConv2d):
+            out[name] = (m.out_channels, int(torch.unique(m.columns // (m.kernel_size[0] * m.kernel_size[1])).numel()))
+        elif isinstance(m, nn.Conv2d):
+            out[name] = (m.out_channels, m.in_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.out_features, m.in_features)
+    return out
 
 
 def pinned_summary(model: nn.Module, example_input: torch.Tensor) -> dict:
@@ -202,7 +216,9 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
             per_module = pinned = None
         if per_module is not None:
             compact_macs = per_module.get("", 0) // batch  # no entry: the compact model multiplies nothing
+            sizes = _sizes(compacted)
             for r in rows:  # a layer compaction removed (a branch that became a constant) does no work
                 r["compact_flop_fraction"] = per_module.get(r["name"], 0) / batch / r["macs"]
+                r["filters_after"], r["channels_after"] = sizes.get(r["name"], (0, 0))
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
                           count_macs(model, example_input) // batch, list(example_input.shape), compact_macs, pinned)

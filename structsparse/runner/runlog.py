@@ -26,7 +26,8 @@ PLOT_NAME = "sparsity.png"
 TENSORBOARD_DIR = "tensorboard"
 # One row per epoch; then, per Conv2d/Linear layer, <layer>_filters_kept, <layer>_filters,
 # <layer>_channels_kept, <layer>_channels (non-zero groups, as in the history's "kept").
-COLUMNS = ("phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s", "flop_fraction")
+COLUMNS = ("phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s", "flop_fraction",
+           "compact_flop_fraction")
 
 
 def _layers(history: Sequence[dict]) -> list[str]:
@@ -59,8 +60,9 @@ def write_csv(path: str | Path, history: Sequence[dict]) -> None:
 
 
 def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> None:
-    """Per-layer fraction of filters (solid) and channels (dashed) kept, the whole model's FLOP
-    fraction, and the validation error, against the epoch; phases are marked."""
+    """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
+    model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey), and the
+    validation error, against the epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
 
@@ -70,14 +72,17 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
     colors = [f"C{i % 10}" for i in range(len(_layers(history)))]
     for layer, color in zip(_layers(history), colors):
         kept = [rec.get("kept", {}).get(layer) for rec in history]
-        for i, (style, what) in enumerate((("-", "filters"), ("--", "channels"))):
+        for i, (style, marker, fill, what) in enumerate((("-", "o", color, "filters"),
+                                                          ("--", "s", "white", "channels"))):
             ys = [None if k is None else k[2 * i] / max(k[2 * i + 1], 1) for k in kept]
-            top.plot(xs, [float("nan") if y is None else y for y in ys], style, color=color, marker="o",
-                     markersize=3, label=f"{layer} {what}")
-    flops = [rec.get("flop_fraction") for rec in history]
-    if any(f is not None for f in flops):
-        top.plot(xs, [float("nan") if f is None else f for f in flops], "-", color="k", lw=2, marker="s",
-                 markersize=3, label="model FLOPs")
+            top.plot(xs, [float("nan") if y is None else y for y in ys], style, color=color, marker=marker,
+                     markerfacecolor=fill, markersize=4, label=f"{layer} {what}")
+    for key, style, label in (("flop_fraction", dict(color="0.55", lw=1.2, ls="-."), "FLOPs, own zeros"),
+                              ("compact_flop_fraction", dict(color="k", lw=2.2, ls="-"), "FLOPs after compact")):
+        flops = [rec.get(key) for rec in history]
+        if any(f is not None for f in flops):
+            top.plot(xs, [float("nan") if f is None else f for f in flops], marker="D", markersize=3,
+                     label=label, **style)
     top.set_ylabel("fraction kept")
     top.set_ylim(0, 1.05)
     top.legend(fontsize=7, ncol=2, loc="lower left")
@@ -161,7 +166,8 @@ class RunLog:
         for step, rec in enumerate(history[self._logged:], start=self._logged + 1):
             w = self._writer
             for tag, key in (("loss/train", "train_loss"), ("loss/penalty", "penalty"), ("error/train", "train_error"),
-                             ("error/val", "val_error"), ("lr", "lr"), ("kept/model_flops", "flop_fraction")):
+                             ("error/val", "val_error"), ("lr", "lr"), ("kept/model_flops", "flop_fraction"),
+                             ("kept/model_flops_after_compact", "compact_flop_fraction")):
                 if rec.get(key) is not None:
                     w.add_scalar(tag, rec[key], step)
             for layer, k in rec.get("kept", {}).items():

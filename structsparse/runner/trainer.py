@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..compaction import CollapseWarning
 from ..report import sparsity_report
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
 from ..storage import checkpoint as ckpt
@@ -438,9 +440,10 @@ class Trainer:
     def _finish_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, stats: dict) -> None:
         phase = self.recipe.phases[p]
         val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
-        flop_fraction, kept = self._sparsity()
+        flop_fraction, compact_fraction, kept = self._sparsity()
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
-               "val_error": val_error, "flop_fraction": flop_fraction, "kept": kept}
+               "val_error": val_error, "flop_fraction": flop_fraction, "compact_flop_fraction": compact_fraction,
+               "kept": kept}
         self.history.append(rec)
         pen = "" if stats["penalty"] is None else f" penalty {stats['penalty']:.4g}"
         self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
@@ -461,14 +464,17 @@ class Trainer:
             self.on_epoch_end(self, p, e)
 
     @torch.no_grad()
-    def _sparsity(self) -> tuple[float | None, dict[str, list[int]]]:
-        """Whole-model multiply-adds kept, from each layer's own zeros, and the kept structures per layer
-        (the report's figures; ``None, {}`` for a model the report cannot run)."""
+    def _sparsity(self) -> tuple[float | None, float | None, dict[str, list[int]]]:
+        """Whole-model multiply-adds kept, from each layer's own zeros and after compaction, and the kept
+        structures per layer (the report's figures; ``None, None, {}`` for a model the report cannot run).
+        A collapse here is reported at the end of the run, not every epoch."""
         try:
-            report = sparsity_report(self.model, self.splits["train"].images[:1], with_compact=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CollapseWarning)
+                report = sparsity_report(self.model, self.splits["train"].images[:1])
         except ValueError:
-            return None, {}
-        return report.flop_fraction, report.kept()
+            return None, None, {}
+        return report.flop_fraction, report.compact_flop_fraction, report.kept()
 
     # ------------------------------------------------------------------ results
 

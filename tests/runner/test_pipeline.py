@@ -68,10 +68,10 @@ def test_run_logs(full_run):
     assert [(r["phase"], r["epoch"]) for r in rows] == [("dense", "1"), ("ssl", "1"), ("ssl", "2"),
                                                          ("finetune", "1"), ("finetune", "2")]
     header = list(rows[0])
-    assert header[:9] == ["phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s",
-                          "flop_fraction"]
-    assert header[9:13] == ["conv1_filters_kept", "conv1_filters", "conv1_channels_kept", "conv1_channels"]
-    assert len(header) == 9 + 4 * 4  # conv1, conv2, fc1, fc2
+    assert header[:10] == ["phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s",
+                           "flop_fraction", "compact_flop_fraction"]
+    assert header[10:14] == ["conv1_filters_kept", "conv1_filters", "conv1_channels_kept", "conv1_channels"]
+    assert len(header) == 10 + 4 * 4  # conv1, conv2, fc1, fc2
     assert rows[0]["penalty"] == "" and float(rows[1]["penalty"]) > 0
     history = json.loads((full_run / "metrics.json").read_text())["history"]
     for r, h in zip(rows, history):
@@ -80,6 +80,9 @@ def test_run_logs(full_run):
     assert float(rows[0]["flop_fraction"]) == 1.0 > float(rows[-1]["flop_fraction"])
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert float(rows[-1]["flop_fraction"]) == pytest.approx(metrics["sparsity"]["flop_fraction"])
+    # after compaction (what the plot's thick line shows): no more than the layers' own zeros leave
+    assert float(rows[-1]["compact_flop_fraction"]) == pytest.approx(metrics["sparsity"]["compact_flop_fraction"])
+    assert all(float(r["compact_flop_fraction"]) <= float(r["flop_fraction"]) + 1e-9 for r in rows)
     assert (full_run / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (full_run / "tensorboard").exists()  # only with --tensorboard
 

@@ -30,7 +30,7 @@ def test_csv_table_columns_and_missing_values():
     assert len(rows) == 3 and all(len(r) == len(header) for r in rows)
     col = dict(zip(header, rows[0]))
     assert col["penalty"] == "" and col["flop_fraction"] == "" and col["conv1_filters_kept"] == 20
-    assert csv_table([]) == (list(header[:9]), [])
+    assert csv_table([]) == (list(header[:10]), [])
 
 
 def test_update_rewrites_instead_of_appending(tmp_path):
