@@ -404,3 +404,17 @@ def test_a_mistyped_data_root_is_an_error_not_a_download(env, tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({**RECIPE, "data_root": str(base / "dtaa")}))
     assert cli.main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
     assert "data_root" in capsys.readouterr().err and not (base / "dtaa").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file(env, tmp_path, monkeypatch, capsys):
+    import errno
+    _, recipe = env
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))   # as the kernel reports it: no file name
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert cli.main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"structsparse: error: \S+/checkpoint/\S+\.safetensors: cannot write: No space left on "
+                        r"device \(--debug shows where\)", err), err
