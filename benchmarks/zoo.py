@@ -46,13 +46,20 @@ EXACT = 1e-4   # max abs difference, as a fraction of the output's largest magni
 
 
 def build(name: str, size: int, seed: int) -> nn.Module:
-    """A torchvision model with random weights and random BatchNorm statistics, in eval mode."""
-    import torchvision
+    """A torchvision model (``timm:NAME``: a timm model) with random weights and random BatchNorm statistics,
+    in eval mode."""
     torch.manual_seed(seed)
-    kwargs = {"image_size": size} if name.startswith("vit") else {}
-    if name == "googlenet":
-        kwargs.update(aux_logits=False, init_weights=True)
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if name.startswith("timm:"):
+        import timm
+        name = name[len("timm:"):]
+        kwargs = {"img_size": size} if name.startswith(("vit", "deit")) else {}
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    else:
+        import torchvision
+        kwargs = {"image_size": size} if name.startswith("vit") else {}
+        if name == "googlenet":
+            kwargs.update(aux_logits=False, init_weights=True)
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -231,7 +238,8 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision model names")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help="comma-separated torchvision model names; timm:NAME for a timm model (pip install timm)")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--fraction", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=10)

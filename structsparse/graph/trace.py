@@ -23,8 +23,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..layers import Add, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
-from .ops import (ADD, ATTENTION, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, LAYERNORM, MIXING, MOVE, NORM, OPAQUE, PARAM,
-                  WEIGHTED, Op, UnsupportedModelError, describe,
+from .ops import (ADD, ATTENTION, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, LAYERNORM, LINEAR, MIXING, MOVE, NORM,
+                  OPAQUE, PARAM, WEIGHTED, Op, UnsupportedModelError, describe,
                   function_step, is_identity, module_role, multi_input_step)
 
 __all__ = ["Node", "Graph", "trace_graph"]
@@ -110,7 +110,7 @@ def _fx_trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     with _eval_mode(model):
         try:
-            gm = fx.GraphModule(model, _Tracer().trace(model))
+            gm = fx.GraphModule(model, _Tracer().trace(model, concrete_args=_defaults(model)))
         except Exception as e:  # fx raises many types for untraceable code
             raise UnsupportedModelError(f"torch.fx could not trace {type(model).__name__}: {e}") from e
         try:
@@ -120,6 +120,18 @@ def _fx_trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
             raise ValueError(
                 f"running the model on example_input of shape {list(example_input.shape)} failed: {e}") from e
     return gm
+
+
+def _defaults(model: nn.Module) -> dict | None:
+    """The forward's optional arguments after the input (timm's ``attn_mask=None`` ...), fixed at their
+    defaults: the graph is that of ``model(x)``."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    fixed = {p.name: p.default for p in params if p.default is not p.empty
+             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return fixed or None
 
 
 @contextlib.contextmanager
@@ -167,6 +179,35 @@ def _what(node: fx.Node, gm: fx.GraphModule) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
 
 
+def _linear(p: dict, c: dict, shape) -> tuple[nn.Module, str]:
+    w = p["weight"]
+    return nn.Linear(w.shape[1], w.shape[0], bias="bias" in p), LINEAR
+
+
+def _conv2d(p: dict, c: dict, shape) -> tuple[nn.Module, str]:
+    w, groups = p["weight"], c.get("groups", 1)
+    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), c.get("stride", 1), c.get("padding", 0),
+                     c.get("dilation", 1), groups, bias="bias" in p)
+    return conv, module_role(conv)
+
+
+def _batch_norm(p: dict, c: dict, shape) -> tuple[nn.Module, str]:
+    if c.get("training") or set(p) != {"running_mean", "running_var", "weight", "bias"} or len(shape) not in (2, 4):
+        raise ValueError("not an affine BatchNorm in eval mode")
+    cls = nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d
+    return cls(shape[1], eps=c.get("eps", 1e-5)), NORM
+
+
+def _layer_norm(p: dict, c: dict, shape) -> tuple[nn.Module, str]:
+    dims = c["normalized_shape"]
+    if not all(isinstance(d, int) for d in dims):
+        raise ValueError("a computed shape")
+    return nn.LayerNorm(list(dims), c.get("eps", 1e-5), "weight" in p, bias="bias" in p), LAYERNORM
+
+
+# The functional layers that become modules when their weights are the model's parameters.
+_FUNCTIONAL = {F.linear: _linear, F.conv2d: _conv2d, F.batch_norm: _batch_norm, F.layer_norm: _layer_norm}
+
 _SPLITS = {"chunk", "split", "tensor_split", torch.chunk, torch.split, torch.tensor_split}
 
 
@@ -213,12 +254,18 @@ class _Builder:
 
     def step(self, node: fx.Node) -> None:
         if node.op == "placeholder":
+            if self.nodes and node.args:  # an optional argument fixed at its default (see _defaults)
+                return
             if self.nodes:
                 raise UnsupportedModelError(f"{describe(node)}: models with several inputs are not supported")
             self.input = node
             self.add(node, self.fresh("input"), INPUT, None, [])
             return
         if not _is_tensor(node) or node.op == "get_attr":  # shape queries such as x.size(0); tuples; parameters
+            return
+        values = [a for a in _tensor_args(node) if a.op != "get_attr"]
+        if node.op == "call_function" and node.target in _FUNCTIONAL and values:  # parameters become the module's
+            self.functional(node, values)
             return
         inputs = self.tensor_args(node)
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] not in self.names:
@@ -253,9 +300,6 @@ class _Builder:
             self.add(node, node.target, role, module, inputs)
 
     def function_step(self, node: fx.Node, inputs: list[fx.Node]) -> None:
-        if node.target is F.layer_norm:
-            self.layer_norm(node, inputs)
-            return
         module = multi_input_step(node, inputs) if len(inputs) > 1 else function_step(node, self.gm, inputs[0])
         if module is None:
             self.opaque(node)
@@ -263,23 +307,33 @@ class _Builder:
             role = FUNCTIONS[module.fn][1] if isinstance(module, Op) else module_role(module)
             self.add(node, self.fresh(node.name), role, module, inputs)
 
-    def layer_norm(self, node: fx.Node, inputs: list[fx.Node]) -> None:
-        """``F.layer_norm(x, shape, weight, bias, eps)`` with parameters as weight and bias: an nn.LayerNorm."""
-        bound = inspect.signature(F.layer_norm).bind(*node.args, **node.kwargs).arguments
-        weight, bias, shape = bound.get("weight"), bound.get("bias"), bound["normalized_shape"]
-        params = [p for p in (weight, bias) if p is not None]
-        if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params) or bound["input"] is not inputs[0] \
-                or not all(isinstance(d, int) for d in shape):
+    def functional(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        """A functional layer whose weights are the model's parameters -- ``F.linear``, ``F.conv2d``,
+        ``F.batch_norm`` (eval), ``F.layer_norm``, as timm and torchvision write them -- as the module it is.
+        Arguments computed in the graph keep it as code."""
+        normalized = node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)  # builtins too
+        bound = normalized.kwargs if normalized is not None else \
+            inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+        tensors = {k: v for k, v in bound.items() if isinstance(v, fx.Node)}
+        consts = {k: v for k, v in bound.items() if not isinstance(v, fx.Node)}
+        if tensors.pop("input", None) is not inputs[0] or not all(v.op == "get_attr" for v in tensors.values()):
             self.opaque(node)
             return
-        norm = nn.LayerNorm(list(shape), bound.get("eps", 1e-5), weight is not None, bias=bias is not None)
+        params = {k: fx.graph_module._get_attr(self.gm, v.target) for k, v in tensors.items()}
+        try:
+            module, role = _FUNCTIONAL[node.target](params, consts, inputs[0].meta["tensor_meta"].shape)
+        except (KeyError, TypeError, ValueError):   # a form the module cannot express (training BatchNorm ...)
+            self.opaque(node)
+            return
         with torch.no_grad():
-            for name, p in (("weight", weight), ("bias", bias)):
-                if p is not None:
-                    getattr(norm, name).copy_(fx.graph_module._get_attr(self.gm, p.target))
-        owner = weight.target.rpartition(".")[0] if weight is not None else ""
-        leaf = owner and owner not in self.nodes and not any(True for _ in self.gm.get_submodule(owner).children())
-        self.add(node, owner if leaf else self.fresh(node.name), LAYERNORM, norm, [inputs[0]])
+            for name, value in params.items():
+                getattr(module, name).copy_(value)
+        module.eval()  # the graph is the model's inference
+        owner = next(iter(tensors.values())).target.rpartition(".")[0] if tensors else ""
+        leaf = owner and not any(True for _ in self.gm.get_submodule(owner).children())
+        name = owner if leaf and owner not in self.nodes else self.fresh(f"{owner}.{node.target.__name__}"
+                                                                         if owner else node.name)
+        self.add(node, name, role, module, [inputs[0]])
 
     def attention(self, node: fx.Node) -> bool:
         """``mha(x, x, x, need_weights=False)[0]`` of a batch-first ``nn.MultiheadAttention`` without masks:

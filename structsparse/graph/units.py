@@ -246,17 +246,26 @@ class _Pass:
             m = m.squeeze(d)
         return m
 
+    def shapes(self, node: Node) -> list[tuple[int, ...]]:
+        """The shapes of a node's inputs as their maps see them (batch 1; a parameter has no batch)."""
+        return [full_shape(s, self.graph.nodes[i].batched) for s, i in zip(node.in_shapes, node.inputs)]
+
     def combine(self, node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
-        """``a + b``, ``a * g``: pair up the entries that meet and tie their ids; an entry that meets several
-        channels (broadcast over them) is pinned."""
-        full = torch.broadcast_tensors(*ins)
-        for other in full[1:]:
-            self.tie(node, full[0], other)
-        roots = [self.sets.roots(m) for m in full]
+        """``a + b``, ``a * g``: pair up the entries that meet and tie their ids (see :meth:`tie`)."""
+        shapes = self.shapes(node)
+        for other, shape in zip(ins[1:], shapes[1:]):
+            self.tie(node, (ins[0], shapes[0]), (other, shape))
+        roots = [self.sets.roots(m) for m in torch.broadcast_tensors(*ins)]
         return compress(max(roots, key=lambda r: r.unique().numel()))  # the first of the widest
 
-    def tie(self, node: Node, a: torch.Tensor, b: torch.Tensor) -> None:
-        ra, rb = self.sets.roots(a).flatten(), self.sets.roots(b).flatten()
+    def tie(self, node: Node, *sides: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+        """Tie the ids of two maps (of tensors of the given shapes) where their entries meet. An entry that
+        meets several channels is not tied but pinned: a gate broadcast over channels (the channels stay
+        free), or a channel repeated where the other tensor has distinct ones (those stay too)."""
+        rank = max(m.dim() for m, _ in sides)
+        (a, sa), (b, sb) = [(m.reshape((1,) * (rank - m.dim()) + tuple(m.shape)), (1,) * (rank - len(s)) + tuple(s))
+                            for m, s in sides]
+        ra, rb = (self.sets.roots(m).flatten() for m in torch.broadcast_tensors(a, b))
         pairs = torch.unique(torch.stack([ra, rb], 1), dim=0).tolist()
         free = self.sets.free
         partners: dict[tuple[int, int], set[int]] = {}
@@ -266,18 +275,23 @@ class _Pass:
             if not free[x]:
                 partners.setdefault((1, y), set()).add(x)
         shared = {key for key, p in partners.items() if len(p) > 1}
+        why = f"{node.name}: broadcast over several channels"
         for side, r in shared:
-            self.pin(torch.tensor([r]), f"{node.name}: broadcast over several channels")
+            self.pin(torch.tensor([r]), why)
+            own_shape, other = (sa, b) if side == 0 else (sb, a)
+            if any(own_shape[d] > 1 for d in range(rank) if other.shape[d] > 1):  # not a broadcast: equal sizes
+                self.pin(torch.tensor(sorted(partners[side, r])), f"{node.name}: adds a channel repeated in "
+                                                                   "the other input")
         for x, y in pairs:
             if (0, x) not in shared and (1, y) not in shared:
                 self.sets.join(x, y)
 
     def cat(self, node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
         dim = node.module.dim % len(node.out_shape)
-        shapes = [full_shape(s, True) for s in node.in_shapes]
+        shapes = self.shapes(node)
         if all(m.shape[dim] == 1 for m in ins):  # along positions or tokens: entry c of each is channel c
-            for m in ins[1:]:
-                self.tie(node, *torch.broadcast_tensors(ins[0], m))
+            for m, shape in zip(ins[1:], shapes[1:]):
+                self.tie(node, (ins[0], shapes[0]), (m, shape))
         full = [m.expand(s) for m, s in zip(ins, shapes)]
         return compress(self.sets.roots(torch.cat(full, dim)))
 

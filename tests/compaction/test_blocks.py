@@ -509,3 +509,97 @@ def test_group_lasso_makes_attention_heads_groups_that_compaction_removes():
     small = compact(model, x)
     check_exact(model, small, x)
     assert dict(small.steps())["blocks.0.attention"].num_heads == 3
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a conv's channels and a depthwise copy of them, concatenated, then sliced."""
+
+    def __init__(self, cin, cout, act=True):
+        super().__init__()
+        self.out_chs, init = cout, (cout + 1) // 2
+        self.primary = nn.Sequential(nn.Conv2d(cin, init, 1, bias=False), nn.BatchNorm2d(init),
+                                     nn.ReLU() if act else nn.Identity())
+        self.cheap = nn.Sequential(nn.Conv2d(init, init, 3, padding=1, groups=init, bias=False), nn.BatchNorm2d(init),
+                                   nn.ReLU() if act else nn.Identity())
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        return torch.cat([x1, self.cheap(x1)], 1)[:, :self.out_chs, :, :]
+
+
+class GhostBottleneck(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.ghost1, self.ghost2 = GhostModule(c, 16), GhostModule(16, c, act=False)
+
+    def forward(self, x):
+        return self.ghost2(self.ghost1(x)) + x
+
+
+def test_a_channel_repeated_in_an_add_keeps_the_other_inputs_channels(tmp_path):
+    """ghost2 writes each of its 4 channels twice; the residual stream it is added to has 8 distinct ones:
+    those cannot go one by one (the add needs equal widths), while ghost1's inner channels still can."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), GhostBottleneck(), nn.AdaptiveAvgPool2d(1),
+                                    nn.Flatten(), nn.Linear(8, 3)))
+    with torch.no_grad():
+        model[0].weight[:2] = 0                                  # two stream channels: written as zero ...
+        model[1].ghost1.primary[0].weight[:3] = 0                # three of ghost1's 8 channels write zero
+        model[1].ghost1.primary[1].weight[:3] = 0
+        model[1].ghost1.primary[1].bias[:3] = 0
+    x = torch.rand(2, 3, 8, 8)
+    units = channel_units(trace_graph(model, x))
+    assert units.reasons[int(units.of["0"][0])] == "add: adds a channel repeated in the other input"
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["0"].out_channels == 8 and steps["1.ghost1.primary.0"].out_channels == 5   # ... but they stay
+    _roundtrip(model, small, x, tmp_path)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: F.batch_norm on its own parameters, then an activation child."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        x = nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                     self.training, self.momentum, self.eps)
+        return self.act(x)
+
+
+class Head(nn.Linear):
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class TimmLike(nn.Module):
+    """Functional layers on parameters, and a forward with an optional argument (fixed at its default)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), BatchNormAct(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1, bias=False), BatchNormAct(8)
+        self.head = Head(8, 4)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))).mean((2, 3)))
+
+
+def test_functional_layers_on_parameters_become_modules_and_compact(tmp_path):
+    model = randomize(TimmLike())
+    with torch.no_grad():
+        model.conv1.weight[:3] = 0                  # three channels: their BatchNorm shift, then ReLU
+        model.head.weight[:, 6:] = 0                # two channels nobody reads
+    x = torch.rand(2, 3, 8, 8)
+    graph = trace_graph(model, x)
+    roles = {n.name: n.role for n in graph.nodes.values()}
+    assert roles["bn1.batch_norm"] == "norm" and roles["bn1.act"] == "elementwise" and roles["head"] == "linear"
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["conv1"].out_channels == 5 and steps["conv2"].out_channels == 6
+    _roundtrip(model, small, x, tmp_path)
