@@ -23,3 +23,14 @@ def test_bad_recipe_is_one_line_error(tmp_path, capsys):
 def test_bench_bad_arguments_are_named(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    from structsparse import cli as cli_module
+
+    def interrupted():
+        raise KeyboardInterrupt   # as if Ctrl-C came while the parser was built (or torch imported)
+
+    monkeypatch.setattr(cli_module, "build_parser", interrupted)
+    assert cli_module.main(["run", "x.yaml", "--out", "o"]) == 130
+    assert capsys.readouterr().err.strip() == "structsparse: interrupted; continue with --resume"

@@ -418,3 +418,12 @@ def test_a_full_disk_is_one_line_naming_the_file(env, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(r"structsparse: error: \S+/checkpoint/\S+\.safetensors: cannot write: No space left on "
                         r"device \(--debug shows where\)", err), err
+
+
+def test_a_file_where_the_output_folder_should_be_is_one_line(env, tmp_path, capsys):
+    _, recipe = env
+    (tmp_path / "taken").write_text("not a folder")
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        assert cli.main(["run", str(recipe), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"structsparse: error: {out}: cannot use this folder for the run: ") and "\n" not in err
