@@ -29,7 +29,6 @@ import sys
 import tempfile
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from torch import nn
 
 from structsparse import GroupLasso, compact, export_onnx, load_compact, save_compact
 from structsparse.graph import channel_units, trace_graph
-from structsparse.report import count_macs
+from structsparse.report import count_macs, pinned_summary
 from structsparse.timing import machine_info, summarize, time_interleaved
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "vgg11_bn",
@@ -115,11 +114,10 @@ def zero_pattern(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) 
 
 
 def pinned(model: nn.Module, x: torch.Tensor) -> dict:
-    """The fraction of channel units that stay whatever their weights, and the commonest reasons."""
-    units = channel_units(trace_graph(model, x))
-    why = Counter(r.split(": ", 1)[-1] for r in units.reasons.values())
-    return {"units": units.count, "pinned_fraction": float(units.pinned.float().mean()) if units.count else 0.0,
-            "reasons": dict(why.most_common(4))}
+    """The fraction of channel units that stay whatever their weights, and the four commonest reasons."""
+    p = pinned_summary(model, x)
+    return {"units": p["units"], "pinned_fraction": p["pinned"] / p["units"] if p["units"] else 0.0,
+            "reasons": dict(list(p["reasons"].items())[:4])}
 
 
 def max_rel_diff(a: nn.Module, b: nn.Module, xs: list[torch.Tensor]) -> float:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
-                         LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED)
+                         LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
 from ..layers import Constant, Param
 from ..timing import time_interleaved
@@ -265,7 +265,7 @@ def _independent(node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
     if node.role in (CONST, PARAM):
         return torch.ones((1,) * rank, dtype=torch.bool)
     if node.role in (CONV, LINEAR, NORM, DEPTHWISE) and not (node.role == CONV and rank != 4):
-        dim = rank - 1 if node.role == LINEAR else 1
+        dim = feature_dim(node)
         if ins[0].dim() != len(node.in_shapes[0]):
             return torch.zeros((1,) * rank, dtype=torch.bool)
         fixed = along(ins[0], full_shape(node.in_shapes[0], True), dim, torch.all)  # at every position
@@ -313,16 +313,15 @@ def _follow(node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
         out = torch.ones((1, node.out_shape[1], 1, 1), dtype=torch.bool)
         out[0, node.module.index, 0, 0] = along(ins[0], full_shape(node.in_shapes[0], True), 1, torch.all)
         return out
-    if node.role == REDUCE:
-        fixed = ins[0].all() if ins[0].dim() != len(node.in_shapes[0]) else None
-        if fixed is None:
-            m = ins[0]
-            for d in sorted((d % m.dim() for d in node.module.kwargs["dim"]), reverse=True):
-                m = m.all(d, keepdim=True)
-                if not node.module.kwargs.get("keepdim"):
-                    m = m.squeeze(d)
-            return m
-        return fixed.view((1,) * len(node.out_shape))
+    if node.role == REDUCE and ins[0].dim() == len(node.in_shapes[0]):
+        m = ins[0]
+        for d in sorted((d % m.dim() for d in node.module.kwargs["dim"]), reverse=True):
+            m = m.all(d, keepdim=True)
+            if not node.module.kwargs.get("keepdim"):
+                m = m.squeeze(d)
+        return m
+    if node.role == REDUCE:  # a map that does not line up with the input: fixed only if all of it is
+        return ins[0].all().view((1,) * len(node.out_shape))
     if node.role == LAYERNORM:  # normalised over its last dims: fixed only if all of them are
         dims = len(node.module.normalized_shape)
         m = ins[0]
@@ -380,11 +379,6 @@ def _grouped(node: Node) -> bool:
     return node.role == CONV and node.module.groups != 1
 
 
-def _feature_dim(node: Node) -> int:
-    """The dim a weighted node reads its channels from: 1 for a conv, the last for a Linear."""
-    return 1 if node.role == CONV else len(node.in_shapes[0]) - 1
-
-
 def _zeros_only(node: Node) -> bool:
     """A reader that drops only constant channels that are zero (nothing to fold into a bias): a grouped conv,
     and a Linear on tokens or positions (its constant features may differ from one position to the next)."""
@@ -409,7 +403,7 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     varying = torch.zeros(units.count, dtype=torch.bool)  # input-dependent where some layer reads it
     for r in units.readers:
         node = graph.nodes[r]
-        fixed = along(const[node.inputs[0]], full_shape(node.in_shapes[0], True), _feature_dim(node), torch.all)
+        fixed = along(const[node.inputs[0]], full_shape(node.in_shapes[0], True), feature_dim(node), torch.all)
         varying[units.of_input[r][~fixed]] = True
     read = torch.zeros(units.count, dtype=torch.bool)
     reads = {r: _reads(graph.nodes[r]) for r in units.readers}
@@ -421,7 +415,7 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
         ids = units.of_input[r]
         cand = mask & ~blocked[ids]
         if _zeros_only(node):
-            x = values[node.inputs[0]][:1].movedim(_feature_dim(node), 0)
+            x = values[node.inputs[0]][:1].movedim(feature_dim(node), 0)
             zero = x.reshape(x.shape[0], -1).eq(0).all(1)
             blocked[ids[cand & ~zero]] = True
         elif node.role == CONV and bool(cand.any()):

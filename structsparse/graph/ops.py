@@ -37,7 +37,7 @@ from torch import nn
 from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
-           "multi_input_step", "is_identity", "describe", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
+           "multi_input_step", "is_identity", "describe", "target_name", "feature_dim", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
            "FLATTEN", "DROPOUT", "MIXING", "DEPTHWISE", "REDUCE", "INPUT", "ADD", "CAT", "CHPAD", "CONST", "BCAST", "WEIGHTED",
            "LAYERNORM", "MOVE", "PARAM", "OPAQUE", "ATTENTION", "move_step", "describe_step"]
 
@@ -152,10 +152,20 @@ def describe_step(node) -> str:
     return f"a {node.role} step mixes channels"
 
 
+def target_name(node: fx.Node) -> str:
+    """The name of what an fx node calls: a method or module path, or a function's name."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+
+
 def describe(node: fx.Node) -> str:
     """``node 'x' (call_function relu)``: how errors name a node."""
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
-    return f"node {node.name!r} ({node.op} {target})"
+    return f"node {node.name!r} ({node.op} {target_name(node)})"
+
+
+def feature_dim(node) -> int:
+    """The dim whose entries a step treats as its channels: the last for a Linear (its features), dim 1 for
+    a conv, a BatchNorm or a depthwise conv."""
+    return len(node.in_shapes[0]) - 1 if node.role == LINEAR else 1
 
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", torch.flatten, torch.reshape,

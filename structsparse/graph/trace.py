@@ -24,7 +24,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..layers import Add, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
 from .ops import (ADD, ATTENTION, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, LAYERNORM, LINEAR, MIXING, MOVE, NORM,
-                  OPAQUE, PARAM, WEIGHTED, Op, UnsupportedModelError, describe,
+                  OPAQUE, PARAM, WEIGHTED, Op, UnsupportedModelError, describe, target_name,
                   function_step, is_identity, module_role, multi_input_step)
 
 __all__ = ["Node", "Graph", "trace_graph"]
@@ -176,7 +176,7 @@ def _what(node: fx.Node, gm: fx.GraphModule) -> str:
     """What a step kept as code runs: its module's type, or its function or method."""
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", repr(node.target))
+    return target_name(node)
 
 
 def _linear(p: dict, c: dict, shape) -> tuple[nn.Module, str]:

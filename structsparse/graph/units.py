@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .ops import (ADD, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT, LAYERNORM,
-                  MOVE, NORM, OPAQUE, PARAM, POOL, REDUCE, WEIGHTED, describe_step)
+                  MOVE, NORM, OPAQUE, PARAM, POOL, REDUCE, WEIGHTED, describe_step, feature_dim)
 from .trace import Graph, Node
 
 __all__ = ["ChannelUnits", "channel_units", "explain", "compress", "along", "channel_dim", "move"]
@@ -231,7 +231,7 @@ class _Pass:
             out = self.fresh(node, None)
             self.pin(out, why)
             return out
-        dim = 1 if node.role == CONV else len(node.out_shape) - 1
+        dim = feature_dim(node)
         self.only_along(m, dim, node, "its input's channels are not its features")
         return self.fresh(node, dim)
 
@@ -323,8 +323,7 @@ def channel_units(graph: Graph) -> ChannelUnits:
     for r in walk.readers:
         node = graph.nodes[r]
         src = node.inputs[0]
-        dim = 1 if node.role == CONV else len(node.in_shapes[0]) - 1
-        of_input[r] = along(maps[src], full_shape(node.in_shapes[0], True), dim)
+        of_input[r] = along(maps[src], full_shape(node.in_shapes[0], True), feature_dim(node))
     return ChannelUnits(of, count, pinned, walk.readers, of_input, reasons, maps, dims)
 
 
