@@ -5,8 +5,9 @@ Torch-Pruning at the same ratio.
 Per model (random weights, random BatchNorm statistics, one input of --size, seeded): build
 ``GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)`` and backpropagate its penalty;
 zero --fraction of every Conv2d / Linear's filters (with the BatchNorm γ/β right after them), of every
-self-attention's heads (the output columns that read them) and of the channel units that several layers read
-(every reader's columns); then ``compact`` and check it on the
+self-attention's heads (the output columns that read them) and of GroupLasso's coupled channel groups (the
+channel units that several layers read: every reader's columns; for a unit that a LayerNorm normalises, everything
+that writes it too); then ``compact`` and check it on the
 example and on a new input (max abs difference against the output's scale), save/load, export to ONNX,
 count multiply-adds with ``torch.utils.flop_counter`` on both models, count the channel units that stay
 pinned and why, and time dense, compact and Torch-Pruning's ``MagnitudePruner`` (the same fraction per
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from structsparse import GroupLasso, compact, export_onnx, load_compact, save_compact
-from structsparse.graph import channel_units, trace_graph
+from structsparse.graph import trace_graph
 from structsparse.report import count_macs, pinned_summary
 from structsparse.timing import machine_info, summarize, time_interleaved
 
@@ -73,9 +74,10 @@ def build(name: str, size: int, seed: int) -> nn.Module:
 
 
 @torch.no_grad()
-def zero_pattern(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> dict:
-    """Zero ``fraction`` of every weighted layer's filters (and the BatchNorm entries right after) and of the
-    coupled channel units (all readers' columns); the model's output layer keeps its filters."""
+def zero_pattern(model: nn.Module, gl: GroupLasso, x: torch.Tensor, fraction: float, seed: int) -> dict:
+    """Zero ``fraction`` of every weighted layer's filters (and the BatchNorm entries right after) and of
+    ``gl``'s coupled channel groups (all readers' columns; for a channel under LayerNorm, all that writes it
+    too); the model's output layer keeps its filters."""
     g = torch.Generator().manual_seed(seed)
     graph = trace_graph(model, x)
     users = graph.consumers()
@@ -100,17 +102,13 @@ def zero_pattern(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) 
             m.out.weight.view(m.embed_dim, m.num_heads, m.head_dim)[:, heads] = 0
             mha = model.get_submodule(node.name)
             mha.out_proj.weight.view(m.embed_dim, m.num_heads, m.head_dim)[:, heads] = 0
-    units = channel_units(graph)
-    coupled = ((units.reader_count() >= 2) & ~units.pinned).nonzero().flatten()
-    chosen = coupled[torch.randperm(len(coupled), generator=g)[:round(fraction * len(coupled))]]
-    for r in units.readers:
-        cols = torch.isin(units.of_input[r], chosen)
-        w = graph.nodes[r].module.weight
-        if w.dim() == 4 and graph.nodes[r].module.groups == 1:
-            w[:, cols] = 0
-        elif w.dim() == 2:
-            w[:, cols] = 0
-    return {"filters_zeroed": filters, "coupled_units": len(coupled), "coupled_zeroed": len(chosen)}
+    n = len(gl.coupled) if gl.coupled is not None else 0
+    chosen = torch.randperm(n, generator=g)[:round(fraction * n)]
+    if n:
+        scale = torch.ones(n)
+        scale[chosen] = 0
+        gl.coupled.scale_(scale)
+    return {"filters_zeroed": filters, "coupled_units": n, "coupled_zeroed": len(chosen)}
 
 
 def pinned(model: nn.Module, x: torch.Tensor) -> dict:
@@ -132,7 +130,7 @@ def ours(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> tuple
     gl.penalty().backward()
     row["group_lasso"] = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    row.update(zero_pattern(model, x, fraction, seed))
+    row.update(zero_pattern(model, gl, x, fraction, seed))
     row.update(pinned(model, x))
     t0 = time.perf_counter()
     small = compact(model, x)

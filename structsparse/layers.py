@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "Param", "SelfAttention", "WithinChannelLRN"]
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "Param", "SelfAttention", "SlicedLayerNorm", "WithinChannelLRN"]
 
 
 class ChannelPad(nn.Module):
@@ -100,13 +100,47 @@ class Constant(nn.Module):
         return f"shape={list(self.value.shape)}"
 
 
+class SlicedLayerNorm(nn.LayerNorm):
+    """A LayerNorm over the last dim from which constant entries were cut: it normalises its ``normalized_shape``
+    entries as if the ``full_size - normalized_shape`` cut ones were still there, each with its constant value
+    (``absent_sum`` and ``absent_sq`` hold their sum and sum of squares). So removing channels that a LayerNorm
+    normalises over, but that are constant (zero) wherever it reads them, changes nothing."""
+
+    def __init__(self, normalized_shape: int | list[int], full_size: int, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias=bias)
+        if len(self.normalized_shape) != 1 or not 1 <= self.normalized_shape[0] <= int(full_size):
+            raise ValueError(f"SlicedLayerNorm normalises one dim of at most full_size={full_size} entries, "
+                             f"got normalized_shape={list(self.normalized_shape)}")
+        self.full_size = int(full_size)
+        self.register_buffer("absent_sum", torch.zeros(()))
+        self.register_buffer("absent_sq", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, cut = self.full_size, self.full_size - x.shape[-1]
+        mean = (x.sum(-1, keepdim=True) + self.absent_sum) / n
+        d = x - mean
+        # Σ over the cut entries of (k - mean)² = Σk² - 2·mean·Σk + cut·mean²
+        var = (d.square().sum(-1, keepdim=True) + self.absent_sq - 2 * mean * self.absent_sum
+               + cut * mean.square()) / n
+        y = d * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_size={self.full_size}"
+
+
 class Param(nn.Module):
     """A model's parameter (or buffer) read as a tensor by its graph (a layer scale, a class token, a position
     embedding), without a batch dimension; the step's input only places it in the graph."""
 
     def __init__(self, value: torch.Tensor | list[int] | tuple[int, ...]):
         super().__init__()
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, nn.Parameter):  # the model's own parameter, shared
+            self.value = value
+        elif isinstance(value, torch.Tensor):
             self.value = nn.Parameter(value.detach().clone(), requires_grad=value.requires_grad)
         else:
             self.value = nn.Parameter(torch.zeros(tuple(value)))

@@ -53,6 +53,10 @@ def randomize(model, seed=0):
             with torch.no_grad():
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+        if isinstance(m, nn.LayerNorm) and m.weight is not None and m.bias is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
     return model.eval()
 
 

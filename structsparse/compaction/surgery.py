@@ -30,7 +30,7 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
                          LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
-from ..layers import Constant, Param
+from ..layers import Constant, Param, SlicedLayerNorm
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
@@ -154,6 +154,14 @@ def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
     m.num_features = keep.numel()
 
 
+def _slice_layernorm(m: SlicedLayerNorm, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias"):
+        p = getattr(m, name)
+        if p is not None:
+            setattr(m, name, _param(p[keep], p))
+    m.normalized_shape = (keep.numel(),)
+
+
 def _slice_grouped(m: nn.Conv2d, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
     """A grouped conv keeping the same number of outputs and of inputs in every group."""
     g = m.groups
@@ -275,6 +283,8 @@ def _independent(node: Node, ins: list[torch.Tensor]) -> torch.Tensor:
         return out.view(shape)
     if node.role == POOL and rank == ins[0].dim():  # a window mixes positions
         return ins[0].all(tuple(range(2, rank)), keepdim=True) if rank > 2 else ins[0]
+    if node.role == LAYERNORM and node.module.weight is not None and len(node.module.normalized_shape) == 1:
+        return _follow(node, ins) | node.module.weight.detach().eq(0).view((1,) * (rank - 1) + (-1,))  # γ = 0: β
     if node.role in (ELEMENTWISE, DROPOUT, FLATTEN, MOVE, REDUCE, LAYERNORM, ADD, BCAST, CAT, CHPAD):
         return _follow(node, ins)
     values = [c for c, only in zip(ins, getattr(node.module, "shape_only", [False] * len(ins))) if not only]
@@ -379,10 +389,25 @@ def _grouped(node: Node) -> bool:
     return node.role == CONV and node.module.groups != 1
 
 
-def _zeros_only(node: Node) -> bool:
-    """A reader that drops only constant channels that are zero (nothing to fold into a bias): a grouped conv,
-    and a Linear on tokens or positions (its constant features may differ from one position to the next)."""
-    return _grouped(node) or (node.role == LINEAR and len(node.in_shapes[0]) > 2)
+def _constant_values(values: dict[str, torch.Tensor], node: Node, dim: int) -> torch.Tensor:
+    """The first sample of a step's input as channels (along ``dim``) × positions."""
+    x = values[node.inputs[0]][:1].movedim(dim, 0)
+    return x.reshape(x.shape[0], -1)
+
+
+def _uniform(x: torch.Tensor) -> torch.Tensor:
+    """Per row of channels × positions: whether the channel has one value at every position."""
+    return x.eq(x[:, :1]).all(1)
+
+
+def _layernorms(graph: Graph, units, values: dict[str, torch.Tensor]):
+    """Each LayerNorm over one (last) dim, the units of its input entries there, and its input's first sample as
+    those entries × positions."""
+    for node in graph.nodes.values():
+        if node.role == LAYERNORM and len(node.module.normalized_shape) == 1:
+            shape = full_shape(node.in_shapes[0], True)
+            yield node, along(units.maps[node.inputs[0]], shape, len(shape) - 1), \
+                _constant_values(values, node, len(shape) - 1)
 
 
 def _reads(node: Node) -> torch.Tensor:
@@ -410,14 +435,17 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
     for r, mask in reads.items():
         read[units.of_input[r][mask]] = True
     blocked = units.pinned | (read & varying)
+    for node, ids, x in _layernorms(graph, units, values):  # it normalises over every entry: one it loses must
+        fixed = along(const[node.inputs[0]], full_shape(node.in_shapes[0], True), -1, torch.all)
+        blocked[ids[~(fixed & _uniform(x))]] = True  # be the same constant everywhere (SlicedLayerNorm)
     for r, mask in reads.items():  # constant, read units: every reader must be able to fold them
         node = graph.nodes[r]
         ids = units.of_input[r]
         cand = mask & ~blocked[ids]
-        if _zeros_only(node):
-            x = values[node.inputs[0]][:1].movedim(feature_dim(node), 0)
-            zero = x.reshape(x.shape[0], -1).eq(0).all(1)
-            blocked[ids[cand & ~zero]] = True
+        if _grouped(node):  # only zeros: nothing to fold them into
+            blocked[ids[cand & ~_constant_values(values, node, 1).eq(0).all(1)]] = True
+        elif node.role == LINEAR:  # a Linear on tokens or positions: one value at every position
+            blocked[ids[cand & ~_uniform(_constant_values(values, node, feature_dim(node)))]] = True
         elif node.role == CONV and bool(cand.any()):
             foldable, _ = _fold_conv(node.module, values[node.inputs[0]][:1], cand)
             blocked[ids[cand & ~foldable]] = True
@@ -459,15 +487,30 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
     for r, mask in reads.items():
         node = graph.nodes[r]
         gone = remove[units.of_input[r]] & mask
-        if not bool(gone.any()) or _zeros_only(node):
+        if not bool(gone.any()) or _grouped(node):
             continue
-        u = values[node.inputs[0]][:1]
         if node.role == LINEAR:
             cols = gone.nonzero().flatten()
-            delta = node.module.weight.detach()[:, cols] @ u.reshape(-1)[cols]
+            delta = node.module.weight.detach()[:, cols] @ _constant_values(values, node, feature_dim(node))[cols, 0]
         else:
-            _, delta = _fold_conv(node.module, u, gone)
+            _, delta = _fold_conv(node.module, values[node.inputs[0]][:1], gone)
         _add_bias(node.module, delta)
+    for node, ids, x in _layernorms(graph, units, values):  # the entries a LayerNorm loses, as constants
+        gone = remove[ids]
+        if bool(gone.any()):
+            node.module = _sliced_layernorm(node.module)
+            node.module.absent_sum += x[gone, 0].sum()
+            node.module.absent_sq += x[gone, 0].square().sum()
+
+
+def _sliced_layernorm(m: nn.Module) -> SlicedLayerNorm:
+    """``m`` as a :class:`SlicedLayerNorm` (nothing cut yet), sharing its parameters."""
+    if isinstance(m, SlicedLayerNorm):
+        return m
+    out = SlicedLayerNorm(m.normalized_shape[0], m.normalized_shape[0], m.eps, m.weight is not None,
+                          bias=m.bias is not None).to(m.weight.device if m.weight is not None else None)
+    out.weight, out.bias = m.weight, m.bias
+    return out
 
 
 def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
@@ -491,6 +534,8 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
             _slice_cols(m, keep_in.nonzero().flatten())
         elif node.role == NORM:
             _slice_norm(m, keep_out.nonzero().flatten())
+        elif node.role == LAYERNORM:
+            _slice_layernorm(m, keep_out.nonzero().flatten())
         elif node.role == DEPTHWISE:
             _slice_depthwise(m, keep_out.nonzero().flatten())
         elif node.role == CHPAD:

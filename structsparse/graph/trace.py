@@ -205,6 +205,16 @@ def _layer_norm(p: dict, c: dict, shape) -> tuple[nn.Module, str]:
     return nn.LayerNorm(list(dims), c.get("eps", 1e-5), "weight" in p, bias="bias" in p), LAYERNORM
 
 
+def _share(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Make the model's own parameters and buffers ``module``'s, so that what is done to the graph's step (a
+    penalty, a zeroed group) is done to the model."""
+    for name, value in tensors.items():
+        if isinstance(value, nn.Parameter):
+            setattr(module, name, value)
+        else:
+            module.register_buffer(name, value)
+
+
 # The functional layers that become modules when their weights are the model's parameters.
 _FUNCTIONAL = {F.linear: _linear, F.conv2d: _conv2d, F.batch_norm: _batch_norm, F.layer_norm: _layer_norm}
 
@@ -325,9 +335,7 @@ class _Builder:
         except (KeyError, TypeError, ValueError):   # a form the module cannot express (training BatchNorm ...)
             self.opaque(node)
             return
-        with torch.no_grad():
-            for name, value in params.items():
-                getattr(module, name).copy_(value)
+        _share(module, params)
         module.eval()  # the graph is the model's inference
         owner = next(iter(tensors.values())).target.rpartition(".")[0] if tensors else ""
         leaf = owner and not any(True for _ in self.gm.get_submodule(owner).children())

@@ -205,11 +205,11 @@ class _Pass:
             out = self.sets.new((1, node.out_shape[1], 1, 1))
             out[0, node.module.index, 0, 0] = ins[0].expand(1, node.in_shapes[0][1], 1, 1)[0, :, 0, 0]
             return out
-        if role == LAYERNORM:
-            dims = len(node.module.normalized_shape)
-            for d in range(rank - dims, rank):
-                if ins[0].shape[d] > 1:
-                    self.pin(ins[0], f"{node.name}: LayerNorm normalises over these channels")
+        if role == LAYERNORM:  # over its last dim: a channel that is constant wherever it reads it can go
+            if len(node.module.normalized_shape) > 1:
+                self.pin(ins[0], f"{node.name}: LayerNorm normalises over several dims")
+            else:
+                self.only_along(ins[0], rank - 1, node, "LayerNorm's channels are not its last dim")
             return ins[0]
         values = [m for m, only in zip(ins, getattr(node.module, "shape_only", [False] * len(ins))) if not only]
         shape = full_shape(node.out_shape, node.batched)

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 __all__ = ["KINDS", "NORM_KINDS", "group_norms", "group_view", "nonzero_groups", "covered_modules",
-           "normalization_modules", "norm_group_norms", "group_lasso", "CoupledChannels", "coupled_channels", "safe_sqrt"]
+           "normalization_modules", "norm_group_norms", "group_lasso", "CoupledChannels", "coupled_channels", "safe_sqrt",
+           "layernormed_units", "unit_slices"]
 
 KINDS = ("filter", "channel", "shape", "depth", "filter2d")
 
@@ -187,9 +188,11 @@ class CoupledChannels:
     Built from :func:`structsparse.graph.channel_units`; ``lambdas[u]`` is the group's λ.
     """
 
-    def __init__(self, members: list[tuple[str, nn.Module, torch.Tensor]], lambdas: torch.Tensor):
+    def __init__(self, members: list[tuple[str, nn.Module, torch.Tensor]], lambdas: torch.Tensor,
+                 slices: list[tuple[str, nn.Parameter, int, torch.Tensor]] | None = None):
         self.members = members      # (layer name, module, unit index per input entry, -1 = not in a group)
         self.lambdas = lambdas
+        self.slices = slices or []  # (parameter name, parameter, dim, unit index per entry along dim, or -1)
 
     kind = "channel"  # the kind whose thresholds GroupLasso.zero_groups_ applies
 
@@ -197,7 +200,20 @@ class CoupledChannels:
         return self.lambdas.numel()
 
     def weights(self) -> list[torch.Tensor]:
-        return [m.weight for _, m, _ in self.members]
+        return [m.weight for _, m, _ in self.members] + [p for _, p, _, _ in self.slices]
+
+    @staticmethod
+    def _slice_sq(p: torch.Tensor, dim: int) -> torch.Tensor:
+        return p.square().movedim(dim, 0).reshape(p.shape[dim], -1).sum(1)
+
+    def slice_masks(self) -> dict[str, torch.Tensor]:
+        """Per parameter of :attr:`slices`, False in the entries of zero groups."""
+        alive = self.norms() > 0
+        out = {}
+        for name, p, dim, ids in self.slices:
+            keep = torch.where(ids >= 0, alive[ids.clamp_min(0)], torch.ones_like(ids, dtype=torch.bool))
+            out[name] = keep.view([-1 if d == dim else 1 for d in range(p.dim())]).expand_as(p).clone()
+        return out
 
     @staticmethod
     def _channel_view(module: nn.Module) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -219,6 +235,9 @@ class CoupledChannels:
         for _, module, ids in self.members:
             inside = ids >= 0
             sq = sq.index_add(0, ids[inside], self._column_sq(module)[inside])
+        for _, p, dim, ids in self.slices:
+            inside = ids >= 0
+            sq = sq.index_add(0, ids[inside], self._slice_sq(p, dim)[inside])
         return safe_sqrt(sq)
 
     def penalty(self) -> torch.Tensor:
@@ -231,6 +250,9 @@ class CoupledChannels:
             s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
             w, dims = self._channel_view(module)
             w.mul_(s.view([1 if d in dims else n for d, n in enumerate(w.shape)]))
+        for _, p, dim, ids in self.slices:
+            s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
+            p.mul_(s.view([-1 if d == dim else 1 for d in range(p.dim())]))
 
 
 def coupled_channels(model: nn.Module, example_input: torch.Tensor,
@@ -244,7 +266,8 @@ def coupled_channels(model: nn.Module, example_input: torch.Tensor,
 
     graph = graph if graph is not None else trace_graph(model, example_input)
     units = channel_units(graph)
-    coupled = (units.reader_count() >= 2) & ~units.pinned
+    normalised = layernormed_units(graph, units)
+    coupled = ((units.reader_count() >= 2) | normalised) & ~units.pinned
     lam = torch.zeros(units.count)
     for r in units.readers:
         ids = units.of_input[r][coupled[units.of_input[r]]]
@@ -256,5 +279,42 @@ def coupled_channels(model: nn.Module, example_input: torch.Tensor,
     new_id[keep] = torch.arange(int(keep.sum()))
     members = [(r, graph.nodes[r].module, new_id[units.of_input[r]]) for r in units.readers
                if bool((new_id[units.of_input[r]] >= 0).any())]
+    slices = [(n, p, dim, torch.where(normalised[ids], new_id[ids], -1)) for n, p, dim, ids
+              in unit_slices(model, graph, units)]
+    slices = [s for s in slices if bool((s[3] >= 0).any())]
     device = members[0][1].weight.device
-    return CoupledChannels([(n, m, ids.to(device)) for n, m, ids in members], lam[keep].to(device))
+    return CoupledChannels([(n, m, ids.to(device)) for n, m, ids in members], lam[keep].to(device),
+                           [(n, p, dim, ids.to(device)) for n, p, dim, ids in slices])
+
+
+def layernormed_units(graph, units) -> torch.Tensor:
+    """True for each unit that a LayerNorm normalises over: it can only go where it is zero (constant) at every
+    step, so its coupled group holds everything that writes it too (see :func:`unit_slices`)."""
+    from ..graph.units import along, full_shape
+    out = torch.zeros(units.count, dtype=torch.bool)
+    for node in graph.nodes.values():
+        if node.role == "layernorm" and len(node.module.normalized_shape) == 1:
+            shape = full_shape(node.in_shapes[0], True)
+            out[along(units.maps[node.inputs[0]], shape, len(shape) - 1)] = True
+    return out
+
+
+def unit_slices(model: nn.Module, graph, units) -> list[tuple[str, nn.Parameter, int, torch.Tensor]]:
+    """The parameter entries that write each channel unit: the rows and biases of the Conv2d and Linear layers
+    that write it, the γ and β of the BatchNorms and LayerNorms over it, a depthwise conv's filters and biases,
+    a parameter read along it (a layer scale). One ``(parameter name, parameter, dim, unit per entry along
+    dim)`` per parameter of ``model`` (parameters that are not the model's own are left out)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for node in graph.nodes.values():
+        if node.role in ("conv", "linear", "norm", "layernorm", "depthwise"):
+            found = [(getattr(node.module, k, None), 0) for k in ("weight", "bias")]
+        elif node.role == "param":
+            found = [(node.module.value, units.dims[node.name])]
+        else:
+            continue
+        ids = units.of[node.name]
+        for p, dim in found:
+            if id(p) in names and p.dim() > dim and p.shape[dim] == ids.numel() > 1:
+                out.append((names[id(p)], p, dim, ids))
+    return out

@@ -382,6 +382,10 @@ class GroupLasso:
         for h in self.heads:  # a zero head's columns stay zero
             alive = h.norms() > 0
             out[h.name] &= alive.view(1, -1, 1).expand_as(h._view()).reshape(h.module.weight.shape)
+        if self.coupled is not None:  # what writes a zero LayerNorm-ed channel stays zero (layer name: its weight)
+            for name, alive in self.coupled.slice_masks().items():
+                key = name[:-len(".weight")] if name.endswith(".weight") and name[:-len(".weight")] in out else name
+                out[key] = out[key] & alive if key in out else alive
         return out
 
     def freeze(self) -> Masks:

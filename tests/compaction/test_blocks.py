@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from structsparse import compact, export_onnx, load_compact, save_compact
+from structsparse import GroupLasso, compact, export_onnx, load_compact, save_compact
 from structsparse.graph import channel_units, trace_graph
 
 from helpers import check_exact, randomize
@@ -352,22 +352,91 @@ class ConvNeXtish(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def test_channels_last_blocks_lose_hidden_units_and_keep_what_layernorm_normalises(tmp_path):
+def test_channels_last_blocks_lose_hidden_units_and_keep_a_stream_that_varies(tmp_path):
     model = randomize(ConvNeXtish())
     with torch.no_grad():
         model.blocks[0].fc1.weight[:12] = 0       # 12 of 32 hidden units write zero (GELU(0) = 0)
         model.blocks[0].fc1.bias[:12] = 0
         model.blocks[1].fc2.weight[:, 20:] = 0    # 12 hidden units nobody reads
+        model.head.weight[:, 2] = 0               # stream channel 2 unread by the head, but the LayerNorms read it
     x = torch.rand(2, 3, 16, 16)
     units = channel_units(trace_graph(model, x))
-    assert units.reasons[int(units.of["stem.0"][0])] == "stem.1: LayerNorm normalises over these channels"
+    assert not bool(units.pinned[units.of["stem.0"]].any())
     assert units.dims["blocks.0.fc1"] == 3 and not bool(units.pinned[units.of["blocks.0.fc1"]].any())
     small = compact(model, x)
     check_exact(model, small, x)
     steps = dict(small.steps())
     assert steps["blocks.0.fc1"].out_features == 20 and steps["blocks.1.fc2"].in_features == 20
-    assert steps["blocks.0.dw"].out_channels == 8        # the residual stream stays whole
+    assert steps["blocks.0.dw"].out_channels == 8        # the residual stream stays whole: it varies
     _roundtrip(model, small, x, tmp_path)
+
+
+def _stream_channels_constant(model, channels):
+    """Make stream channels of a ConvNeXtish constant at every step: zero everything that writes or reads them,
+    but leave the shifts (LayerNorm β, the depthwise bias) that make them nonzero constants."""
+    with torch.no_grad():
+        model.stem[0].weight[channels] = 0
+        model.stem[0].bias[channels] = 0
+        model.stem[1].weight[channels] = 0            # the stem's LayerNorm: its β only
+        for b in model.blocks:
+            b.dw.weight[channels] = 0                 # the depthwise bias only
+            b.norm.weight[channels] = 0               # β only, read by fc1 (folded into its bias)
+            b.fc2.weight[channels] = 0
+            b.fc2.bias[channels] = 0
+
+
+def test_layernormed_stream_channels_that_are_constant_are_removed_exactly(tmp_path):
+    model = randomize(ConvNeXtish())
+    _stream_channels_constant(model, [1, 4, 6])
+    x = torch.rand(2, 3, 16, 16)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["stem.0"].out_channels == 5 and steps["blocks.1.dw"].out_channels == 5
+    assert steps["blocks.0.fc1"].in_features == 5 and steps["head"].in_features == 5
+    norm = steps["blocks.0.norm"]
+    assert type(norm).__name__ == "SlicedLayerNorm" and norm.full_size == 8 and norm.normalized_shape == (5,)
+    assert float(norm.absent_sum) != 0      # the removed channels were nonzero constants there
+    _roundtrip(model, small, x, tmp_path)
+
+
+def test_group_lasso_gives_layernormed_stream_channels_groups_that_compact_removes():
+    model = randomize(ConvNeXtish())
+    x = torch.rand(2, 3, 16, 16)
+    gl = GroupLasso(model, {"channel": 1e-3}, example_input=x)
+    assert len(gl.coupled) == 8     # the stream's channels; the hidden units keep their per-layer groups
+    names = {n for n, _, _, _ in gl.coupled.slices}
+    assert {"stem.0.weight", "stem.0.bias", "stem.1.weight", "stem.1.bias", "blocks.0.dw.weight", "blocks.0.dw.bias",
+            "blocks.1.norm.bias", "blocks.1.fc2.weight", "blocks.1.fc2.bias", "blocks.1.layer_scale"} <= names
+    gl.penalty().backward()
+    assert model.blocks[0].layer_scale.grad is not None and model.stem[1].bias.grad.ne(0).any()
+    scale = torch.ones(len(gl.coupled))
+    scale[[1, 5]] = 0
+    gl.coupled.scale_(scale)
+    masks = gl.freeze()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):  # fine-tuning: the zero groups stay zero
+        opt.zero_grad()
+        model.train()(x).square().mean().backward()
+        opt.step()
+        masks.apply_()
+    model.eval()
+    assert int((gl.coupled.norms() == 0).sum()) == 2
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = dict(small.steps())
+    assert steps["stem.0"].out_channels == 6 and steps["head"].in_features == 6
+
+
+def test_a_stream_channel_that_is_constant_only_somewhere_stays():
+    model = randomize(ConvNeXtish())
+    _stream_channels_constant(model, [3])
+    with torch.no_grad():
+        model.blocks[1].dw.weight[3] = 1.0      # the second block's depthwise conv makes it vary again
+    x = torch.rand(2, 3, 16, 16)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    assert dict(small.steps())["stem.0"].out_channels == 8
 
 
 class ShuffleUnit(nn.Module):
@@ -463,8 +532,9 @@ def test_transformer_blocks_lose_whole_heads_and_mlp_units(tmp_path):
     att = dict(small.steps())["blocks.0.attention"]
     assert att.num_heads == 2 and dict(small.steps())["blocks.1.mlp.0"].out_features == 22
     units = channel_units(trace_graph(model, x))
-    assert units.pinned[units.of["proj"]].all()                  # the residual stream, under LayerNorm, stays
-    assert units.reasons[int(units.of["proj"][0])] == "blocks.0.ln_1: LayerNorm normalises over these channels"
+    assert units.pinned[units.of["proj"]].all()                  # the residual stream, read by attention, stays
+    assert units.reasons[int(units.of["proj"][0])] == \
+        "blocks.0.attention: attention keeps its input and output channels (whole heads go)"
     loaded = _roundtrip(model, small, x, tmp_path)
     assert dict(loaded.steps())["blocks.0.attention"].num_heads == 2
 
