@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "Param", "SelfAttention", "SlicedLayerNorm", "WithinChannelLRN"]
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention", "SlicedLayerNorm", "WithinChannelLRN"]
 
 
 class ChannelPad(nn.Module):
@@ -86,6 +86,22 @@ class Cat(nn.Module):
         return f"dim={self.dim}"
 
 
+class IndexSelect(nn.Module):
+    """Keeps the entries ``index`` of dimension ``dim``, in that order: the features a layer reads, or a
+    channel shuffle as the permutation it is."""
+
+    def __init__(self, dim: int, index: torch.Tensor):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(self.dim, self.index)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kept={self.index.numel()}"
+
+
 class Constant(nn.Module):
     """An input-independent tensor (one sample's worth, ``value``), repeated over the batch of its input."""
 
@@ -103,30 +119,28 @@ class Constant(nn.Module):
 class SlicedLayerNorm(nn.LayerNorm):
     """A LayerNorm over the last dim from which constant entries were cut: it normalises its ``normalized_shape``
     entries as if the ``full_size - normalized_shape`` cut ones were still there, each with its constant value
-    (``absent_sum`` and ``absent_sq`` hold their sum and sum of squares). So removing channels that a LayerNorm
+    (``absent_sum`` and ``absent_sq`` are their sum and sum of squares). So removing channels that a LayerNorm
     normalises over, but that are constant (zero) wherever it reads them, changes nothing."""
 
-    def __init__(self, normalized_shape: int | list[int], full_size: int, eps: float = 1e-5,
-                 elementwise_affine: bool = True, bias: bool = True):
+    def __init__(self, normalized_shape: int | list[int], full_size: int, absent_sum: float = 0.0,
+                 absent_sq: float = 0.0, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True):
         super().__init__(normalized_shape, eps, elementwise_affine, bias=bias)
         if len(self.normalized_shape) != 1 or not 1 <= self.normalized_shape[0] <= int(full_size):
             raise ValueError(f"SlicedLayerNorm normalises one dim of at most full_size={full_size} entries, "
                              f"got normalized_shape={list(self.normalized_shape)}")
-        self.full_size = int(full_size)
-        self.register_buffer("absent_sum", torch.zeros(()))
-        self.register_buffer("absent_sq", torch.zeros(()))
+        self.full_size, self.absent_sum, self.absent_sq = int(full_size), float(absent_sum), float(absent_sq)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, cut = self.full_size, self.full_size - x.shape[-1]
-        mean = (x.sum(-1, keepdim=True) + self.absent_sum) / n
+        n, cut, s = self.full_size, self.full_size - x.shape[-1], self.absent_sum
+        mean = x.sum(-1, keepdim=True).add_(s).div_(n)
         d = x - mean
-        # Σ over the cut entries of (k - mean)² = Σk² - 2·mean·Σk + cut·mean²
-        var = (d.square().sum(-1, keepdim=True) + self.absent_sq - 2 * mean * self.absent_sum
-               + cut * mean.square()) / n
-        y = d * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            y = y * self.weight
-        return y + self.bias if self.bias is not None else y
+        # n·var = Σ_kept (x - mean)² + Σ_cut (k - mean)², the second being Σk² - 2·mean·Σk + cut·mean²
+        var = torch.linalg.vector_norm(d, dim=-1, keepdim=True).square_()
+        var += mean * (cut * mean - 2 * s) + self.absent_sq
+        y = d.mul_(var.div_(n).add_(self.eps).rsqrt_())
+        if self.weight is None:
+            return y if self.bias is None else y.add_(self.bias)
+        return y.mul_(self.weight) if self.bias is None else torch.addcmul(self.bias, y, self.weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, full_size={self.full_size}"

@@ -30,7 +30,7 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
                          LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
-from ..layers import Constant, Param, SlicedLayerNorm
+from ..layers import Constant, IndexSelect, Param, SlicedLayerNorm
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
@@ -38,21 +38,6 @@ __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "CollapseWarnin
 
 RTOL, ATOL = 1e-4, 1e-5
 LOWERED_BELOW = 0.5   # default: lower a conv that keeps at most half of its weight-matrix columns
-
-
-class IndexSelect(nn.Module):
-    """Keeps the entries ``index`` of dimension ``dim`` (the features a layer reads)."""
-
-    def __init__(self, dim: int, index: torch.Tensor):
-        super().__init__()
-        self.dim = dim
-        self.register_buffer("index", torch.as_tensor(index, dtype=torch.long).flatten())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(self.dim, self.index)
-
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, kept={self.index.numel()}"
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -499,16 +484,16 @@ def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[s
         gone = remove[ids]
         if bool(gone.any()):
             node.module = _sliced_layernorm(node.module)
-            node.module.absent_sum += x[gone, 0].sum()
-            node.module.absent_sq += x[gone, 0].square().sum()
+            node.module.absent_sum += float(x[gone, 0].double().sum())
+            node.module.absent_sq += float(x[gone, 0].double().square().sum())
 
 
 def _sliced_layernorm(m: nn.Module) -> SlicedLayerNorm:
     """``m`` as a :class:`SlicedLayerNorm` (nothing cut yet), sharing its parameters."""
     if isinstance(m, SlicedLayerNorm):
         return m
-    out = SlicedLayerNorm(m.normalized_shape[0], m.normalized_shape[0], m.eps, m.weight is not None,
-                          bias=m.bias is not None).to(m.weight.device if m.weight is not None else None)
+    out = SlicedLayerNorm(m.normalized_shape[0], m.normalized_shape[0], eps=m.eps,
+                          elementwise_affine=m.weight is not None, bias=m.bias is not None).to(m.weight.device if m.weight is not None else None)
     out.weight, out.bias = m.weight, m.bias
     return out
 
@@ -551,8 +536,10 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
 
 
 def _shrink_move(op, keep_out: torch.Tensor, keep_in: torch.Tensor, dim_out: int, dim_in: int) -> None:
-    """A reshape's sizes and a slice's bounds, for the kept channels."""
-    if op.fn == "reshape":
+    """A reshape's sizes, a slice's bounds and a permutation's order, for the kept channels."""
+    if isinstance(op, IndexSelect):  # the kept outputs, read from the kept inputs' new places
+        op.index = (keep_in.long().cumsum(0) - 1)[op.index[keep_out]]
+    elif op.fn == "reshape":
         op.kwargs["shape"][dim_out - 1] = int(keep_out.sum())
     elif op.fn == "take" and 1 <= dim_in <= len(op.kwargs["start"]):
         start, length = op.kwargs["start"][dim_in - 1], op.kwargs["length"][dim_in - 1]

@@ -34,7 +34,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param, SelfAttention, SlicedLayerNorm, WithinChannelLRN
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, IndexSelect, Param, SelfAttention, SlicedLayerNorm, WithinChannelLRN
 
 __all__ = ["UnsupportedModelError", "FUNCTIONS", "MODULE_ROLES", "Op", "module_role", "function_step",
            "multi_input_step", "is_identity", "describe", "target_name", "feature_dim", "CONV", "LINEAR", "NORM", "ELEMENTWISE", "POOL",
@@ -109,7 +109,7 @@ MODULE_ROLES: list[tuple[tuple[type, ...], str]] = [
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout), DROPOUT),
     ((nn.Flatten,), FLATTEN), ((nn.Softmax, nn.LogSoftmax, nn.LocalResponseNorm, nn.GroupNorm), MIXING),
     ((nn.LayerNorm, SlicedLayerNorm), LAYERNORM), ((SelfAttention,), ATTENTION),
-    ((WithinChannelLRN,), POOL),
+    ((WithinChannelLRN,), POOL), ((IndexSelect,), MOVE),
     ((Add,), ADD), ((Cat,), CAT), ((Broadcast,), BCAST), ((ChannelPad,), CHPAD), ((Constant,), CONST), ((Param,), PARAM),
 ]
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..layers import Add, Cat, ChannelPad, Constant, Param, SelfAttention, WithinChannelLRN
+from ..layers import Add, Cat, ChannelPad, Constant, IndexSelect, Param, SelfAttention, SlicedLayerNorm, WithinChannelLRN
 from .ops import (ADD, ATTENTION, CAT, CONST, DEPTHWISE, FLATTEN, FUNCTIONS, INPUT, LAYERNORM, LINEAR, MIXING, MOVE, NORM,
                   OPAQUE, PARAM, WEIGHTED, Op, UnsupportedModelError, describe, target_name,
                   function_step, is_identity, module_role, multi_input_step)
@@ -92,10 +92,40 @@ def trace_graph(model: nn.Module, example_input: torch.Tensor) -> Graph:
         builder.step(node)
     if output is None or output == next(iter(builder.nodes), None):
         raise UnsupportedModelError(f"{type(model).__name__}: the model must compute its output from its input")
-    return Graph(builder.nodes, output)
+    graph = Graph(builder.nodes, output)
+    _permutations(graph)
+    return graph
 
 
-_LEAVES = (Add, Cat, ChannelPad, Constant, Param, WithinChannelLRN)
+def _permutations(graph: Graph) -> None:
+    """Each chain of moves that, all together, only reorders one dim (a channel shuffle: view to groups,
+    transpose, view back) becomes one :class:`IndexSelect` with that order, from which any channel can be cut."""
+    users = graph.consumers()
+    for last in list(graph.nodes.values()):
+        if last.name not in graph.nodes or last.role != MOVE or not isinstance(last.module, Op):
+            continue
+        chain = [last]
+        while (prev := graph.nodes[chain[0].inputs[0]]).role == MOVE and isinstance(prev.module, Op) \
+                and len(users[prev.name]) == 1:
+            chain.insert(0, prev)
+        shape = chain[0].in_shapes[0]
+        if len(chain) < 2 or last.out_shape != shape or not last.batched:
+            continue
+        index = torch.arange(math.prod(shape[1:])).view(1, *shape[1:])
+        out = index
+        for node in chain:
+            out = node.module(out)
+        for d in range(1, len(shape)):
+            order = out.movedim(d, 0).reshape(shape[d], -1)[:, 0] // index.stride(d)
+            if torch.equal(index.index_select(d, order), out) and not torch.equal(order, torch.arange(shape[d])):
+                for node in chain[:-1]:
+                    del graph.nodes[node.name]
+                graph.nodes[last.name] = Node(last.name, MOVE, IndexSelect(d, order), list(chain[0].inputs),
+                                              last.out_shape, [shape], True)
+                break
+
+
+_LEAVES = (Add, Cat, ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm, WithinChannelLRN)
 
 
 class _Tracer(fx.Tracer):

@@ -467,20 +467,28 @@ class ShuffleNetish(nn.Module):
         return self.fc(self.units(self.stem(x)).mean([2, 3]))
 
 
-def test_channel_shuffle_and_chunk_keep_the_shuffled_channels_and_free_the_branch(tmp_path):
+def test_channel_shuffle_is_a_permutation_from_which_stream_channels_go(tmp_path):
     model = randomize(ShuffleNetish())
     with torch.no_grad():
         model.units[0].branch[0].weight[1:3] = 0       # two of the branch's four hidden channels write zero
         model.units[0].branch[1].weight[1:3] = 0
         model.units[0].branch[1].bias[1:3] = 0
+        model.stem[0].weight[[0, 5]] = 0               # two stream channels zero from the stem (5 feeds the branch) ...
+        model.stem[0].bias[[0, 5]] = 0
+        model.units[0].branch[5].weight[1] = 0         # ... and one the first unit's branch writes (zero BN shift)
+        model.units[0].branch[6].bias[1] = 0
     x = torch.rand(2, 3, 8, 8)
-    units = channel_units(trace_graph(model, x))
-    why = units.reasons[int(units.of["stem.0"][0])]
-    assert "spread over several dimensions" in why               # the shuffle view splits the channel dim
+    graph = trace_graph(model, x)
+    shuffles = [n for n in graph.nodes.values() if type(n.module).__name__ == "IndexSelect"]
+    assert len(shuffles) == 2 and shuffles[0].module.index.tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    units = channel_units(graph)
+    assert not bool(units.pinned[units.of["stem.0"]].any())
     small = compact(model, x)
     check_exact(model, small, x)
     steps = dict(small.steps())
     assert steps["units.0.branch.0"].out_channels == 2 and steps["units.0.branch.3"].out_channels == 2
+    assert steps["stem.0"].out_channels == 6 and steps["units.0.branch.0"].in_channels == 3   # stem channel 5
+    assert steps["units.0.branch.5"].out_channels == 3 and steps["fc"].in_features == 6  # 0 and the branch's 1
     _roundtrip(model, small, x, tmp_path)
 
 
