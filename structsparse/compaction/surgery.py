@@ -548,6 +548,33 @@ def _shrink_move(op, keep_out: torch.Tensor, keep_in: torch.Tensor, dim_out: int
             op.kwargs["length"][dim_in - 1] = int(keep_in[start:start + length].sum())
 
 
+def _fold_norms(graph: Graph) -> Graph:
+    """Each BatchNorm that alone reads a conv or Linear, folded into it (inference: the layer's rows scaled by
+    γ/σ, its bias shifted): one step fewer, exactly the same function up to rounding."""
+    users = graph.consumers()
+    renamed: dict[str, str] = {}
+    for node in list(graph.nodes.values()):
+        node.inputs = [renamed.get(i, i) for i in node.inputs]
+        layer = graph.nodes[node.inputs[0]] if node.inputs else None
+        if node.role != NORM or not isinstance(node.module, nn.modules.batchnorm._BatchNorm) or \
+                node.module.running_var is None or layer.role not in WEIGHTED + (DEPTHWISE,) or \
+                users[layer.name] != [node.name] or (layer.role == CONV and len(layer.out_shape) != 4) or \
+                (node.module.weight is None and layer.module.bias is None):  # a bias would add parameters
+            continue
+        bn, m = node.module, layer.module
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale
+        if bn.weight is not None:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        with torch.no_grad():
+            bias = m.bias * scale + shift if m.bias is not None else shift
+            m.weight = _param(m.weight * scale.view(-1, *[1] * (m.weight.dim() - 1)), m.weight)
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=m.weight.requires_grad)
+        renamed[node.name] = layer.name
+        del graph.nodes[node.name]
+    return Graph(graph.nodes, renamed.get(graph.output, graph.output))
+
+
 def _gather(graph: Graph, units, remove: torch.Tensor) -> list[tuple[str, IndexSelect, list[str]]]:
     """Gathers to insert: the model input's kept channels, and the features each Linear reads."""
     out = []
@@ -600,7 +627,7 @@ def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) 
 
 
 def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = LOWERED_BELOW,
-            check: bool = True) -> CompactNet:
+            check: bool = True, fold_norms: bool = True) -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 
     ``example_input`` (a batch of real or random inputs of the right shape) is used to
@@ -610,7 +637,8 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
     (a residual branch with zero convs) become constants. Convs keeping at most
     ``lowered_below`` of their weight-matrix columns become :class:`LoweredConv2d`;
     ``lowered_below="measure"`` instead times both forms of each such conv at the example
-    input's size and keeps the faster. Modules keep their names.
+    input's size and keeps the faster. With ``fold_norms`` (the default), a BatchNorm that alone reads a
+    conv or Linear is folded into it, as inference engines do. Modules keep their names.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
@@ -623,6 +651,8 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
         units, remove, reads = _removable_units(graph, values)
         _fold(graph, units, remove, reads, values)
         _shrink(graph, units, remove)
+        if fold_norms:
+            graph = _fold_norms(graph)
         gathers = _gather(graph, units, remove)
     if graph.nodes[graph.output].role == CONST:
         warnings.warn(f"compact: the output of {type(model).__name__} no longer depends on its input (its zero "

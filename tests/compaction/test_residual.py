@@ -22,9 +22,19 @@ from helpers import TinyResNet, check_exact, params, randomize
 def test_dense_residual_model_compacts_to_the_same_size_and_outputs():
     model = randomize(TinyResNet())
     x = torch.rand(2, 3, 16, 16)
-    c = compact(model, x)
+    c = compact(model, x, fold_norms=False)
     check_exact(model, c, x)
     assert params(c) == params(model)
+
+
+def test_batchnorms_fold_into_the_layers_they_alone_read():
+    model = randomize(TinyResNet())
+    x = torch.rand(2, 3, 16, 16)
+    c = compact(model, x)
+    check_exact(model, c, x)
+    kinds = {type(m).__name__ for _, m in c.steps()}
+    assert "BatchNorm2d" not in kinds and c.conv1.bias is not None
+    assert params(c) == params(model) - sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -93,7 +103,7 @@ def test_stream_channel_unread_everywhere_is_removed_from_every_writer(shortcut)
             model.layer2[1].conv1.weight[:, [4 + g for g in gone]] = 0
             model.fc.weight[:, [4 + g for g in gone]] = 0
     x = torch.rand(2, 3, 16, 16)
-    c = compact(model, x)
+    c = compact(model, x, fold_norms=False)
     check_exact(model, c, x)
     assert c.conv1.out_channels == 6 and c.bn1.num_features == 6
     for i in range(2):
