@@ -30,7 +30,7 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
                          LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
-from ..layers import Constant, IndexSelect, Param, SlicedLayerNorm
+from ..layers import ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
@@ -434,7 +434,7 @@ def _removable_units(graph: Graph, values: dict[str, torch.Tensor]):
         elif node.role == CONV and bool(cand.any()):
             foldable, _ = _fold_conv(node.module, values[node.inputs[0]][:1], cand)
             blocked[ids[cand & ~foldable]] = True
-    return units, _realisable(graph, units, ~blocked), reads
+    return units, ~blocked, reads
 
 
 class CollapseWarning(RuntimeWarning):
@@ -465,6 +465,50 @@ def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
                     remove[ids.view(g, -1)[extra]] = False
                     changed = True
     return remove
+
+
+def _channelwise_after(graph: Graph, users: dict[str, list[str]], node: Node) -> list[Node]:
+    """The BatchNorms and activations that alone read ``node``, one after another, then the last of them."""
+    out = [node]
+    while len(users[out[-1].name]) == 1 and (nxt := graph.nodes[users[out[-1].name][0]]).role in (NORM, ELEMENTWISE,
+                                                                                                   DROPOUT):
+        out.append(nxt)
+    return out
+
+
+def _around_grouped(graph: Graph, units, wanted: torch.Tensor, remove: torch.Tensor):
+    """Channels that a grouped conv keeps only so that every group loses as many (see :func:`_realisable`) are
+    still cut everywhere else: what writes its input does not compute them (a :class:`ChannelPad` puts their
+    zeros back right before the conv), and an :class:`IndexSelect` drops them after the conv and the BatchNorm and
+    activation that follow it. Returns the removal everywhere else and, per step between such insertions, the
+    kept entries of its input and output."""
+    grouped = [n for n in graph.nodes.values() if _grouped(n)]
+    outside = remove | wanted
+    for ids in units.of.values():  # no tensor may become empty
+        if ids.numel() and bool(outside[ids].all()):
+            outside[ids[~remove[ids]][0]] = False
+    users, keep = graph.consumers(), {}
+    for node in grouped:
+        keep_out = ~remove[units.of[node.name]]
+        keep[node.name] = (~remove[units.of_input[node.name]], keep_out)
+        for step in _channelwise_after(graph, users, node)[1:]:
+            keep[step.name] = (keep_out, keep_out)
+    return outside, keep
+
+
+def _regroup_steps(graph: Graph, units, remove: torch.Tensor, outside: torch.Tensor) -> list[tuple]:
+    """The ChannelPads and IndexSelects of :func:`_around_grouped`, as ``(source, module, readers)``."""
+    users, out = graph.consumers(), []
+    for node in [n for n in graph.nodes.values() if _grouped(n)]:
+        ids_in, ids_out = units.of_input[node.name], units.of[node.name]
+        computed = ~outside[ids_in][~remove[ids_in]]  # among the conv's inputs, those written before it
+        if not bool(computed.all()):
+            out.append((node.inputs[0], ChannelPad(computed.numel(), computed.nonzero().flatten()), [node.name]))
+        passed = ~outside[ids_out][~remove[ids_out]]
+        last = _channelwise_after(graph, users, node)[-1]
+        if not bool(passed.all()):
+            out.append((last.name, IndexSelect(1, passed.nonzero().flatten()), list(users[last.name])))
+    return out
 
 
 def _fold(graph: Graph, units, remove: torch.Tensor, reads: dict, values: dict[str, torch.Tensor]) -> None:
@@ -498,8 +542,9 @@ def _sliced_layernorm(m: nn.Module) -> SlicedLayerNorm:
     return out
 
 
-def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
-    """Slice every module to the kept entries of its input and output."""
+def _shrink(graph: Graph, units, remove: torch.Tensor, keep: dict | None = None) -> None:
+    """Slice every module to the kept entries of its input and output (``keep``: ``{step: (input, output)}``
+    where they differ from ``remove``)."""
     for node in graph.nodes.values():
         if node.role == ATTENTION:  # its channels stay; dead heads go (one stays)
             dead = node.module.dead_heads()
@@ -509,6 +554,7 @@ def _shrink(graph: Graph, units, remove: torch.Tensor) -> None:
             continue
         keep_out = ~remove[units.of[node.name]]
         keep_in = ~remove[units.of_input.get(node.name, units.of[node.inputs[0]])] if node.inputs else None
+        keep_in, keep_out = (keep or {}).get(node.name, (keep_in, keep_out))
         if bool(keep_out.all()) and (keep_in is None or bool(keep_in.all())):
             continue
         m = node.module
@@ -648,12 +694,14 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
         reference = work(example_input)
         values = _run(graph, example_input)
         graph = _replace_constants(graph, _input_independent(graph), values)
-        units, remove, reads = _removable_units(graph, values)
-        _fold(graph, units, remove, reads, values)
-        _shrink(graph, units, remove)
+        units, wanted, reads = _removable_units(graph, values)
+        remove = _realisable(graph, units, wanted.clone())
+        outside, keep = _around_grouped(graph, units, wanted, remove)
+        _fold(graph, units, outside, reads, values)
+        _shrink(graph, units, outside, keep)
         if fold_norms:
             graph = _fold_norms(graph)
-        gathers = _gather(graph, units, remove)
+        gathers = _gather(graph, units, outside) + _regroup_steps(graph, units, remove, outside)
     if graph.nodes[graph.output].role == CONST:
         warnings.warn(f"compact: the output of {type(model).__name__} no longer depends on its input (its zero "
                       "structures cut every path from the input); the compact model is a constant", CollapseWarning,

@@ -265,8 +265,14 @@ def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path)
     check_exact(model, small, x)
     m = dict(small.named_modules())
     b = m["block.b.0"]
-    assert b.groups == 4 and b.out_channels == 12 and b.in_channels == 12 and m["block.a.0"].out_channels == 12
-    assert m["block.c.0"].in_channels == 12
+    assert b.groups == 4 and b.out_channels == 12 and b.in_channels == 12
+    # the channels kept only to balance the groups are cut around the conv: the first conv does not compute
+    # input 6 (a ChannelPad puts its zero back), and the last conv does not read outputs 1, 9, 10 (an IndexSelect)
+    assert m["block.a.0"].out_channels == 11 and m["block.c.0"].in_channels == 9
+    steps = small.steps()
+    names = [n for n, _ in steps]
+    assert type(steps[names.index("block.b.0") - 1][1]).__name__ == "ChannelPad"
+    assert any(type(mod).__name__ == "IndexSelect" for _, mod in steps)
     _roundtrip(model, small, x, tmp_path)
 
 
@@ -300,7 +306,7 @@ def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group
             return self.fc((self.g(y) + self.p(y)).mean((2, 3)))
 
     x = torch.rand(2, 3, 6, 6)
-    for lr, zero, kept in ((17.0, [4, 5, 7], 8), (18.0, [0, 2, 3, 4, 5, 6, 7], 2)):
+    for lr, zero, computed, kept in ((17.0, [4, 5, 7], 5, 8), (18.0, [0, 2, 3, 4, 5, 6, 7], 1, 2)):
         torch.manual_seed(0)
         model = Fork().eval()
         gl = GroupLasso(model, {"p": {"channel": 0.05}}, example_input=x)   # the coupled groups take p's λ
@@ -313,7 +319,8 @@ def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group
         small = compact(model, x)
         check_exact(model, small, x)
         m = dict(small.named_modules())   # uneven zeros (0 and 3 per group) keep all; 3 and 4 lose 3 per group
-        assert m["stem"].out_channels == kept and m["g"].in_channels == kept and m["g"].groups == 2
+        assert m["g"].in_channels == kept and m["g"].groups == 2
+        assert m["stem"].out_channels == computed == m["p"].in_channels  # g's balance: zeros put back before it
 
 
 class LayerNorm2d(nn.LayerNorm):
