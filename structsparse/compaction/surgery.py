@@ -499,15 +499,17 @@ def _around_grouped(graph: Graph, units, wanted: torch.Tensor, remove: torch.Ten
 def _regroup_steps(graph: Graph, units, remove: torch.Tensor, outside: torch.Tensor) -> list[tuple]:
     """The ChannelPads and IndexSelects of :func:`_around_grouped`, as ``(source, module, readers)``."""
     users, out = graph.consumers(), []
-    for node in [n for n in graph.nodes.values() if _grouped(n)]:
+    grouped = [n for n in graph.nodes.values() if _grouped(n)]
+    ends = {n.name: _channelwise_after(graph, users, n)[-1].name for n in grouped}
+    for node in grouped:  # a grouped conv that reads another's output reads it as that one balanced it
         ids_in, ids_out = units.of_input[node.name], units.of[node.name]
         computed = ~outside[ids_in][~remove[ids_in]]  # among the conv's inputs, those written before it
-        if not bool(computed.all()):
+        if not bool(computed.all()) and node.inputs[0] not in ends.values():
             out.append((node.inputs[0], ChannelPad(computed.numel(), computed.nonzero().flatten()), [node.name]))
         passed = ~outside[ids_out][~remove[ids_out]]
-        last = _channelwise_after(graph, users, node)[-1]
-        if not bool(passed.all()):
-            out.append((last.name, IndexSelect(1, passed.nonzero().flatten()), list(users[last.name])))
+        readers = [u for u in users[ends[node.name]] if not _grouped(graph.nodes[u])]
+        if not bool(passed.all()) and readers:
+            out.append((ends[node.name], IndexSelect(1, passed.nonzero().flatten()), readers))
     return out
 
 

@@ -291,6 +291,20 @@ def test_group_lasso_reads_a_grouped_convs_columns_per_input_channel():
     check_exact(model, small, x)
 
 
+def test_a_grouped_conv_reads_another_grouped_convs_balanced_output_as_it_is():
+    """Found by the property tests: no IndexSelect and ChannelPad between two grouped convs."""
+    model = nn.Sequential(nn.Conv2d(1, 6, 1, bias=False), nn.ELU(), nn.Conv2d(6, 2, 1, groups=2, bias=False),
+                          nn.Dropout(), nn.Conv2d(2, 4, 1, groups=2, bias=False), nn.Flatten(),
+                          nn.Linear(4 * 25, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[2].weight[0] = 0        # one group's only output is zero: kept for the balance
+    x = torch.randn(2, 1, 5, 5)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    names = [n for n, _ in small.steps()]
+    assert names[names.index("2") + 1] == "4"
+
+
 def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group():
     from structsparse import GroupLasso
     from structsparse.sparsity.groups import CoupledChannels
