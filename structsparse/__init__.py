@@ -4,6 +4,7 @@ Train with group-Lasso terms so whole filters, channels, filter-shape columns an
 become exactly zero, cut them out to get a smaller dense model with the same outputs,
 and measure the speedup.
 """
+from .budget import BudgetError, zero_to_budget_
 from .compaction import LoweredConv2d, compact
 from .graph import explain
 from .report import SparsityReport, sparsity_report
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "KINDS", "group_norms", "GroupLasso", "Masks", "SparsityReport", "sparsity_report",
     "compact", "LoweredConv2d", "load_compact", "save_compact", "measure_speedup",
-    "export_onnx", "explain",
+    "export_onnx", "explain", "zero_to_budget_", "BudgetError",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -161,6 +161,19 @@ class _Heads:
     @torch.no_grad()
     def scale_(self, scale: torch.Tensor) -> None:
         self._view().mul_(scale.view(1, -1, 1))
+
+
+@dataclass
+class _Family:
+    """Groups whose norms one computation gives (see :meth:`GroupLasso.families`)."""
+    name: str                 # the layer, or "coupled"
+    kind: str                 # the group kind ("head" for attention heads)
+    norms: Callable[[], torch.Tensor]
+    zero: Callable[[torch.Tensor], None]  # zero the groups where the mask (shaped like norms()) is True
+    threshold_kind: str = ""  # the kind whose relative threshold zero_groups_ applies (default: kind)
+
+    def __post_init__(self):
+        self.threshold_kind = self.threshold_kind or self.kind
 
 
 class GroupLasso:
@@ -318,6 +331,30 @@ class GroupLasso:
                 dead = t.norm.weight.eq(0) & t.norm.bias.eq(0)
                 w[dead] = 0.0
 
+    def families(self) -> list["_Family"]:
+        """Every regularised group, as families of groups that one norm computation covers: a layer's groups of
+        one kind (with a BatchNorm's γ/β where they join its filters), the coupled channels, a self-attention's
+        heads, a BatchNorm's own groups. Each family can give its norms and zero some of its groups."""
+        out = []
+        for t in self.terms:
+            w, g = t.module.weight, _groups(t.module)
+            if t.norm is not None:
+                out.append(_Family(t.name, "filter", t.filter_norms, lambda s, t=t: t.scale_filters_((~s).to(
+                    t.module.weight.dtype))))
+            for kind in t.effective():
+                out.append(_Family(t.name, kind, lambda w=w, kind=kind, g=g: group_norms(w, kind, g, keepdim=True),
+                                   lambda s, w=w, g=g: group_view(w, g).masked_fill_(s.expand_as(group_view(w, g)),
+                                                                                      0.0)))
+        for grp in self._cross():
+            name = "coupled" if grp is self.coupled else grp.name
+            out.append(_Family(name, grp.kind if grp is self.coupled else "head", grp.norms,
+                               lambda s, grp=grp: grp.scale_((~s).to(grp.weights()[0].dtype)), grp.kind))
+        for t in self.norm_terms:
+            for kind in t.lambdas:
+                out.append(_Family(t.name, kind, lambda m=t.module, kind=kind: norm_group_norms(m, kind),
+                                   lambda s, m=t.module: _scale_norm_(m, (~s).to(m.weight.dtype))))
+        return out
+
     @torch.no_grad()
     def zero_groups_(self, threshold: float | None = None,
                      relative: float | Mapping[str, float] | None = None) -> int:
@@ -325,36 +362,15 @@ class GroupLasso:
         ``relative`` times the largest norm of the same kind in the same layer (one fraction for
         every kind, or ``{kind: fraction}``; the coupled channel groups count as one layer).
         Returns how many groups it zeroed."""
-        def small(norms: torch.Tensor, kind: str) -> torch.Tensor:
-            out = _small(norms, threshold) if threshold is not None else torch.zeros_like(norms, dtype=torch.bool)
-            r = relative.get(kind) if isinstance(relative, Mapping) else relative
-            if r and norms.numel():
-                out |= _small(norms, r * norms.max())
-            return out
-
         count = 0
-        for t in self.terms:
-            w, g = t.module.weight, _groups(t.module)
-            view = group_view(w, g)
-            if t.norm is not None:
-                s = small(t.filter_norms(), "filter")
-                count += int(s.sum())
-                t.scale_filters_((~s).to(w.dtype))
-            for kind in t.effective():
-                s = small(group_norms(w, kind, g, keepdim=True), kind)
-                count += int(s.sum())
-                view.masked_fill_(s.expand_as(view), 0.0)
-        for grp in self._cross():
-            norms = grp.norms()
-            s = small(norms, grp.kind)
+        for fam in self.families():
+            norms = fam.norms()
+            s = _small(norms, threshold) if threshold is not None else torch.zeros_like(norms, dtype=torch.bool)
+            r = relative.get(fam.threshold_kind) if isinstance(relative, Mapping) else relative
+            if r and norms.numel():
+                s |= _small(norms, r * norms.max())
             count += int(s.sum())
-            grp.scale_((~s).to(norms.dtype))
-        for t in self.norm_terms:
-            for kind in t.lambdas:
-                norms = norm_group_norms(t.module, kind)
-                s = small(norms, kind)
-                count += int(s.sum())
-                _scale_norm_(t.module, (~s).to(norms.dtype))
+            fam.zero(s)
         return count
 
     def zero_masks(self) -> dict[str, torch.Tensor]:

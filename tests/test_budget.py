@@ -1,0 +1,84 @@
+"""Shrinking to a FLOP budget: the compacted model lands at or under it, never over, without collapsing."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from structsparse import GroupLasso, compact
+from structsparse.budget import BudgetError, group_costs, zero_to_budget_
+from structsparse.report import count_macs
+
+from helpers import TinyResNet, check_exact, randomize
+
+
+def _trained_like(seed=0):
+    """A TinyResNet whose groups have uneven norms, as after some SSL."""
+    torch.manual_seed(seed)
+    model = randomize(TinyResNet())
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.rand(m.weight.shape[0], 1, 1, 1) * 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("target", [0.6, 0.3])
+def test_the_compacted_model_lands_at_or_just_under_the_budget(target):
+    model = _trained_like()
+    x = torch.rand(2, 3, 16, 16)
+    dense = count_macs(model, x)
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
+    result = zero_to_budget_(gl, x, flops=target)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    macs = count_macs(small, x)
+    assert macs == result.macs and result.dense_macs == dense
+    assert target - 0.1 <= macs / dense <= target     # never over; this small model moves in coarse steps
+    assert result.groups_zeroed > 0 and result.target == target
+    assert model(x).std(0).mean() > 0                 # not collapsed to a constant
+
+
+def test_fewer_groups_would_not_do():
+    model = _trained_like(1)
+    x = torch.rand(2, 3, 16, 16)
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
+    before = copy.deepcopy(model)
+    result = zero_to_budget_(gl, x, flops=0.5)
+    gl2 = GroupLasso(before, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
+    from structsparse.budget import _order, _Probes
+    probe = _Probes(gl2, x, _order(gl2, x))
+    macs, collapsed = probe(result.groups_zeroed - 1)
+    assert collapsed or macs > 0.5 * result.dense_macs   # one group fewer (in the same order) is over
+
+
+def test_an_unreachable_budget_names_the_closest_and_leaves_the_model_alone():
+    model = _trained_like()
+    x = torch.rand(2, 3, 16, 16)
+    state = copy.deepcopy(model.state_dict())
+    gl = GroupLasso(model, {"layer2.1.conv2": {"filter": 1e-3}}, example_input=x)  # one layer's filters only
+    with pytest.raises(BudgetError, match=r"flops: 0.1 of the dense multiply-adds cannot be reached: .* keeps 0\.\d+"):
+        zero_to_budget_(gl, x, flops=0.1)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "half", float("nan")])
+def test_bad_budgets_name_the_key(bad):
+    model = _trained_like()
+    x = torch.rand(2, 3, 16, 16)
+    gl = GroupLasso(model, {"filter": 1e-3}, example_input=x)
+    with pytest.raises(ValueError, match="flops"):
+        zero_to_budget_(gl, x, flops=bad)
+
+
+def test_a_groups_cost_is_the_multiply_adds_its_weights_do():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                          nn.Linear(5 * 6 * 6, 2))
+    x = torch.rand(1, 3, 8, 8)
+    gl = GroupLasso(model, {"filter": 1.0, "channel": 1.0})
+    w = model[0].weight.detach().clone()
+    costs = {(f.name, f.kind): c.flatten() for f, c in zip(gl.families(), group_costs(gl, x))}
+    assert torch.allclose(costs["0", "filter"], torch.full((4,), 3 * 9 * 64.0))   # a filter: C·k·k per pixel
+    assert torch.allclose(costs["2", "channel"], torch.full((4,), 5 * 9 * 36.0))  # a column: N·k·k per pixel
+    assert torch.allclose(costs["4", "filter"], torch.full((2,), 180.0))
+    assert torch.equal(model[0].weight, w)   # the weights are back
