@@ -144,6 +144,7 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
         "total_seconds": run["total_seconds"], "test_error": test,
         "val_error": results["val_error"], "train_with_val": recipe.train_with_val, "history": results["history"],
         "sparsity": report.to_dict(), "speed": speed.to_dict(),
+        **({"budget": results["budget"]} if "budget" in results else {}),
     }
     write_results(out_dir, report_md, metrics)
     print(report_md)
@@ -174,6 +175,10 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
         "## Validation error at the end of each phase\n\n" + val_md
         + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
            if recipe.train_with_val else ""),
+        *(["## Budget\n\n" + "\n".join(["| phase | target (of the dense multiply-adds) | reached after compaction |",
+                                         "|---|---|---|"] + [f"| {name} | {b['target']:g} | {b['reached']:.4f} |"
+                                                            for name, b in results["budget"].items()])]
+          if "budget" in results else []),
         "## Sparsity\n\n" + report.to_markdown(),
         "## Measured speed\n\n" + speed.to_markdown(),
     ]) + "\n"

@@ -28,6 +28,8 @@ the speedup at the end::
         zero_groups_below: 1.0e-3        # at phase end, zero the groups whose norm is below this
         zero_groups_below_relative: 0.05 # and those below 0.05 × the largest norm of their kind and layer
                                          # ({kind: r}: per kind)
+        target: {flops: 0.33}    # optional: at phase end, zero groups until the compacted model keeps at
+                                 # most 0.33 of the dense multiply-adds (zero_to_budget_)
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -101,6 +103,7 @@ class Phase:
     zero_groups_below_relative: float | dict | None = None  # ... below this × the largest of kind and layer
     freeze: bool = False                          # freeze zero structures at phase start, term off
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
+    target: dict | None = None                    # {"flops": f}: at phase end, zero groups until compacted ≤ f
 
     @property
     def sparsifying(self) -> bool:
@@ -156,7 +159,7 @@ class Recipe:
             if d[key] == default:
                 d.pop(key)
         for phase in d["phases"]:
-            for key in ("dropout", "zero_groups_below_relative"):
+            for key in ("dropout", "zero_groups_below_relative", "target"):
                 if phase[key] is None:
                     phase.pop(key)
         return _jsonable(d)
@@ -315,7 +318,10 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
         "train_with_val", "lower_convs_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
-          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout")
+          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target")
+# A phase's budget (only flops so far: the fraction of the dense multiply-adds its compacted model may keep).
+_TARGET = ("flops", "params", "latency")
+DEFAULT_TARGET_LAMBDAS = {"filter": 1e-4, "channel": 1e-4}  # a target phase without lambdas
 _SCHEDULE = ("kind", "milestones", "gamma")
 _MEASURE = ("batch_sizes", "repeats", "warmup", "threads")
 
@@ -413,7 +419,12 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
         dropout=c.number(p.get("dropout"), at("dropout"), minimum=0, maximum=0.99, optional=True),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
         lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), net),
+        target=_parse_target(c, p.get("target"), at("target")),
     )
+    if kw["target"] is not None and kw["freeze"]:
+        c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
+    if kw["target"] is not None and not kw["lambdas"]:
+        kw["lambdas"] = dict(DEFAULT_TARGET_LAMBDAS)
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
                               "(it freezes the zeros of the earlier phases' lambdas)")
@@ -421,6 +432,20 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
         if kw[key] is not None and not kw["lambdas"]:
             c.fail(at(key), "needs lambdas in this phase (it zeroes the regularised groups)")
     return Phase(**kw)
+
+
+def _parse_target(c: _Checker, t, where: str) -> dict | None:
+    """``{flops: f}`` with f in (0, 1]."""
+    if t is None:
+        return None
+    t = c.mapping(t, where, _TARGET)
+    for key in ("params", "latency"):
+        if key in t:
+            c.fail(f"{where}.{key}", f"a {key} budget is not supported yet; give flops (a fraction of the dense "
+                                     "multiply-adds)")
+    if "flops" not in t:
+        c.fail(where, "expected {flops: f}, the fraction of the dense multiply-adds to keep")
+    return {"flops": c.number(t["flops"], f"{where}.flops", positive=True, maximum=1)}
 
 
 def _parse_relative(c: _Checker, r, where: str) -> float | dict | None:

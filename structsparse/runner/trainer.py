@@ -45,6 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..budget import BudgetError, zero_to_budget_
 from ..compaction import CollapseWarning
 from ..report import sparsity_report
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
@@ -223,6 +224,7 @@ class Trainer:
         self._dropouts = {m: m.p for m in self.model.modules() if isinstance(m, nn.Dropout)}   # phase.dropout
         self.masks: Masks | None = None
         self.history: list[dict] = []
+        self.budgets: dict[str, dict] = {}  # phase → what zero_to_budget_ reached (also in its last history record)
 
     # ------------------------------------------------------------------ phases
 
@@ -230,7 +232,7 @@ class Trainer:
         """Masks of the zero structures of the layers regularised by the latest phase before ``p``
         with lambdas, combined with the masks already in force."""
         source = next(q for q in reversed(self.recipe.phases[:p]) if q.sparsifying)
-        masks = GroupLasso(self.model, source.lambdas).zero_masks()
+        masks = GroupLasso(self.model, source.lambdas, example_input=self.splits["train"].images[:2]).zero_masks()
         if self.masks is not None:
             for name, old in self.masks.state_dict().items():
                 masks[name] = masks[name] & old if name in masks else old
@@ -353,6 +355,18 @@ class Trainer:
             if relative is not None:
                 below.append(f"< {relative} × the largest of their kind and layer")
             self.log(f"{phase.name}: zeroed {n} groups with norm {' or '.join(below)}")
+        if gl is not None and phase.target is not None:
+            was_training = self.model.training
+            try:
+                result = zero_to_budget_(gl, self.splits["train"].images[:2], flops=phase.target["flops"])
+            except BudgetError as e:
+                raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
+            self.model.train(was_training)
+            if self.masks is not None:
+                self.masks.apply_()
+            self.budgets[phase.name] = result.as_dict()
+            self.log(f"{phase.name}: budget {result.target:g} of the dense multiply-adds: {result.reached:.4f} after "
+                     f"compaction ({result.groups_zeroed} more groups zeroed, {result.probes} compactions)")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
         phase = self.recipe.phases[p]
@@ -444,6 +458,8 @@ class Trainer:
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
                "val_error": val_error, "flop_fraction": flop_fraction, "compact_flop_fraction": compact_fraction,
                "kept": kept}
+        if e == phase.epochs - 1 and phase.name in self.budgets:  # kept in the checkpoint's history
+            rec["budget"] = self.budgets[phase.name]
         self.history.append(rec)
         pen = "" if stats["penalty"] is None else f" penalty {stats['penalty']:.4g}"
         self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
@@ -483,8 +499,12 @@ class Trainer:
         val = {}
         for rec in self.history:
             val[rec["phase"]] = rec["val_error"]
-        return {"test_error": evaluate(self.model, self.splits["test"], self.recipe.eval_batch_size),
-                "val_error": val, "history": self.history}
+        out = {"test_error": evaluate(self.model, self.splits["test"], self.recipe.eval_batch_size),
+               "val_error": val, "history": self.history}
+        budgets = {rec["phase"]: rec["budget"] for rec in self.history if "budget" in rec}
+        if budgets:
+            out["budget"] = budgets
+        return out
 
     def finish(self) -> nn.Module:
         """Detach the mask hooks and return the trained model in eval mode."""

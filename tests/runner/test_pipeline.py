@@ -427,3 +427,20 @@ def test_a_file_where_the_output_folder_should_be_is_one_line(env, tmp_path, cap
         assert cli.main(["run", str(recipe), "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"structsparse: error: {out}: cannot use this folder for the run: ") and "\n" not in err
+
+
+def test_a_budget_run_reports_its_target_and_what_compaction_reached(env, capsys):
+    base, _ = env
+    recipe = base / "budget.yaml"
+    phases = [{"name": "dense", "epochs": 1, "lr": 0.05},
+              {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.4}},
+              {"name": "finetune", "epochs": 1, "lr": 0.02, "freeze": True}]
+    recipe.write_text(yaml.safe_dump({**RECIPE, "phases": phases, "data_root": str(base / "data")}))
+    out = base / "budget"
+    assert cli.main(["run", str(recipe), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    budget = metrics["budget"]["ssl"]
+    assert budget["target"] == 0.4 and budget["reached"] <= 0.4
+    kept = metrics["sparsity"]["compact_flop_fraction"]
+    assert kept <= 0.4 and abs(kept - budget["reached"]) < 1e-6
+    assert "| ssl | 0.4 | " in (out / "report.md").read_text()

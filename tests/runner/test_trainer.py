@@ -88,3 +88,44 @@ def test_run_phase_on_a_callers_model_takes_the_same_steps_as_run():
     for k, v in whole.model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     assert [h["epoch"] for h in part.history] == [1, 1, 2]
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"flops": 0}, r"phases\[1\]\.target\.flops: must be > 0"),
+    ({"flops": 1.5}, r"phases\[1\]\.target\.flops: must be <= 1"),
+    ({"latency": 0.5}, r"phases\[1\]\.target\.latency: a latency budget is not supported yet"),
+    ({"flop": 0.5}, r"phases\[1\]\.target\.flop"),
+    ({}, r"phases\[1\]\.target: expected \{flops: f\}"),
+])
+def test_bad_budgets_name_the_key(target, message):
+    from structsparse.runner.recipe import RecipeError
+    with pytest.raises(RecipeError, match=message):
+        _tiny([PHASES[0], {**PHASES[1], "target": target}])
+
+
+def test_a_target_phase_ends_at_or_under_its_budget_and_says_so():
+    from structsparse import compact
+    from structsparse.report import count_macs
+    from structsparse.runner.trainer import Trainer
+    phases = [PHASES[0], {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.3}},
+              {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
+    recipe, splits = _tiny(phases)
+    assert recipe.phases[1].lambdas == {"filter": 1e-4, "channel": 1e-4}   # the model-wide default groups
+    lines = []
+    t = Trainer(recipe, splits, progress=False, log=lines.append)
+    out = t.run()
+    model, x = t.finish(), splits["train"].images[:2]
+    fraction = count_macs(compact(model, x), x) / count_macs(model, x)
+    budget = out["budget"]["ssl"]
+    assert fraction <= 0.3 and abs(budget["reached"] - fraction) < 1e-9 and budget["target"] == 0.3
+    assert any("budget 0.3 of the dense multiply-adds" in line for line in lines)
+
+
+def test_an_unreachable_budget_ends_the_phase_with_one_line_naming_the_target():
+    from structsparse.budget import BudgetError
+    from structsparse.runner.trainer import Trainer
+    phases = [{"name": "ssl", "epochs": 1, "lr": 0.05, "lambdas": {"fc2": {"filter": 0.01}}, "target": {"flops": 0.05}}]
+    recipe, splits = _tiny(phases)
+    with pytest.raises(BudgetError, match=r"phase 'ssl' target\.flops: 0\.05 of the dense multiply-adds cannot be "
+                                          r"reached: .* keeps \d\.\d+"):
+        Trainer(recipe, splits, progress=False, log=lambda s: None).run()
