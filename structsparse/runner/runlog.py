@@ -28,6 +28,7 @@ TENSORBOARD_DIR = "tensorboard"
 # <layer>_channels_kept, <layer>_channels (non-zero groups, as in the history's "kept").
 COLUMNS = ("phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s", "flop_fraction",
            "compact_flop_fraction")
+BUDGET_COLUMNS = ("budget_goal", "strength")  # after COLUMNS, in runs with a budget phase
 
 
 def _layers(history: Sequence[dict]) -> list[str]:
@@ -40,10 +41,11 @@ def _layers(history: Sequence[dict]) -> list[str]:
 def csv_table(history: Sequence[dict]) -> tuple[list[str], list[list]]:
     """Header and rows of ``log.csv`` for ``history`` (missing values are empty cells)."""
     layers = _layers(history)
-    header = list(COLUMNS) + [f"{layer}_{what}" for layer in layers for what in KEPT]
+    columns = COLUMNS + (BUDGET_COLUMNS if any("budget_goal" in rec for rec in history) else ())
+    header = list(columns) + [f"{layer}_{what}" for layer in layers for what in KEPT]
     rows = []
     for rec in history:
-        row = [rec.get(c) for c in COLUMNS]
+        row = [rec.get(c) for c in columns]
         for layer in layers:
             row += rec.get("kept", {}).get(layer, [None] * 4)
         rows.append(["" if v is None else v for v in row])
@@ -61,8 +63,8 @@ def write_csv(path: str | Path, history: Sequence[dict]) -> None:
 
 def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> None:
     """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
-    model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey), and the
-    validation error, against the epoch; phases are marked."""
+    model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; a budget
+    phase's goal: dotted red), and the validation error, against the epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
 
@@ -78,7 +80,8 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
             top.plot(xs, [float("nan") if y is None else y for y in ys], style, color=color, marker=marker,
                      markerfacecolor=fill, markersize=4, label=f"{layer} {what}")
     for key, style, label in (("flop_fraction", dict(color="0.55", lw=1.2, ls="-."), "FLOPs, own zeros"),
-                              ("compact_flop_fraction", dict(color="k", lw=2.2, ls="-"), "FLOPs after compact")):
+                              ("compact_flop_fraction", dict(color="k", lw=2.2, ls="-"), "FLOPs after compact"),
+                              ("budget_goal", dict(color="C3", lw=1.5, ls=":"), "budget: the goal")):
         flops = [rec.get(key) for rec in history]
         if any(f is not None for f in flops):
             top.plot(xs, [float("nan") if f is None else f for f in flops], marker="D", markersize=3,

@@ -148,6 +148,28 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
     return wrong.item() / max(len(split), 1)
 
 
+def budget_goal(target: float, epoch: int, epochs: int) -> float:
+    """The fraction of the dense multiply-adds a budget phase aims at after ``epoch`` (0-based): from 1 down to the
+    target in a straight line over the first three quarters of the phase, then the target."""
+    ramp = max(1, round(0.75 * epochs))
+    return 1 - (1 - target) * min(1.0, (epoch + 1) / ramp)
+
+
+STEER_UP, STEER_BAND, STEER_RANGE = 1.5, 0.02, (1e-3, 1e3)
+
+
+def steer(gl: GroupLasso, phase: Phase, epoch: int, reached: float | None) -> dict:
+    """The budget's controller, once per epoch: every λ grows by ``STEER_UP`` while the compacted model keeps
+    more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, and shrinks by it while it keeps less than the
+    goal minus the band. Returns what the epoch's record keeps (the strength used and the next)."""
+    used, goal = gl.strength, budget_goal(phase.target["flops"], epoch, phase.epochs)
+    if reached is not None and reached > goal + STEER_BAND:
+        gl.strength = min(gl.strength * STEER_UP, STEER_RANGE[1])
+    elif reached is not None and reached < goal - STEER_BAND:
+        gl.strength = max(gl.strength / STEER_UP, STEER_RANGE[0])
+    return {"strength": used, "next_strength": gl.strength, "budget_goal": goal}
+
+
 def _kept_summary(kept: dict[str, list[int]]) -> str:
     return " ".join(f"{n}:{k[0]}/{k[1]}f,{k[2]}/{k[3]}c" for n, k in kept.items())
 
@@ -305,6 +327,9 @@ class Trainer:
             self._set_masks(self._masks_for_freeze(p))
         gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
               if phase.sparsifying else None)  # traced: channels coupled across residual adds
+        if gl is not None and mid:  # a budget's controller goes on from where it was
+            gl.strength = next((r["next_strength"] for r in reversed(self.history)
+                                if r["phase_index"] == p and "next_strength" in r), 1.0)
         opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                               weight_decay=phase.weight_decay)
         if mid:
@@ -318,7 +343,7 @@ class Trainer:
             stats = self._train_epoch(p, e, opt, gl)
             if e == phase.epochs - 1:
                 self._end_phase(phase, gl)
-            self._finish_epoch(p, e, opt, stats)
+            self._finish_epoch(p, e, opt, stats, gl)
         if phase.epochs == 0:
             self._end_phase(phase, gl)
 
@@ -451,13 +476,16 @@ class Trainer:
     def _penalty(gl: GroupLasso) -> float:
         return float(gl.penalty())
 
-    def _finish_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, stats: dict) -> None:
+    def _finish_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, stats: dict,
+                      gl: GroupLasso | None = None) -> None:
         phase = self.recipe.phases[p]
         val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
         flop_fraction, compact_fraction, kept = self._sparsity()
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
                "val_error": val_error, "flop_fraction": flop_fraction, "compact_flop_fraction": compact_fraction,
                "kept": kept}
+        if phase.target is not None and gl is not None:
+            rec.update(steer(gl, phase, e, compact_fraction))
         if e == phase.epochs - 1 and phase.name in self.budgets:  # kept in the checkpoint's history
             rec["budget"] = self.budgets[phase.name]
         self.history.append(rec)

@@ -218,6 +218,7 @@ class GroupLasso:
                     t.channel_scale = scale.view(1, -1, 1, 1) if module.weight.dim() == 4 else scale.view(1, -1)
         self.active = True
         self.masks: Masks | None = None
+        self.strength = 1.0  # multiplies every λ: what a budget controller steers
 
     def _join_norms(self, graph, spec: Mapping) -> None:
         """A layer with a model-wide ``filter`` λ whose output only an affine BatchNorm reads: its filter groups
@@ -268,7 +269,7 @@ class GroupLasso:
             total = total + (grp.lambdas * grp.norms()).sum()
         for t in self.norm_terms:
             total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
-        return total
+        return total * self.strength if self.strength != 1.0 else total
 
     @torch.no_grad()
     def norms(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -294,9 +295,10 @@ class GroupLasso:
             return
         lrs = {}
         if optimizer is not None:
-            lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+            lrs = {id(p): group["lr"] * self.strength for group in optimizer.param_groups for p in group["params"]}
         elif lr is None:
             raise ValueError("prox_step needs lr or optimizer")
+        lr = None if lr is None else lr * self.strength  # the step's λ·lr, every λ times the strength
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             step = lrs.get(id(w), lr)

@@ -129,3 +129,60 @@ def test_an_unreachable_budget_ends_the_phase_with_one_line_naming_the_target():
     with pytest.raises(BudgetError, match=r"phase 'ssl' target\.flops: 0\.05 of the dense multiply-adds cannot be "
                                           r"reached: .* keeps \d\.\d+"):
         Trainer(recipe, splits, progress=False, log=lambda s: None).run()
+
+
+def test_the_budget_goal_runs_from_one_to_the_target_over_three_quarters_of_the_phase():
+    from structsparse.runner.trainer import budget_goal
+    assert [budget_goal(0.25, e, 4) for e in range(4)] == [0.75, 0.5, 0.25, 0.25]
+    assert budget_goal(0.4, 0, 1) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("reached, factor", [(0.9, 1.5), (0.5, 1 / 1.5), (0.74, 1.0), (None, 1.0)])
+def test_the_controller_strengthens_every_lambda_while_over_the_goal_and_weakens_it_while_under(reached, factor):
+    from types import SimpleNamespace
+
+    from structsparse.runner.recipe import Phase
+    from structsparse.runner.trainer import steer
+    gl = SimpleNamespace(strength=2.0)
+    phase = Phase("ssl", 4, 0.1, target={"flops": 0.25})
+    out = steer(gl, phase, 0, reached)      # the goal after epoch 1 of 4 is 0.75
+    assert gl.strength == pytest.approx(2.0 * factor)
+    assert out == {"strength": 2.0, "next_strength": gl.strength, "budget_goal": 0.75}
+
+
+def test_a_stronger_group_term_shrinks_more():
+    from structsparse import GroupLasso
+    from structsparse.zoo.models import build_model
+    torch.manual_seed(0)
+    a = build_model("lenet")
+    b = build_model("lenet")
+    b.load_state_dict(a.state_dict())
+    ga, gb = GroupLasso(a, {"filter": 0.01}), GroupLasso(b, {"filter": 0.01})
+    gb.strength = 3.0
+    assert float(gb.penalty().detach()) == pytest.approx(3 * float(ga.penalty().detach()))
+    ga.prox_step(lr=0.3)
+    gb.prox_step(lr=0.1)         # three times the strength at a third of the step: the same shrinkage
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_resumed_budget_phase_goes_on_with_the_strength_it_had(tmp_path):
+    from structsparse.runner.trainer import Trainer
+    phases = [{"name": "ssl", "epochs": 3, "lr": 0.05, "target": {"flops": 0.3}}]
+    recipe, splits = _tiny(phases)
+    whole = Trainer(recipe, splits, progress=False, log=lambda s: None).run()["history"]
+    assert whole[0]["strength"] == 1.0 and whole[0]["next_strength"] > 1.0   # far over its first goal
+    assert [r["strength"] for r in whole[1:]] == [r["next_strength"] for r in whole[:-1]]
+
+    def stop(trainer, p, e):
+        if e == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lambda s: None, on_epoch_end=stop).run()
+    resumed = Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lambda s: None).run(resume=True)
+    assert [r["strength"] for r in resumed["history"]] == [r["strength"] for r in whole]
