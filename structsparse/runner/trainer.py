@@ -159,14 +159,15 @@ STEER_UP, STEER_BAND, STEER_RANGE = 1.5, 0.02, (1e-3, 1e3)
 
 
 def steer(gl: GroupLasso, phase: Phase, epoch: int, reached: float | None) -> dict:
-    """The budget's controller, once per epoch: every λ grows by ``STEER_UP`` while the compacted model keeps
-    more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, and shrinks by it while it keeps less than the
-    goal minus the band. Returns what the epoch's record keeps (the strength used and the next)."""
+    """The budget's controller, once per epoch: while the compacted model keeps more than the goal
+    (:func:`budget_goal`) plus ``STEER_BAND``, every λ grows by ``STEER_UP`` for each 0.1 of the gap (at least
+    once); while it keeps less than the goal minus the band, every λ shrinks the same way. Returns what the
+    epoch's record keeps (the strength used and the next, the goal)."""
     used, goal = gl.strength, budget_goal(phase.target["flops"], epoch, phase.epochs)
-    if reached is not None and reached > goal + STEER_BAND:
-        gl.strength = min(gl.strength * STEER_UP, STEER_RANGE[1])
-    elif reached is not None and reached < goal - STEER_BAND:
-        gl.strength = max(gl.strength / STEER_UP, STEER_RANGE[0])
+    if reached is not None and abs(reached - goal) > STEER_BAND:
+        factor = STEER_UP ** max(1.0, abs(reached - goal) / 0.1)
+        step = factor if reached > goal else 1 / factor
+        gl.strength = min(max(gl.strength * step, STEER_RANGE[0]), STEER_RANGE[1])
     return {"strength": used, "next_strength": gl.strength, "budget_goal": goal}
 
 

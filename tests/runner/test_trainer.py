@@ -137,7 +137,8 @@ def test_the_budget_goal_runs_from_one_to_the_target_over_three_quarters_of_the_
     assert budget_goal(0.4, 0, 1) == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("reached, factor", [(0.9, 1.5), (0.5, 1 / 1.5), (0.74, 1.0), (None, 1.0)])
+@pytest.mark.parametrize("reached, factor", [(0.8, 1.5), (0.95, 1.5 ** 2), (0.7, 1 / 1.5), (0.45, 1.5 ** -3),
+                                             (0.74, 1.0), (None, 1.0)])
 def test_the_controller_strengthens_every_lambda_while_over_the_goal_and_weakens_it_while_under(reached, factor):
     from types import SimpleNamespace
 
