@@ -179,6 +179,11 @@ def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> tor
     return _GroupLasso.apply(specs, *weights)
 
 
+def _per_entry(per_group: torch.Tensor, ids: torch.Tensor, outside) -> torch.Tensor:
+    """``per_group[ids]``, with ``outside`` where an entry is in no group (id -1)."""
+    return torch.where(ids >= 0, per_group[ids.clamp_min(0)], torch.full_like(per_group[:1], outside))
+
+
 class CoupledChannels:
     """Channel groups that span layers: one group per channel *unit* read by two or more layers.
 
@@ -211,7 +216,7 @@ class CoupledChannels:
         alive = self.norms() > 0
         out = {}
         for name, p, dim, ids in self.slices:
-            keep = torch.where(ids >= 0, alive[ids.clamp_min(0)], torch.ones_like(ids, dtype=torch.bool))
+            keep = _per_entry(alive, ids, True)
             out[name] = keep.view([-1 if d == dim else 1 for d in range(p.dim())]).expand_as(p).clone()
         return out
 
@@ -247,11 +252,11 @@ class CoupledChannels:
     def scale_(self, scale: torch.Tensor) -> None:
         """Multiply every group's columns by its entry of ``scale``."""
         for _, module, ids in self.members:
-            s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
+            s = _per_entry(scale, ids, 1)
             w, dims = self._channel_view(module)
             w.mul_(s.view([1 if d in dims else n for d, n in enumerate(w.shape)]))
         for _, p, dim, ids in self.slices:
-            s = torch.where(ids >= 0, scale[ids.clamp_min(0)], torch.ones_like(scale[:1]))
+            s = _per_entry(scale, ids, 1)
             p.mul_(s.view([-1 if d == dim else 1 for d in range(p.dim())]))
 
 
