@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--warmup", type=int, default=2, help="warm-up calls per implementation (default 2)")
         p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
         p.add_argument("--out", default=None, help="directory for JSON, markdown and plots (default "
-                       "results/speed/alexnet_table4, results/speed/sweep/bBATCH or RUN_DIR/bench)")
+                       "runs/bench/alexnet_table4, runs/bench/sweep/bBATCH or RUN_DIR/bench: never the committed "
+                       "results/)")
     return parser
 
 
@@ -89,10 +90,10 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.bench == "alexnet-table4":
         groups = [g.strip() for g in args.groups.split(",")]
         md = bench.table4(_ints(args.rows, "rows"), batches, threads, groups,
-                          out=Path(args.out or "results/speed/alexnet_table4"),
+                          out=Path(args.out or "runs/bench/alexnet_table4"),
                           progress=show, **common)
     elif args.bench == "sweep":
-        out = Path(args.out or f"results/speed/sweep/b{batches[0]}")
+        out = Path(args.out or f"runs/bench/sweep/b{batches[0]}")
         md = bench.sweep(args.layer, batches[0], threads[0], out=out, progress=show, **common)
     else:
         if args.onnx and args.device != "cpu":

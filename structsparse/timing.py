@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_interleaved", "summarize", "machine_info"]
+__all__ = ["time_interleaved", "summarize", "machine_info", "spread", "ratio_interval"]
 
 
 def machine_info(measure_threads: int | None = None) -> dict:
@@ -80,3 +80,23 @@ def summarize(samples: Sequence[float]) -> dict:
     """Median and quartiles of timing samples (seconds), in milliseconds."""
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     return {"median_ms": 1e3 * statistics.median(samples), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2]}
+
+
+def spread(samples: Sequence[float]) -> float:
+    """Run-to-run spread of timing samples: their interquartile range over their median."""
+    q = summarize(samples)
+    return (q["q3_ms"] - q["q1_ms"]) / q["median_ms"] if q["median_ms"] > 0 else 0.0
+
+
+def ratio_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """A bootstrap confidence interval for median(a) / median(b) from paired samples (a[i] and b[i] timed in the
+    same interleaved round): rounds are resampled with replacement, so what disturbed a round disturbs both."""
+    if len(a) != len(b) or not a:
+        raise ValueError("ratio_interval needs paired samples of equal, nonzero length")
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    idx = torch.randint(len(a), (resamples, len(a)), generator=torch.Generator().manual_seed(seed))
+    ratios = ta[idx].quantile(0.5, dim=1) / tb[idx].quantile(0.5, dim=1)  # medians as statistics.median
+    lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+

@@ -14,9 +14,11 @@ from torch import nn
 
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..sparsity.groups import covered_modules
-from ..timing import machine_info, summarize, time_interleaved
+from ..timing import machine_info, ratio_interval, spread, summarize, time_interleaved
 
-__all__ = ["measure_speedup", "SpeedReport"]
+__all__ = ["measure_speedup", "SpeedReport", "BUSY_SPREAD"]
+
+BUSY_SPREAD = 0.25   # a run-to-run spread (interquartile range / median) above this: the machine looks busy
 
 
 @dataclass
@@ -34,18 +36,37 @@ class SpeedReport:
                 return r["speedup"]
         raise KeyError(f"no timing for {scope!r} at batch {batch}")
 
+    def warnings(self) -> list[str]:
+        """What makes these figures weak: a busy machine (high run-to-run spread), ratios that noise explains."""
+        out = []
+        busy = [r for r in self.rows if r.get("spread", 0.0) > BUSY_SPREAD]
+        if busy:
+            worst = max(busy, key=lambda r: r["spread"])
+            out.append(f"the machine looks busy: run-to-run spread up to {worst['spread']:.0%} of the median "
+                       f"({worst['scope']}, batch {worst['batch']}; above {BUSY_SPREAD:.0%} in {len(busy)} of "
+                       f"{len(self.rows)} rows); measure again on an idle machine")
+        weak = [f"{r['scope']} (batch {r['batch']})" for r in self.rows if r.get("significant") is False]
+        if weak:
+            out.append(f"not significant (the 95% interval includes 1×): {', '.join(weak)}")
+        return out
+
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "threads": self.threads, "repeats": self.repeats, "machine": self.machine}
+        return {"rows": self.rows, "threads": self.threads, "repeats": self.repeats, "machine": self.machine,
+                "warnings": self.warnings()}
 
     def to_markdown(self) -> str:
         m = self.machine
         lines = [f"Measured on {m['cpu']}, {self.threads} thread(s), torch {m['torch']}, {m['date']}; "
-                 f"median of {self.repeats} interleaved repetitions (q1–q3 in brackets).", "",
+                 f"median of {self.repeats} interleaved repetitions (q1–q3 in brackets); speedup with its 95% "
+                 "bootstrap interval over the paired repetitions.", "",
                  "| scope | batch | dense ms | compact ms | speedup |", "|---|---|---|---|---|"]
         for r in self.rows:
             o, c = r["original"], r["compact"]
+            ci = f" [{r['speedup_ci'][0]:.2f}–{r['speedup_ci'][1]:.2f}]" if "speedup_ci" in r else ""
+            mark = " (not significant)" if r.get("significant") is False else ""
             lines.append(f"| {r['scope']} | {r['batch']} | {o['median_ms']:.3f} [{o['q1_ms']:.3f}–{o['q3_ms']:.3f}] | "
-                         f"{c['median_ms']:.3f} [{c['q1_ms']:.3f}–{c['q3_ms']:.3f}] | {r['speedup']:.2f}× |")
+                         f"{c['median_ms']:.3f} [{c['q1_ms']:.3f}–{c['q3_ms']:.3f}] | {r['speedup']:.2f}×{ci}{mark} |")
+        lines += [f"\n**Warning:** {w}." for w in self.warnings()]
         return "\n".join(lines)
 
 
@@ -77,13 +98,16 @@ def _compact_layer(compact: nn.Module, name: str) -> tuple[str, Callable[[torch.
 
 
 def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torch.Tensor,
-                    batch_sizes: Sequence[int] = (1, 64), threads: int | None = None, repeats: int = 30,
+                    batch_sizes: Sequence[int] = (1, 64), threads: int | None = 1, repeats: int = 30,
                     warmup: int = 5, layers: bool = True, seed: int = 0) -> SpeedReport:
     """Time ``compact`` against ``original`` end to end and per Conv2d/Linear layer, in eval mode.
 
     Inputs are uniform random tensors shaped like ``example_input`` (one sample or a batch:
     only its shape past the batch dimension is used) at each batch size.
-    ``threads`` pins torch's intra-op threads for the measurement (default: as set now).
+    ``threads`` pins torch's intra-op threads for the measurement (default 1, as ``structsparse bench`` and
+    the recipes' ``measure``; None or 0: as set now). Each speedup comes with a 95% bootstrap interval over
+    the paired repetitions and whether it excludes 1 (``significant``); :meth:`SpeedReport.warnings` says when
+    the machine looked busy.
     """
     if any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -113,8 +137,10 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
                 for scope, fo, fc, xo, xc in scopes:
                     so, sc = time_interleaved([lambda: fo(xo), lambda: fc(xc)], repeats, warmup, device)
                     o, c = summarize(so), summarize(sc)
+                    lo, hi = ratio_interval(so, sc)
                     rows.append({"scope": scope, "batch": int(b), "original": o, "compact": c,
-                                 "speedup": o["median_ms"] / c["median_ms"]})
+                                 "speedup": o["median_ms"] / c["median_ms"], "speedup_ci": [lo, hi],
+                                 "significant": lo > 1 or hi < 1, "spread": max(spread(so), spread(sc))})
     finally:
         torch.set_num_threads(old_threads)
         original.train(modes[0]), compact.train(modes[1])

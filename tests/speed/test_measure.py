@@ -49,3 +49,41 @@ def test_interleaved_samples_and_their_summary():
     assert s["median_ms"] == pytest.approx(2.5) and s["q1_ms"] < s["median_ms"] < s["q3_ms"]
     assert summarize([0.002]) == {"median_ms": 2.0, "q1_ms": 2.0, "q3_ms": 2.0}
     assert machine_info(measure_threads=3)["measure_threads"] == 3 and machine_info()["torch"] == torch.__version__
+
+
+def test_a_ratio_gets_a_bootstrap_interval_that_says_whether_noise_explains_it():
+    from structsparse.timing import ratio_interval
+    g = torch.Generator().manual_seed(0)
+    noise = lambda: (1 + 0.05 * torch.rand(40, generator=g)).tolist()  # noqa: E731
+    slow, fast = [2 * t for t in noise()], noise()
+    lo, hi = ratio_interval(slow, fast)
+    assert 1.8 < lo <= hi < 2.2
+    lo, hi = ratio_interval(noise(), noise())       # the same thing twice: 1× lies inside
+    assert lo < 1 < hi
+    with pytest.raises(ValueError, match="paired"):
+        ratio_interval([1.0, 2.0], [1.0])
+
+
+def test_busy_machines_and_insignificant_ratios_are_flagged():
+    from structsparse.speed.measure import SpeedReport
+    t = {"median_ms": 1.0, "q1_ms": 0.8, "q3_ms": 1.5}
+    rows = [{"scope": "model", "batch": 1, "original": t, "compact": t, "speedup": 1.9, "speedup_ci": [0.7, 3.1],
+             "significant": False, "spread": 0.7},
+            {"scope": "conv2", "batch": 1, "original": t, "compact": t, "speedup": 2.0, "speedup_ci": [1.9, 2.1],
+             "significant": True, "spread": 0.1}]
+    rep = SpeedReport(rows, threads=1, repeats=5)
+    warnings = rep.warnings()
+    assert "busy" in warnings[0] and "70%" in warnings[0] and "1 of 2 rows" in warnings[0]
+    assert warnings[1] == "not significant (the 95% interval includes 1×): model (batch 1)"
+    md = rep.to_markdown()
+    assert "1.90× [0.70–3.10] (not significant)" in md and "**Warning:** the machine looks busy" in md
+    assert rep.to_dict()["warnings"] == warnings
+
+
+def test_rows_carry_their_interval_and_one_thread_is_the_default(pair):
+    model, small, x = pair
+    rep = measure_speedup(model, small, x, batch_sizes=(2,), repeats=4, warmup=1, layers=False)
+    assert rep.threads == 1
+    (row,) = rep.rows
+    lo, hi = row["speedup_ci"]
+    assert lo <= hi and row["significant"] == (lo > 1 or hi < 1) and row["spread"] >= 0
