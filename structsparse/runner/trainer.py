@@ -155,20 +155,24 @@ def budget_goal(target: float, epoch: int, epochs: int) -> float:
     return 1 - (1 - target) * min(1.0, (epoch + 1) / ramp)
 
 
-STEER_UP, STEER_BAND, STEER_RANGE = 1.5, 0.02, (1e-3, 1e3)
+STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
 
 
-def steer(gl: GroupLasso, phase: Phase, epoch: int, reached: float | None) -> dict:
-    """The budget's controller, once per epoch: while the compacted model keeps more than the goal
-    (:func:`budget_goal`) plus ``STEER_BAND``, every λ grows by ``STEER_UP`` for each 0.1 of the gap (at least
-    once); while it keeps less than the goal minus the band, every λ shrinks the same way. Returns what the
-    epoch's record keeps (the strength used and the next, the goal)."""
-    used, goal = gl.strength, budget_goal(phase.target["flops"], epoch, phase.epochs)
+def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict:
+    """The budget's controller, once per epoch, from the fraction of the dense multiply-adds the compacted
+    model keeps (``reached``). Its level multiplies every λ: while the model keeps more than the goal
+    (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
+    least once, at most ``STEER_MAX``-fold an epoch); while it keeps less than the goal minus the band, it
+    shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
+    over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
+    epoch's record keeps."""
+    goal = budget_goal(phase.target["flops"], epoch, phase.epochs)
     if reached is not None and abs(reached - goal) > STEER_BAND:
-        factor = STEER_UP ** max(1.0, abs(reached - goal) / 0.1)
-        step = factor if reached > goal else 1 / factor
-        gl.strength = min(max(gl.strength * step, STEER_RANGE[0]), STEER_RANGE[1])
-    return {"strength": used, "next_strength": gl.strength, "budget_goal": goal}
+        factor = min(STEER_MAX, STEER_UP ** max(1.0, abs(reached - goal) / 0.1))
+        level = level * factor if reached > goal else level / factor
+        level = min(max(level, STEER_RANGE[0]), STEER_RANGE[1])
+    resting = reached is not None and reached <= phase.target["flops"]
+    return {"budget_goal": goal, "next_level": level, "next_strength": 0.0 if resting else level}
 
 
 def _kept_summary(kept: dict[str, list[int]]) -> str:
@@ -329,8 +333,7 @@ class Trainer:
         gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
               if phase.sparsifying else None)  # traced: channels coupled across residual adds
         if gl is not None and mid:  # a budget's controller goes on from where it was
-            gl.strength = next((r["next_strength"] for r in reversed(self.history)
-                                if r["phase_index"] == p and "next_strength" in r), 1.0)
+            gl.strength = self._budget_state(p)[1]
         opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                               weight_decay=phase.weight_decay)
         if mid:
@@ -347,6 +350,11 @@ class Trainer:
             self._finish_epoch(p, e, opt, stats, gl)
         if phase.epochs == 0:
             self._end_phase(phase, gl)
+
+    def _budget_state(self, p: int) -> tuple[float, float]:
+        """The budget controller's level and strength after the last epoch of phase ``p`` (1, 1 before any)."""
+        rec = next((r for r in reversed(self.history) if r["phase_index"] == p and "next_level" in r), None)
+        return (1.0, 1.0) if rec is None else (rec["next_level"], rec["next_strength"])
 
     def _data_parallel(self) -> nn.Module:
         """The model the training steps call: DDP around it in a process group, else itself."""
@@ -486,7 +494,8 @@ class Trainer:
                "val_error": val_error, "flop_fraction": flop_fraction, "compact_flop_fraction": compact_fraction,
                "kept": kept}
         if phase.target is not None and gl is not None:
-            rec.update(steer(gl, phase, e, compact_fraction))
+            rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, compact_fraction))
+            gl.strength = rec["next_strength"]
         if e == phase.epochs - 1 and phase.name in self.budgets:  # kept in the checkpoint's history
             rec["budget"] = self.budgets[phase.name]
         self.history.append(rec)

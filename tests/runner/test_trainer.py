@@ -137,18 +137,17 @@ def test_the_budget_goal_runs_from_one_to_the_target_over_three_quarters_of_the_
     assert budget_goal(0.4, 0, 1) == pytest.approx(0.4)
 
 
-@pytest.mark.parametrize("reached, factor", [(0.8, 1.5), (0.95, 1.5 ** 2), (0.7, 1 / 1.5), (0.45, 1.5 ** -3),
-                                             (0.74, 1.0), (None, 1.0)])
-def test_the_controller_strengthens_every_lambda_while_over_the_goal_and_weakens_it_while_under(reached, factor):
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("reached, level, strength", [
+    (0.8, 3.0, 3.0), (0.95, 4.0, 4.0),           # over the goal (0.75): 1.5x per 0.1 of the gap, at most 2x
+    (0.7, 2 / 1.5, 2 / 1.5), (0.45, 1.0, 1.0),   # under it: the same, down
+    (0.74, 2.0, 2.0), (None, 2.0, 2.0),          # within the band, or nothing measured: as it was
+    (0.2, 1.0, 0.0)])                            # at or under the target itself: the group term rests
+def test_the_controller_steers_every_lambda_towards_the_goal_and_rests_at_the_target(reached, level, strength):
     from structsparse.runner.recipe import Phase
     from structsparse.runner.trainer import steer
-    gl = SimpleNamespace(strength=2.0)
     phase = Phase("ssl", 4, 0.1, target={"flops": 0.25})
-    out = steer(gl, phase, 0, reached)      # the goal after epoch 1 of 4 is 0.75
-    assert gl.strength == pytest.approx(2.0 * factor)
-    assert out == {"strength": 2.0, "next_strength": gl.strength, "budget_goal": 0.75}
+    out = steer(2.0, phase, 0, reached)      # the goal after epoch 1 of 4 is 0.75
+    assert out == {"budget_goal": 0.75, "next_level": pytest.approx(level), "next_strength": pytest.approx(strength)}
 
 
 def test_a_stronger_group_term_shrinks_more():
