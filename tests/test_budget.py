@@ -82,3 +82,21 @@ def test_a_groups_cost_is_the_multiply_adds_its_weights_do():
     assert torch.allclose(costs["2", "channel"], torch.full((4,), 5 * 9 * 36.0))  # a column: N·k·k per pixel
     assert torch.allclose(costs["4", "filter"], torch.full((2,), 180.0))
     assert torch.equal(model[0].weight, w)   # the weights are back
+
+
+def test_the_committed_budget_run_is_at_or_under_its_target():
+    import json
+    from pathlib import Path
+
+    from structsparse import load_compact
+    from structsparse.zoo.models import build_model
+    root = Path(__file__).resolve().parents[1] / "results" / "mnist" / "budget10"
+    if not (root / "metrics.json").is_file():
+        pytest.skip("results/mnist/budget10 not committed")
+    metrics = json.loads((root / "metrics.json").read_text())
+    small = load_compact(root / "compact")
+    x = torch.rand(1, *small.input_shape)
+    fraction = count_macs(small, x) / count_macs(build_model("lenet"), x)
+    budget = metrics["budget"]["ssl"]
+    assert fraction == pytest.approx(metrics["sparsity"]["compact_flop_fraction"]) and fraction <= budget["target"]
+    assert budget["target"] - 0.02 <= budget["reached"] <= budget["target"]
