@@ -23,7 +23,7 @@ from .graph import channel_units, trace_graph
 from .report import count_macs
 from .sparsity import GroupLasso
 
-__all__ = ["BudgetError", "BudgetResult", "group_costs", "zero_to_budget_"]
+__all__ = ["BudgetError", "BudgetResult", "group_costs", "zero_to_budget_", "starting_strength"]
 
 
 class BudgetError(ValueError):
@@ -67,6 +67,23 @@ def group_costs(gl: GroupLasso, example_input: torch.Tensor) -> list[torch.Tenso
     finally:
         for p, value in saved.items():
             p.copy_(value)
+
+
+@torch.no_grad()
+def starting_strength(gl: GroupLasso, lr: float, steps: int) -> float:
+    """A strength for ``gl`` that needs no λ tuning: the one at which ``steps`` proximal steps of size ``lr``
+    (gradients aside) shrink the smallest quarter of the regularised groups, relative to their λ, to zero. The
+    λs then only say how the kinds and layers weigh against each other."""
+    ratios = []
+    for fam in gl.families():
+        norms = fam.norms().detach()
+        lam = torch.as_tensor(fam.lam, dtype=norms.dtype, device=norms.device).expand_as(norms)
+        live = (norms > 0) & (lam > 0)
+        ratios.append((norms[live] / lam[live]).flatten())
+    ratios = torch.cat(ratios) if ratios else torch.zeros(0)
+    if not ratios.numel() or lr <= 0 or steps < 1:
+        return 1.0
+    return float(ratios.quantile(0.25)) / (lr * steps)
 
 
 def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -100,3 +100,18 @@ def test_the_committed_budget_run_is_at_or_under_its_target():
     budget = metrics["budget"]["ssl"]
     assert fraction == pytest.approx(metrics["sparsity"]["compact_flop_fraction"]) and fraction <= budget["target"]
     assert budget["target"] - 0.02 <= budget["reached"] <= budget["target"]
+
+
+def test_the_starting_strength_shrinks_a_quarter_of_the_groups_to_zero_over_the_given_steps():
+    from structsparse.budget import starting_strength
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(1, 9, dtype=torch.float32).view(8, 1).expand(8, 4) / 2)  # norms 1..8
+    gl = GroupLasso(model, {"0": {"filter": 0.5}})
+    strength = starting_strength(gl, lr=0.1, steps=10)
+    assert strength == pytest.approx(torch.tensor([1., 2, 3, 4, 5, 6, 7, 8]).quantile(0.25).item() / 0.5 / 1.0)
+    gl.strength = strength
+    for _ in range(10):
+        gl.prox_step(lr=0.1)
+    alive = gl.norms()["0"]["filter"].gt(0)
+    assert int(alive.sum()) == 6          # the two smallest of eight are gone, the rest are not

@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import BudgetError, zero_to_budget_
+from ..budget import BudgetError, starting_strength, zero_to_budget_
 from ..compaction import CollapseWarning
 from ..report import sparsity_report
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
@@ -148,11 +148,15 @@ def evaluate(model: nn.Module, split: Split, batch_size: int = 1000) -> float:
     return wrong.item() / max(len(split), 1)
 
 
+def budget_ramp(epochs: int) -> int:
+    """The epochs over which a budget phase goes from the dense model to its target: three quarters of them."""
+    return max(1, round(0.75 * epochs))
+
+
 def budget_goal(target: float, epoch: int, epochs: int) -> float:
     """The fraction of the dense multiply-adds a budget phase aims at after ``epoch`` (0-based): from 1 down to the
-    target in a straight line over the first three quarters of the phase, then the target."""
-    ramp = max(1, round(0.75 * epochs))
-    return 1 - (1 - target) * min(1.0, (epoch + 1) / ramp)
+    target in a straight line over :func:`budget_ramp`, then the target."""
+    return 1 - (1 - target) * min(1.0, (epoch + 1) / budget_ramp(epochs))
 
 
 STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
@@ -252,6 +256,7 @@ class Trainer:
         self.masks: Masks | None = None
         self.history: list[dict] = []
         self.budgets: dict[str, dict] = {}  # phase → what zero_to_budget_ reached (also in its last history record)
+        self._budget_start: dict[int, float] = {}  # budget phase → its controller's starting strength
 
     # ------------------------------------------------------------------ phases
 
@@ -332,7 +337,9 @@ class Trainer:
             self._set_masks(self._masks_for_freeze(p))
         gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
               if phase.sparsifying else None)  # traced: channels coupled across residual adds
-        if gl is not None and mid:  # a budget's controller goes on from where it was
+        if gl is not None and phase.target is not None:  # the controller starts λ-free, or goes on where it was
+            steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
+            self._budget_start[p] = starting_strength(gl, phase.lr, steps)
             gl.strength = self._budget_state(p)[1]
         opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                               weight_decay=phase.weight_decay)
@@ -352,9 +359,11 @@ class Trainer:
             self._end_phase(phase, gl)
 
     def _budget_state(self, p: int) -> tuple[float, float]:
-        """The budget controller's level and strength after the last epoch of phase ``p`` (1, 1 before any)."""
+        """The budget controller's level and strength after the last epoch of phase ``p`` (before any: the
+        phase's starting strength)."""
         rec = next((r for r in reversed(self.history) if r["phase_index"] == p and "next_level" in r), None)
-        return (1.0, 1.0) if rec is None else (rec["next_level"], rec["next_strength"])
+        start = self._budget_start.get(p, 1.0)
+        return (start, start) if rec is None else (rec["next_level"], rec["next_strength"])
 
     def _data_parallel(self) -> nn.Module:
         """The model the training steps call: DDP around it in a process group, else itself."""

@@ -170,6 +170,7 @@ class _Family:
     kind: str                 # the group kind ("head" for attention heads)
     norms: Callable[[], torch.Tensor]
     zero: Callable[[torch.Tensor], None]  # zero the groups where the mask (shaped like norms()) is True
+    lam: float | torch.Tensor = 0.0       # the groups' λ (a tensor broadcasting to norms() where they differ)
     threshold_kind: str = ""  # the kind whose relative threshold zero_groups_ applies (default: kind)
 
     def __post_init__(self):
@@ -342,19 +343,19 @@ class GroupLasso:
             w, g = t.module.weight, _groups(t.module)
             if t.norm is not None:
                 out.append(_Family(t.name, "filter", t.filter_norms, lambda s, t=t: t.scale_filters_((~s).to(
-                    t.module.weight.dtype))))
-            for kind in t.effective():
+                    t.module.weight.dtype)), t.lambdas["filter"]))
+            for kind, lam in t.effective().items():
                 out.append(_Family(t.name, kind, lambda w=w, kind=kind, g=g: group_norms(w, kind, g, keepdim=True),
                                    lambda s, w=w, g=g: group_view(w, g).masked_fill_(s.expand_as(group_view(w, g)),
-                                                                                      0.0)))
+                                                                                      0.0), lam))
         for grp in self._cross():
             name = "coupled" if grp is self.coupled else grp.name
             out.append(_Family(name, grp.kind if grp is self.coupled else "head", grp.norms,
-                               lambda s, grp=grp: grp.scale_((~s).to(grp.weights()[0].dtype)), grp.kind))
+                               lambda s, grp=grp: grp.scale_((~s).to(grp.weights()[0].dtype)), grp.lambdas, grp.kind))
         for t in self.norm_terms:
-            for kind in t.lambdas:
+            for kind, lam in t.lambdas.items():
                 out.append(_Family(t.name, kind, lambda m=t.module, kind=kind: norm_group_norms(m, kind),
-                                   lambda s, m=t.module: _scale_norm_(m, (~s).to(m.weight.dtype))))
+                                   lambda s, m=t.module: _scale_norm_(m, (~s).to(m.weight.dtype)), lam))
         return out
 
     @torch.no_grad()

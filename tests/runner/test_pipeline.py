@@ -446,4 +446,4 @@ def test_a_budget_run_reports_its_target_and_what_compaction_reached(env, capsys
     assert "| ssl | 0.4 | " in (out / "report.md").read_text()
     rows = _log_rows(out)   # the approach to the budget, epoch by epoch
     assert list(rows[0])[10:12] == ["budget_goal", "strength"] and rows[0]["budget_goal"] == ""
-    assert float(rows[1]["budget_goal"]) == pytest.approx(0.4) and float(rows[1]["strength"]) == 1.0
+    assert float(rows[1]["budget_goal"]) == pytest.approx(0.4) and float(rows[1]["strength"]) > 1

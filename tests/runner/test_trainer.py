@@ -175,7 +175,7 @@ def test_a_resumed_budget_phase_goes_on_with_the_strength_it_had(tmp_path):
     phases = [{"name": "ssl", "epochs": 3, "lr": 0.05, "target": {"flops": 0.3}}]
     recipe, splits = _tiny(phases)
     whole = Trainer(recipe, splits, progress=False, log=lambda s: None).run()["history"]
-    assert whole[0]["strength"] == 1.0 and whole[0]["next_strength"] > 1.0   # far over its first goal
+    assert whole[0]["strength"] > 1.0      # the starting strength, from the groups' norms (λ = 1e-4 is tiny)
     assert [r["strength"] for r in whole[1:]] == [r["next_strength"] for r in whole[:-1]]
 
     def stop(trainer, p, e):
