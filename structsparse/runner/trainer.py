@@ -166,12 +166,14 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict
     """The budget's controller, once per epoch, from the fraction of the dense multiply-adds the compacted
     model keeps (``reached``). Its level multiplies every λ: while the model keeps more than the goal
     (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
-    least once, at most ``STEER_MAX``-fold an epoch); while it keeps less than the goal minus the band, it
+    least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after that the end of
+    the phase closes what is left, without overshooting); while it keeps less than the goal minus the band, it
     shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
     over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
     epoch's record keeps."""
     goal = budget_goal(phase.target["flops"], epoch, phase.epochs)
-    if reached is not None and abs(reached - goal) > STEER_BAND:
+    ramping = epoch + 1 < budget_ramp(phase.epochs)
+    if reached is not None and abs(reached - goal) > STEER_BAND and (ramping or reached < goal):
         factor = min(STEER_MAX, STEER_UP ** max(1.0, abs(reached - goal) / 0.1))
         level = level * factor if reached > goal else level / factor
         level = min(max(level, STEER_RANGE[0]), STEER_RANGE[1])

@@ -186,3 +186,12 @@ def test_a_resumed_budget_phase_goes_on_with_the_strength_it_had(tmp_path):
         Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lambda s: None, on_epoch_end=stop).run()
     resumed = Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lambda s: None).run(resume=True)
     assert [r["strength"] for r in resumed["history"]] == [r["strength"] for r in whole]
+
+
+def test_after_the_ramp_the_controller_no_longer_strengthens():
+    from structsparse.runner.recipe import Phase
+    from structsparse.runner.trainer import steer
+    phase = Phase("ssl", 4, 0.1, target={"flops": 0.25})   # the ramp is 3 epochs: the goal is 0.25 from epoch 3
+    assert steer(2.0, phase, 2, 0.5)["next_level"] == 2.0   # over: the end of the phase closes the gap
+    assert steer(2.0, phase, 1, 0.8)["next_level"] == 4.0   # still ramping (goal 0.5): stronger
+
