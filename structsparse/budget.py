@@ -116,13 +116,13 @@ def _order(gl: GroupLasso, example_input: torch.Tensor) -> list[tuple[int, int]]
 
 def _zero_first(gl: GroupLasso, order: list[tuple[int, int]], k: int) -> None:
     families = gl.families()
-    masks = [torch.zeros(fam.norms().numel(), dtype=torch.bool) for fam in families]
+    norms = [fam.norms() for fam in families]
+    masks = [torch.zeros(n.numel(), dtype=torch.bool, device=n.device) for n in norms]
     for f, i in order[:k]:
         masks[f][i] = True
-    for fam, mask in zip(families, masks):
+    for fam, n, mask in zip(families, norms, masks):
         if bool(mask.any()):
-            shape = fam.norms().shape
-            fam.zero(mask.to(fam.norms().device).view(shape))
+            fam.zero(mask.view(n.shape))
 
 
 class _Probes:

@@ -127,11 +127,16 @@ def _slice_cols(m: nn.Module, keep: torch.Tensor) -> None:
         m.in_features = keep.numel()
 
 
-def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
+def _slice_affine(m: nn.Module, keep: torch.Tensor) -> None:
+    """A norm layer's γ and β (where it has them), for the kept channels."""
     for name in ("weight", "bias"):
         p = getattr(m, name)
         if p is not None:
             setattr(m, name, _param(p[keep], p))
+
+
+def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
+    _slice_affine(m, keep)
     for name in ("running_mean", "running_var"):
         b = getattr(m, name)
         if b is not None:
@@ -140,10 +145,7 @@ def _slice_norm(m: nn.Module, keep: torch.Tensor) -> None:
 
 
 def _slice_layernorm(m: SlicedLayerNorm, keep: torch.Tensor) -> None:
-    for name in ("weight", "bias"):
-        p = getattr(m, name)
-        if p is not None:
-            setattr(m, name, _param(p[keep], p))
+    _slice_affine(m, keep)
     m.normalized_shape = (keep.numel(),)
 
 
@@ -539,8 +541,8 @@ def _sliced_layernorm(m: nn.Module) -> SlicedLayerNorm:
     if isinstance(m, SlicedLayerNorm):
         return m
     out = SlicedLayerNorm(m.normalized_shape[0], m.normalized_shape[0], eps=m.eps,
-                          elementwise_affine=m.weight is not None, bias=m.bias is not None).to(m.weight.device if m.weight is not None else None)
-    out.weight, out.bias = m.weight, m.bias
+                          elementwise_affine=m.weight is not None, bias=m.bias is not None)
+    out.weight, out.bias = m.weight, m.bias  # it has no buffers: its parameters are all it holds
     return out
 
 

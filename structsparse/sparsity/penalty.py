@@ -346,8 +346,8 @@ class GroupLasso:
                     t.module.weight.dtype)), t.lambdas["filter"]))
             for kind, lam in t.effective().items():
                 out.append(_Family(t.name, kind, lambda w=w, kind=kind, g=g: group_norms(w, kind, g, keepdim=True),
-                                   lambda s, w=w, g=g: group_view(w, g).masked_fill_(s.expand_as(group_view(w, g)),
-                                                                                      0.0), lam))
+                                   lambda s, w=w, g=g: (v := group_view(w, g)).masked_fill_(s.expand_as(v), 0.0),
+                                   lam))
         for grp in self._cross():
             name = "coupled" if grp is self.coupled else grp.name
             out.append(_Family(name, grp.kind if grp is self.coupled else "head", grp.norms,
