@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from safetensors import SafetensorError
+# torch and the rest load inside main(), so that a Ctrl-C while they load is answered with one line
 
 __all__ = ["main", "build_parser", "run_bench"]
 
@@ -78,6 +77,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 def run_bench(args: argparse.Namespace) -> None:
     """What ``structsparse bench ...`` does: parse the arguments, run the benchmark, print its markdown."""
+    import torch
+
     from .runner import bench
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: CUDA is not available on this machine")
@@ -125,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    from safetensors import SafetensorError
+
     from .runner.distributed import env_is_main
     from .runner.pipeline import run_recipe
     from .runner.recipe import RecipeError
@@ -148,7 +151,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except TrainingDiverged as e:
         say(f"structsparse: error: {e}")
         return 1
-    except _USER_ERRORS as e:  # a bad file, value or environment that a check further in did not name
+    except (*_USER_ERRORS, SafetensorError) as e:  # a bad file, value or environment no check further in named
         if args.debug:
             raise
         say(f"structsparse: error: {_one_line(e)} (--debug shows where)")
@@ -157,8 +160,9 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 # Errors a user's input or environment can cause deep inside (a loader's ValueError, a full disk, a file
-# that is not UTF-8, JSON or safetensors, nesting too deep): one line each, the traceback under --debug.
-_USER_ERRORS = (ValueError, OSError, RecursionError, UnicodeError, SafetensorError)
+# that is not UTF-8, JSON or safetensors (SafetensorError, added in _main), nesting too deep): one line each,
+# the traceback under --debug.
+_USER_ERRORS = (ValueError, OSError, RecursionError, UnicodeError)
 
 
 def _one_line(e: BaseException) -> str:

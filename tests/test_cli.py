@@ -34,3 +34,23 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli_module, "build_parser", interrupted)
     assert cli_module.main(["run", "x.yaml", "--out", "o"]) == 130
     assert capsys.readouterr().err.strip() == "structsparse: interrupted; continue with --resume"
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """The real entry point (``python -m structsparse``), interrupted inside ``import torch``: a stand-in torch
+    first on the path sends the process SIGINT while it is imported."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), str(root)])}
+    proc = subprocess.run([sys.executable, "-m", "structsparse", "run", "x.yaml", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip() == "structsparse: interrupted; continue with --resume"
+    assert not (tmp_path / "o").exists()

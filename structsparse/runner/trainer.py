@@ -181,6 +181,22 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict
     return {"budget_goal": goal, "next_level": level, "next_strength": 0.0 if resting else level}
 
 
+def came_back(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per layer, how many more filters and channels are nonzero in ``after`` than in ``before`` (kept structures as
+    :meth:`SparsityReport.kept` gives them; net: others may have gone to zero meanwhile), for the layers where the
+    count grew. Proximal SGD is not
+    monotone: a zero group leaves zero when its gradient outweighs its λ, and a filter that comes back makes every
+    channel group it crosses nonzero again."""
+    out = {}
+    for name, now in after.items():
+        was = before.get(name)
+        if was is not None:
+            grown = [max(0, now[0] - was[0]), max(0, now[2] - was[2])]
+            if any(grown):
+                out[name] = grown
+    return out
+
+
 def _kept_summary(kept: dict[str, list[int]]) -> str:
     return " ".join(f"{n}:{k[0]}/{k[1]}f,{k[2]}/{k[3]}c" for n, k in kept.items())
 
@@ -507,6 +523,9 @@ class Trainer:
         if phase.target is not None and gl is not None:
             rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, compact_fraction))
             gl.strength = rec["next_strength"]
+        back = came_back(self.history[-1]["kept"], kept) if self.history and phase.sparsifying else {}
+        if back:
+            rec["came_back"] = back
         if e == phase.epochs - 1 and phase.name in self.budgets:  # kept in the checkpoint's history
             rec["budget"] = self.budgets[phase.name]
         self.history.append(rec)
@@ -514,6 +533,10 @@ class Trainer:
         self.log(f"[{phase.name} {e + 1}/{phase.epochs}] loss {stats['train_loss']:.4f} "
                  f"train err {100 * stats['train_error']:.2f}% val err {100 * val_error:.2f}%{pen} "
                  f"lr {stats['lr']:.3g} ({stats['train_s']:.1f}s) {_kept_summary(kept)}")
+        if back:
+            self.log(f"[{phase.name} {e + 1}/{phase.epochs}] came back since the last epoch (net; a group whose "
+                     f"gradient outweighs its λ leaves zero): " + ", ".join(f"{n} {f} filters, {c} channels"
+                                                                  for n, (f, c) in back.items()))
         if self.checkpoint_dir is not None and self.rank == 0:
             info = {"phase": p, "epoch": e, "phase_name": phase.name, "history": self.history,
                     "recipe": self.recipe.to_dict(),

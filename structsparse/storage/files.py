@@ -24,7 +24,8 @@ def _fsync_dir(directory: Path) -> None:
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
     """Write ``data`` (bytes, or a function writing to an open binary file) to ``path``:
     a temporary file in the same directory, flushed and fsynced, then renamed over ``path``.
-    An OSError that names no file (a full disk: ``[Errno 28]``) is raised again naming ``path``."""
+    An OSError that names no file (a full disk: ``[Errno 28]``) or the temporary file (a read-only folder) is
+    raised again naming ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -38,7 +39,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)) and e.errno is not None:
             raise OSError(e.errno, f"cannot write: {e.strerror}", str(path)) from e
         raise
     _fsync_dir(path.parent)

@@ -429,6 +429,38 @@ def test_a_file_where_the_output_folder_should_be_is_one_line(env, tmp_path, cap
         assert err.startswith(f"structsparse: error: {out}: cannot use this folder for the run: ") and "\n" not in err
 
 
+@pytest.mark.parametrize("where", ["folder", "checkpoint"])
+def test_a_read_only_folder_is_one_line_naming_it(env, tmp_path, monkeypatch, capsys, where):
+    """A folder the run may not write: the output folder itself (no lock file can be made), or, after the lock,
+    its checkpoint folder. As root, chmod does not stop writes, so the kernel's refusal is imitated."""
+    import builtins
+    import errno
+    _, recipe = env
+    out = tmp_path / "o"
+    denied = out if where == "folder" else out / "checkpoint"
+    denied.mkdir(parents=True)
+    real_open, real_os_open = builtins.open, os.open
+
+    def refuse(path):
+        if Path(path).parent == denied:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    def os_open(path, *a, **k):
+        refuse(path)
+        return real_os_open(path, *a, **k)
+
+    def open_(path, mode="r", *a, **k):
+        if any(c in mode for c in "wax+"):
+            refuse(path)
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(builtins, "open", open_)
+    assert cli.main(["run", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"structsparse: error: {denied}") and "Permission denied" in err, err
+
+
 def test_a_budget_run_reports_its_target_and_what_compaction_reached(env, capsys):
     base, _ = env
     recipe = base / "budget.yaml"

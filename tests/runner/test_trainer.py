@@ -195,3 +195,23 @@ def test_after_the_ramp_the_controller_no_longer_strengthens():
     assert steer(2.0, phase, 2, 0.5)["next_level"] == 2.0   # over: the end of the phase closes the gap
     assert steer(2.0, phase, 1, 0.8)["next_level"] == 4.0   # still ramping (goal 0.5): stronger
 
+
+
+def test_structures_that_come_back_during_ssl_are_logged_and_recorded(monkeypatch):
+    """Proximal SGD is not monotone: when more filters or channels are nonzero than the epoch before, the log says
+    so and the epoch's record keeps the net counts (not in a phase without a group term)."""
+    from structsparse.runner.trainer import Trainer, came_back
+    assert came_back({"a": [5, 20, 9, 20]}, {"a": [6, 20, 13, 20], "b": [1, 1, 1, 1]}) == {"a": [1, 4]}
+    assert came_back({"a": [5, 20, 9, 20]}, {"a": [4, 20, 9, 20]}) == {}
+    counts = iter([[20, 20, 1, 1], [12, 20, 1, 1], [14, 20, 1, 1], [15, 20, 1, 1]])
+    monkeypatch.setattr(Trainer, "_sparsity", lambda self: (1.0, 1.0, {"conv1": next(counts)}))
+    recipe, splits = _tiny([{"name": "dense", "epochs": 1, "lr": 0.01},
+                            {"name": "ssl", "epochs": 2, "lr": 0.01, "lambdas": {"conv1": {"filter": 1e-3}}},
+                            {"name": "tune", "epochs": 1, "lr": 0.01}])
+    lines = []
+    t = Trainer(recipe, splits, progress=False, log=lines.append)
+    t.run()
+    assert [r.get("came_back") for r in t.history] == [None, None, {"conv1": [2, 0]}, None]
+    assert sum("came back" in s for s in lines) == 1
+    assert "[ssl 2/2] came back since the last epoch (net; a group whose gradient outweighs its λ leaves zero): " \
+           "conv1 2 filters, 0 channels" in lines
