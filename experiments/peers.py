@@ -3,7 +3,8 @@
 * :func:`train_phase`: one recipe phase on any LeNet-shaped model, trained by structsparse's
   :class:`~structsparse.runner.trainer.Trainer` at the phase's own index in the recipe (so with
   the epoch shuffles of ``(seed, phase index, epoch)``: a peer's fine-tuning sees the same batches
-  in the same order as ours), with a hook after each optimizer step (an ℓ1 proximal step, masks).
+  in the same order as ours), with hooks before and after each optimizer step (a peer's gradient term, an ℓ1
+  proximal step, masks) and the peer's own optimizer.
 * :func:`lenet_from_state`: rebuild a LeNet whose layers were shrunk (by Torch-Pruning) from
   its safetensors state dict alone (no pickled modules).
 * :func:`layer_macs`, :func:`total_flops`: multiply-adds of every Conv2d / Linear of a plain model,
@@ -26,7 +27,9 @@ HISTORY_KEYS = ("phase", "epoch", "epochs", "train_loss", "val_error", "train_s"
 
 def train_phase(model: nn.Module, splits: dict[str, Split], recipe: Recipe, phase_index: int,
                 phase: Phase | None = None, after_step: Callable[[torch.optim.Optimizer], None] | None = None,
-                log: Callable[[str], None] = print) -> list[dict]:
+                log: Callable[[str], None] = print,
+                before_step: Callable[[torch.optim.Optimizer], None] | None = None,
+                make_optimizer: Callable[[Phase], torch.optim.Optimizer] | None = None) -> list[dict]:
     """Train ``model`` for ``phase`` (default: the recipe's phase ``phase_index``) as ``structsparse run``
     trains that phase of ``recipe``; returns per-epoch records (:data:`HISTORY_KEYS`).
 
@@ -36,8 +39,9 @@ def train_phase(model: nn.Module, splits: dict[str, Split], recipe: Recipe, phas
     """
     phase = recipe.phases[phase_index] if phase is None else phase
     phases = tuple(recipe.phases[:phase_index]) + (dataclasses.replace(phase, freeze=False),)
-    hook = None if after_step is None else (lambda trainer, opt: after_step(opt))
-    trainer = Trainer(dataclasses.replace(recipe, phases=phases), splits, model=model, after_step=hook,
+    drop = lambda f: None if f is None else (lambda trainer, arg: f(arg))  # noqa: E731  the hooks without trainer
+    trainer = Trainer(dataclasses.replace(recipe, phases=phases), splits, model=model, after_step=drop(after_step),
+                      before_step=drop(before_step), make_optimizer=drop(make_optimizer),
                       checkpoint_dir=None, progress=False, log=log)
     trainer.run_phase(phase_index)
     return [{k: rec[k] for k in HISTORY_KEYS} for rec in trainer.history]

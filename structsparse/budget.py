@@ -1,5 +1,6 @@
-"""Shrinking to a budget: the multiply-adds each SSL group costs, and the zeroing of groups, cheapest norm per
-unit of cost first, until the *compacted* model is at or under a FLOP budget the user names.
+"""Shrinking to a budget: what each SSL group costs, and the zeroing of groups, cheapest norm per unit of cost
+first, until the *compacted* model is at or under a budget the user names: a fraction of the dense model's
+multiply-adds (``flops``) or of its parameters (``params``).
 
 ::
 
@@ -20,10 +21,30 @@ from torch import nn
 from . import checks
 from .compaction import CollapseWarning, compact
 from .graph import channel_units, trace_graph
-from .report import count_macs
+from .report import count_macs, count_params
 from .sparsity import GroupLasso
 
-__all__ = ["BudgetError", "BudgetResult", "group_costs", "zero_to_budget_", "starting_strength"]
+__all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "zero_to_budget_",
+           "starting_strength"]
+
+START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
+
+# What a budget counts, and in what unit (for messages).
+METRICS = {"flops": "multiply-adds", "params": "parameters"}
+
+
+def _count(metric: str, model: nn.Module, example_input: torch.Tensor) -> int:
+    return count_macs(model, example_input) if metric == "flops" else count_params(model)
+
+
+@torch.no_grad()
+def kept_fraction(model: nn.Module, example_input: torch.Tensor, metric: str = "flops") -> float:
+    """The fraction of ``model``'s multiply-adds (``"flops"``) or parameters (``"params"``) that
+    ``compact(model, example_input)`` keeps (a collapse is not warned about here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        small = compact(model, example_input, check=False)
+    return _count(metric, small, example_input) / max(1, _count(metric, model, example_input))
 
 
 class BudgetError(ValueError):
@@ -32,48 +53,75 @@ class BudgetError(ValueError):
 
 @dataclass
 class BudgetResult:
-    """What :func:`zero_to_budget_` did: the target and reached fractions of the dense multiply-adds (as the
-    compacted model counts them), and how many groups it zeroed (on top of those already zero)."""
+    """What :func:`zero_to_budget_` did: the target and reached fractions of the dense model's multiply-adds or
+    parameters (``metric``; as the compacted model counts them), the dense and the reached counts, and how many
+    groups it zeroed (on top of those already zero)."""
     target: float
     reached: float
-    dense_macs: int
-    macs: int
+    dense: int
+    kept: int
     groups_zeroed: int
     probes: int
+    metric: str = "flops"
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 @torch.no_grad()
-def group_costs(gl: GroupLasso, example_input: torch.Tensor) -> list[torch.Tensor]:
-    """The multiply-adds that each group's own weights do on one sample, one tensor per family of
-    :meth:`GroupLasso.families` (a weight of a layer does that layer's multiply-adds divided by its number
-    of weights; biases and BatchNorm entries cost nothing). Removing a group can save more (the channel it
-    feeds goes unread): this is the cost that orders the groups, not the saving."""
+def group_costs(gl: GroupLasso, example_input: torch.Tensor, metric: str = "flops") -> list[torch.Tensor]:
+    """The multiply-adds that each group's own weights do on one sample (``metric="flops"``), or the number of
+    its weights (``"params"``), one tensor per family of :meth:`GroupLasso.families` (a weight of a layer does that
+    layer's multiply-adds divided by its number of weights; biases cost nothing; a BatchNorm channel's (γ, β) group
+    costs what the filter of the conv or Linear before it costs, when that BatchNorm alone reads the layer).
+    Removing a group can save more (the channel it feeds goes unread): this is the cost that orders the groups,
+    not the saving."""
     model = gl.model
     batch = example_input.shape[0]
     per_module = count_macs(model, example_input, per_module=True)
-    uses = {}  # parameter → multiply-adds per weight and sample
+    uses = {}  # parameter → multiply-adds per weight and sample, or 1 (one parameter)
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and per_module.get(name) and isinstance(module, (nn.Conv2d, nn.Linear)):
-            uses[w] = per_module[name] / batch / w.numel()
+            uses[w] = per_module[name] / batch / w.numel() if metric == "flops" else 1.0
     saved = {p: p.detach().clone() for p in model.parameters()}
     try:  # each weight set to √(its uses), every other parameter to 0: a group's squared norm is its cost
         for p in model.parameters():
             p.fill_(math.sqrt(uses[p]) if p in uses else 0.0)
-        return [fam.norms().detach().square() for fam in gl.families()]
+        costs = [fam.norms().detach().square() for fam in gl.families()]
     finally:
         for p, value in saved.items():
             p.copy_(value)
+    producers = _norm_producers(gl, example_input)
+    for fam, cost in zip(gl.families(), costs):  # a BatchNorm channel's (γ, β): its producer's filter
+        w = producers.get(fam.name)
+        if fam.kind == "filter" and w is not None and w in uses and cost.numel() == w.shape[0]:
+            cost.fill_(uses[w] * w[0].numel())
+    return costs
+
+
+def _norm_producers(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, nn.Parameter]:
+    """For each regularised BatchNorm that reads a Conv2d or Linear output alone, that layer's weight."""
+    if not gl.norm_terms:
+        return {}
+    graph = trace_graph(gl.model, example_input)
+    users = graph.consumers()
+    out = {}
+    for t in gl.norm_terms:
+        node = graph.nodes.get(t.name)
+        if node is None or len(node.inputs) != 1:
+            continue
+        source = graph.nodes[node.inputs[0]]
+        if isinstance(source.module, (nn.Conv2d, nn.Linear)) and users[source.name] == [t.name]:
+            out[t.name] = source.module.weight
+    return out
 
 
 @torch.no_grad()
 def starting_strength(gl: GroupLasso, lr: float, steps: int) -> float:
     """A strength for ``gl`` that needs no λ tuning: the one at which ``steps`` proximal steps of size ``lr``
-    (gradients aside) shrink the smallest quarter of the regularised groups, relative to their λ, to zero. The
-    λs then only say how the kinds and layers weigh against each other."""
+    (gradients aside) shrink the smallest :data:`START_QUANTILE` of the regularised groups (one in twenty), relative
+    to their λ, to zero. The λs then only say how the kinds and layers weigh against each other."""
     ratios = []
     for fam in gl.families():
         norms = fam.norms().detach()
@@ -83,7 +131,7 @@ def starting_strength(gl: GroupLasso, lr: float, steps: int) -> float:
     ratios = torch.cat(ratios) if ratios else torch.zeros(0)
     if not ratios.numel() or lr <= 0 or steps < 1:
         return 1.0
-    return float(ratios.quantile(0.25)) / (lr * steps)
+    return float(ratios.quantile(START_QUANTILE)) / (lr * steps)
 
 
 def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -93,12 +141,12 @@ def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tenso
     return {name: units.pinned[units.of[name]] for name in units.readers}
 
 
-def _order(gl: GroupLasso, example_input: torch.Tensor) -> list[tuple[int, int]]:
+def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str) -> list[tuple[int, int]]:
     """The nonzero groups that cost something and whose zeros compaction can use, by norm per unit of cost
     (smallest first), as (family, index)."""
     families = gl.families()
     norms = [fam.norms().detach().flatten() for fam in families]
-    costs = [c.flatten() for c in group_costs(gl, example_input)]
+    costs = [c.flatten() for c in group_costs(gl, example_input, metric)]
     stays = _stays(gl, example_input)
     keys, where = [], []
     for f, (fam, n, c) in enumerate(zip(families, norms, costs)):
@@ -126,10 +174,12 @@ def _zero_first(gl: GroupLasso, order: list[tuple[int, int]], k: int) -> None:
 
 
 class _Probes:
-    """Compacted multiply-adds with the first k groups of an order zeroed, each from the model's saved state."""
+    """The compacted model's multiply-adds or parameters with the first k groups of an order zeroed, each from the
+    model's saved state."""
 
-    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, order: list[tuple[int, int]]):
-        self.gl, self.x, self.order, self.count = gl, example_input, order, 0
+    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str):
+        self.gl, self.x, self.metric, self.count = gl, example_input, metric, 0
+        self.order = _order(gl, example_input, metric)
         self.saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
 
     @torch.no_grad()
@@ -138,49 +188,60 @@ class _Probes:
         _zero_first(self.gl, self.order, k)
 
     def __call__(self, k: int) -> tuple[int, bool]:
-        """(multiply-adds, whether the model or a layer's whole width collapsed)."""
+        """(multiply-adds or parameters, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
         with warnings.catch_warnings(record=True) as caught:  # a collapse is what makes k too many
             warnings.simplefilter("always", CollapseWarning)
             small = compact(self.gl.model, self.x, check=False)
-        return count_macs(small, self.x), any(issubclass(w.category, CollapseWarning) for w in caught)
+        return _count(self.metric, small, self.x), any(issubclass(w.category, CollapseWarning) for w in caught)
+
+
+def _which(flops, params) -> tuple[str, float]:
+    given = {k: v for k, v in (("flops", flops), ("params", params)) if v is not None}
+    if len(given) != 1:
+        raise ValueError(f"give one budget, flops or params; got {', '.join(given) or 'none'}")
+    (metric, value), = given.items()
+    target = checks.number(value, metric, minimum=0)
+    if not 0 < target <= 1:
+        raise ValueError(f"{metric}: the budget is a fraction of the dense {METRICS[metric]} in (0, 1], got {value!r}")
+    return metric, target
 
 
 @torch.no_grad()
-def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float) -> BudgetResult:
+def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | None = None,
+                    params: float | None = None) -> BudgetResult:
     """Zero the fewest regularised groups of ``gl`` -- cheapest norm per unit of cost first (see
     :func:`group_costs`) -- so that ``compact(gl.model, example_input)`` does at most ``flops`` times the
-    dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them. The count is of the compacted
-    model itself, so the budget is never exceeded; a group whose zeros would collapse the model or a layer's
-    whole width is passed over. Raises :class:`BudgetError`, naming the closest reachable fraction, when
-    zeroing every other group is not enough (and leaves the model as it was)."""
-    target = checks.number(flops, "flops", minimum=0)
-    if not 0 < target <= 1:
-        raise ValueError(f"flops: the budget is a fraction of the dense multiply-adds in (0, 1], got {flops!r}")
+    dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them (or has at most ``params`` times its
+    parameters; give one of the two). The count is of the compacted model itself, so the budget is never exceeded;
+    a group whose zeros would collapse the model or a layer's whole width is passed over. Raises
+    :class:`BudgetError`, naming the closest reachable fraction, when zeroing every other group is not enough (and
+    leaves the model as it was)."""
+    metric, target = _which(flops, params)
     model, was_training = gl.model, gl.model.training
-    dense = count_macs(model, example_input) or 1
-    probe = _Probes(gl, example_input, _order(gl, example_input))
+    dense = _count(metric, model, example_input) or 1
+    probe = _Probes(gl, example_input, metric)
     try:
         lo = 0
         while True:  # the fewest groups that reach the budget or collapse (both only grow with k)
             hi, found = len(probe.order), None
             while lo < hi:
                 mid = (lo + hi) // 2
-                macs, collapsed = probe(mid)
-                if collapsed or macs <= target * dense:
+                count, collapsed = probe(mid)
+                if collapsed or count <= target * dense:
                     hi = mid
                 else:
                     lo = mid + 1
-            macs, collapsed = probe(lo)
-            if not collapsed and macs <= target * dense:
-                found = macs
+            count, collapsed = probe(lo)
+            if not collapsed and count <= target * dense:
+                found = count
                 break
             if collapsed and lo == 0:
-                raise BudgetError("flops: the model's output does not depend on its input even before zeroing")
+                raise BudgetError(f"{metric}: the model's output does not depend on its input even before zeroing")
             if not collapsed:  # every group zeroed, and still over
-                raise BudgetError(f"flops: {target:g} of the dense multiply-adds cannot be reached: with every "
-                                  f"regularised group zeroed the compact model keeps {macs / dense:.4f}")
+                raise BudgetError(f"{metric}: {target:g} of the dense {METRICS[metric]} cannot be reached: with every "
+                                  f"regularised group zeroed the compact model keeps {count / dense:.4f}")
             del probe.order[lo - 1]  # the group that collapses it stays; go on from there
             lo -= 1
         probe.set(lo)
@@ -189,4 +250,4 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
         raise
     finally:
         model.train(was_training)
-    return BudgetResult(target, found / dense, dense, found, lo, probe.count)
+    return BudgetResult(target, found / dense, dense, found, lo, probe.count, metric)

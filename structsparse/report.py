@@ -46,6 +46,11 @@ def count_macs(model: nn.Module, example_input: torch.Tensor, per_module: bool =
     return out
 
 
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 # The structure counts a run logs per layer and epoch (log.csv columns ``<layer>_<count>``), in this order.
 KEPT = ("filters_kept", "filters", "channels_kept", "channels")
 
@@ -91,6 +96,13 @@ class SparsityReport:
     input_shape: list[int] = field(default_factory=list)
     compact_macs: int | None = None
     pinned: dict | None = None  # channel units that stay whatever the weights, and why (see pinned_summary)
+    params: int = 0                    # parameters of the model
+    compact_params: int | None = None  # ... and of the compacted model
+
+    @property
+    def compact_params_fraction(self) -> float | None:
+        """Parameters of the compacted model, as a fraction of the model's."""
+        return None if self.compact_params is None or not self.params else self.compact_params / self.params
 
     @property
     def compact_flop_fraction(self) -> float | None:
@@ -115,6 +127,8 @@ class SparsityReport:
         return {"layers": self.layers, "macs": self.macs, "macs_kept": self.macs_kept,
                 "flop_fraction": self.flop_fraction, "flop_counter_macs": self.counter_macs,
                 "compact_macs": self.compact_macs, "compact_flop_fraction": self.compact_flop_fraction,
+                "params": self.params, "compact_params": self.compact_params,
+                "compact_params_fraction": self.compact_params_fraction,
                 "input_shape": self.input_shape, "pinned": self.pinned}
 
     def to_markdown(self) -> str:
@@ -142,7 +156,8 @@ class SparsityReport:
         if self.compact_macs is not None:
             lines.append(f"After compact (zeros of one layer also remove work in its neighbours): {self.compact_macs:,} "
                          f"multiply-adds per input ({100 * self.compact_flop_fraction:.1f}%), counted by "
-                         "torch.utils.flop_counter on the compacted model.")
+                         f"torch.utils.flop_counter on the compacted model; {self.compact_params:,} of {self.params:,} "
+                         f"parameters ({100 * self.compact_params_fraction:.1f}%).")
         return "\n".join(lines)
 
 
@@ -205,7 +220,7 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
             h.remove()
     rows = [_layer_row(n, m, shapes[n]) for n, m in layers.items() if n in shapes]
     batch = example_input.shape[0]
-    compact_macs = pinned = None
+    compact_macs = pinned = compact_params = None
     if with_compact:
         try:
             if compacted is None:
@@ -217,8 +232,10 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
         if per_module is not None:
             compact_macs = per_module.get("", 0) // batch  # no entry: the compact model multiplies nothing
             sizes = _sizes(compacted)
+            compact_params = count_params(compacted)
             for r in rows:  # a layer compaction removed (a branch that became a constant) does no work
                 r["compact_flop_fraction"] = per_module.get(r["name"], 0) / batch / r["macs"]
                 r["filters_after"], r["channels_after"] = sizes.get(r["name"], (0, 0))
     return SparsityReport(rows, sum(r["macs"] for r in rows), sum(r["macs_kept"] for r in rows),
-                          count_macs(model, example_input) // batch, list(example_input.shape), compact_macs, pinned)
+                          count_macs(model, example_input) // batch, list(example_input.shape), compact_macs, pinned,
+                          count_params(model), compact_params)

@@ -1,4 +1,5 @@
-"""Shrinking to a FLOP budget: the compacted model lands at or under it, never over, without collapsing."""
+"""Shrinking to a FLOP or parameter budget: the compacted model lands at or under it, never over, without
+collapsing."""
 import copy
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from structsparse import GroupLasso, compact
 from structsparse.budget import BudgetError, group_costs, zero_to_budget_
-from structsparse.report import count_macs
+from structsparse.report import count_macs, count_params
 
 from helpers import TinyResNet, check_exact, randomize
 
@@ -33,7 +34,7 @@ def test_the_compacted_model_lands_at_or_just_under_the_budget(target):
     small = compact(model, x)
     check_exact(model, small, x)
     macs = count_macs(small, x)
-    assert macs == result.macs and result.dense_macs == dense
+    assert macs == result.kept and result.dense == dense and result.metric == "flops"
     assert target - 0.1 <= macs / dense <= target     # never over; this small model moves in coarse steps
     assert result.groups_zeroed > 0 and result.target == target
     assert model(x).std(0).mean() > 0                 # not collapsed to a constant
@@ -46,10 +47,28 @@ def test_fewer_groups_would_not_do():
     before = copy.deepcopy(model)
     result = zero_to_budget_(gl, x, flops=0.5)
     gl2 = GroupLasso(before, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
-    from structsparse.budget import _order, _Probes
-    probe = _Probes(gl2, x, _order(gl2, x))
+    from structsparse.budget import _Probes
+    probe = _Probes(gl2, x, "flops")
     macs, collapsed = probe(result.groups_zeroed - 1)
-    assert collapsed or macs > 0.5 * result.dense_macs   # one group fewer (in the same order) is over
+    assert collapsed or macs > 0.5 * result.dense   # one group fewer (in the same order) is over
+
+
+def test_a_parameter_budget_counts_the_compacted_models_parameters():
+    model = _trained_like(2)
+    x = torch.rand(2, 3, 16, 16)
+    dense = count_params(model)
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
+    result = zero_to_budget_(gl, x, params=0.4)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    assert result.metric == "params" and result.dense == dense and result.kept == count_params(small)
+    assert 0.3 <= count_params(small) / dense <= 0.4
+    costs = {(f.name, f.kind): c.flatten() for f, c in zip(gl.families(), group_costs(gl, x, "params"))}
+    assert torch.allclose(costs["conv1", "filter"], torch.full((8,), 3 * 9.0))   # a filter: its 27 weights
+    with pytest.raises(ValueError, match="give one budget, flops or params; got flops, params"):
+        zero_to_budget_(gl, x, flops=0.5, params=0.5)
+    with pytest.raises(ValueError, match=r"params: the budget is a fraction of the dense parameters"):
+        zero_to_budget_(gl, x, params=2)
 
 
 def test_an_unreachable_budget_names_the_closest_and_leaves_the_model_alone():
@@ -102,16 +121,27 @@ def test_the_committed_budget_run_is_at_or_under_its_target():
     assert budget["target"] - 0.02 <= budget["reached"] <= budget["target"]
 
 
-def test_the_starting_strength_shrinks_a_quarter_of_the_groups_to_zero_over_the_given_steps():
+def test_the_starting_strength_shrinks_one_in_twenty_of_the_groups_to_zero_over_the_given_steps():
     from structsparse.budget import starting_strength
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with torch.no_grad():
         model[0].weight.copy_(torch.arange(1, 9, dtype=torch.float32).view(8, 1).expand(8, 4) / 2)  # norms 1..8
     gl = GroupLasso(model, {"0": {"filter": 0.5}})
     strength = starting_strength(gl, lr=0.1, steps=10)
-    assert strength == pytest.approx(torch.tensor([1., 2, 3, 4, 5, 6, 7, 8]).quantile(0.25).item() / 0.5 / 1.0)
+    assert strength == pytest.approx(torch.tensor([1., 2, 3, 4, 5, 6, 7, 8]).quantile(0.05).item() / 0.5 / 1.0)
     gl.strength = strength
     for _ in range(10):
         gl.prox_step(lr=0.1)
     alive = gl.norms()["0"]["filter"].gt(0)
-    assert int(alive.sum()) == 6          # the two smallest of eight are gone, the rest are not
+    assert int(alive.sum()) == 7          # the smallest of eight is gone, the rest are not
+
+
+def test_a_batchnorm_channel_costs_what_the_filter_before_it_costs():
+    model = _trained_like()
+    x = torch.rand(1, 3, 16, 16)
+    gl = GroupLasso(model, {"bn1": {"filter": 1e-3}, "layer1.0.bn2": {"filter": 1e-3}}, example_input=x)
+    costs = {f.name: c.flatten() for f, c in zip(gl.families(), group_costs(gl, x))}
+    assert torch.allclose(costs["bn1"], torch.full((8,), 3 * 9 * 256.0))            # conv1: 3×3×3 per pixel
+    assert torch.allclose(costs["layer1.0.bn2"], torch.full((8,), 8 * 9 * 256.0))   # the block's conv2
+    result = zero_to_budget_(gl, x, flops=0.8)   # zeroing (γ, β) is what removes the filters
+    assert result.reached <= 0.8 and result.groups_zeroed > 0

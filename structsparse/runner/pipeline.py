@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..budget import METRICS
 from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SpeedReport, measure_speedup
@@ -175,8 +176,9 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
         "## Validation error at the end of each phase\n\n" + val_md
         + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
            if recipe.train_with_val else ""),
-        *(["## Budget\n\n" + "\n".join(["| phase | target (of the dense multiply-adds) | reached after compaction |",
-                                         "|---|---|---|"] + [f"| {name} | {b['target']:g} | {b['reached']:.4f} |"
+        *(["## Budget\n\n" + "\n".join(["| phase | target (of the dense model's) | reached after compaction |",
+                                         "|---|---|---|"] + [f"| {name} | {b['target']:g} of the "
+                                                            f"{METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f} |"
                                                             for name, b in results["budget"].items()])]
           if "budget" in results else []),
         "## Sparsity\n\n" + report.to_markdown(),

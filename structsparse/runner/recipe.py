@@ -29,7 +29,7 @@ the speedup at the end::
         zero_groups_below_relative: 0.05 # and those below 0.05 × the largest norm of their kind and layer
                                          # ({kind: r}: per kind)
         target: {flops: 0.33}    # optional: at phase end, zero groups until the compacted model keeps at
-                                 # most 0.33 of the dense multiply-adds (zero_to_budget_)
+                                 # most 0.33 of the dense multiply-adds (zero_to_budget_); or {params: f}
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -59,6 +59,7 @@ import yaml
 from torch import nn
 
 from .. import checks
+from ..sparsity.groups import normalization_modules
 from ..sparsity.penalty import check_kinds, check_spec, resolve_spec
 from ..zoo.models import MODELS, build_model
 
@@ -103,7 +104,8 @@ class Phase:
     zero_groups_below_relative: float | dict | None = None  # ... below this × the largest of kind and layer
     freeze: bool = False                          # freeze zero structures at phase start, term off
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
-    target: dict | None = None                    # {"flops": f}: at phase end, zero groups until compacted ≤ f
+    target: dict | None = None                    # {"flops": f} or {"params": f}: at phase end, zero groups until
+                                                  # the compacted model keeps at most f of the dense count
 
     @property
     def sparsifying(self) -> bool:
@@ -319,9 +321,23 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
           "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target")
-# A phase's budget (only flops so far: the fraction of the dense multiply-adds its compacted model may keep).
+# A phase's budget: the fraction of the dense multiply-adds (flops) or parameters (params) its compacted model may
+# keep (latency: not yet).
 _TARGET = ("flops", "params", "latency")
 DEFAULT_TARGET_LAMBDAS = {"filter": 1e-4, "channel": 1e-4}  # a target phase without lambdas
+
+
+def default_target_lambdas(net: nn.Module) -> dict:
+    """The groups a target phase without ``lambdas`` regularises: filters and channels model-wide; in a model with
+    BatchNorm, each BatchNorm channel's (γ, β) instead (network slimming's channels, as groups). A conv's own groups
+    are scale-free under the BatchNorm after it: the proximal steps shrink them without the loss resisting, while the
+    gradient steps, larger as the weights get smaller, keep them off zero; the zeros never come, and the norms that
+    would rank the groups mean nothing. A (γ, β) group zeroed makes its channel zero, and costs what its conv's
+    filter costs."""
+    norms = normalization_modules(net)
+    if norms:
+        return {name: {"filter": DEFAULT_TARGET_LAMBDAS["filter"]} for name in norms}
+    return dict(DEFAULT_TARGET_LAMBDAS)
 _SCHEDULE = ("kind", "milestones", "gamma")
 _MEASURE = ("batch_sizes", "repeats", "warmup", "threads")
 
@@ -424,7 +440,7 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
     if kw["target"] is not None and not kw["lambdas"]:
-        kw["lambdas"] = dict(DEFAULT_TARGET_LAMBDAS)
+        kw["lambdas"] = default_target_lambdas(net)
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
                               "(it freezes the zeros of the earlier phases' lambdas)")
@@ -439,13 +455,14 @@ def _parse_target(c: _Checker, t, where: str) -> dict | None:
     if t is None:
         return None
     t = c.mapping(t, where, _TARGET)
-    for key in ("params", "latency"):
-        if key in t:
-            c.fail(f"{where}.{key}", f"a {key} budget is not supported yet; give flops (a fraction of the dense "
-                                     "multiply-adds)")
-    if "flops" not in t:
-        c.fail(where, "expected {flops: f}, the fraction of the dense multiply-adds to keep")
-    return {"flops": c.number(t["flops"], f"{where}.flops", positive=True, maximum=1)}
+    if "latency" in t:
+        c.fail(f"{where}.latency", "a latency budget is not supported yet; give flops or params (a fraction of the "
+                                   "dense multiply-adds or parameters)")
+    if len(t) != 1:
+        c.fail(where, "expected one budget, {flops: f} or {params: f}: the fraction of the dense multiply-adds or "
+                      "parameters to keep")
+    (key, value), = t.items()
+    return {key: c.number(value, f"{where}.{key}", positive=True, maximum=1)}
 
 
 def _parse_relative(c: _Checker, r, where: str) -> float | dict | None:

@@ -28,7 +28,7 @@ TENSORBOARD_DIR = "tensorboard"
 # <layer>_channels_kept, <layer>_channels (non-zero groups, as in the history's "kept").
 COLUMNS = ("phase", "epoch", "lr", "train_loss", "penalty", "train_error", "val_error", "train_s", "flop_fraction",
            "compact_flop_fraction")
-BUDGET_COLUMNS = ("budget_goal", "strength")  # after COLUMNS, in runs with a budget phase
+BUDGET_COLUMNS = ("budget_goal", "strength", "budget_reached")  # after COLUMNS, in runs with a budget phase
 
 
 def _layers(history: Sequence[dict]) -> list[str]:
@@ -63,8 +63,8 @@ def write_csv(path: str | Path, history: Sequence[dict]) -> None:
 
 def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> None:
     """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
-    model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; a budget
-    phase's goal: dotted red), and the validation error, against the epoch; phases are marked."""
+    model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; its parameters
+    after compaction: dotted grey; a budget phase's goal: dotted red), and the validation error, against the epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
 
@@ -81,6 +81,7 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
                      markerfacecolor=fill, markersize=4, label=f"{layer} {what}")
     for key, style, label in (("flop_fraction", dict(color="0.55", lw=1.2, ls="-."), "FLOPs, own zeros"),
                               ("compact_flop_fraction", dict(color="k", lw=2.2, ls="-"), "FLOPs after compact"),
+                              ("compact_params_fraction", dict(color="0.35", lw=1.2, ls=":"), "params after compact"),
                               ("budget_goal", dict(color="C3", lw=1.5, ls=":"), "budget: the goal")):
         flops = [rec.get(key) for rec in history]
         if any(f is not None for f in flops):

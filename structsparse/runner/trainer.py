@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import BudgetError, starting_strength, zero_to_budget_
+from ..budget import METRICS, BudgetError, kept_fraction, starting_strength, zero_to_budget_
 from ..compaction import CollapseWarning
 from ..report import sparsity_report
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
@@ -160,25 +160,37 @@ def budget_goal(target: float, epoch: int, epochs: int) -> float:
 
 
 STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
+BRAKE_EVERY = 1 / 8  # of an epoch: how often a budget phase checks whether it reached its target
+
+
+REACHED = {"flops": "compact_flop_fraction", "params": "compact_params_fraction"}  # an epoch's record, per budget
+
+
+def budget_of(phase: Phase) -> tuple[str, float]:
+    """A budget phase's ``(metric, fraction)``: ``("flops", 0.33)`` for ``target: {flops: 0.33}``."""
+    (metric, fraction), = phase.target.items()
+    return metric, fraction
 
 
 def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict:
-    """The budget's controller, once per epoch, from the fraction of the dense multiply-adds the compacted
-    model keeps (``reached``). Its level multiplies every λ: while the model keeps more than the goal
+    """The budget's controller, once per epoch, from the fraction of the dense multiply-adds (or parameters: the
+    phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps more than the goal
     (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
     least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after that the end of
     the phase closes what is left, without overshooting); while it keeps less than the goal minus the band, it
     shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
     over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
     epoch's record keeps."""
-    goal = budget_goal(phase.target["flops"], epoch, phase.epochs)
+    target = budget_of(phase)[1]
+    goal = budget_goal(target, epoch, phase.epochs)
     ramping = epoch + 1 < budget_ramp(phase.epochs)
     if reached is not None and abs(reached - goal) > STEER_BAND and (ramping or reached < goal):
         factor = min(STEER_MAX, STEER_UP ** max(1.0, abs(reached - goal) / 0.1))
         level = level * factor if reached > goal else level / factor
         level = min(max(level, STEER_RANGE[0]), STEER_RANGE[1])
-    resting = reached is not None and reached <= phase.target["flops"]
-    return {"budget_goal": goal, "next_level": level, "next_strength": 0.0 if resting else level}
+    resting = reached is not None and reached <= target
+    return {"budget_goal": goal, "budget_reached": reached, "next_level": level,
+            "next_strength": 0.0 if resting else level}
 
 
 def came_back(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -236,8 +248,12 @@ class Trainer:
 
     Hooks, so that experiments and peers train through this loop instead of copying it:
 
+    * ``before_step(trainer, optimizer)``: after the backward pass, before the optimizer step (e.g. a peer's own
+      gradient term, such as Torch-Pruning's ``regularize``);
     * ``after_step(trainer, optimizer)``: after every optimizer step, once the proximal step, the
       zeroing and the masks are applied (e.g. a peer's own proximal step or masks);
+    * ``make_optimizer(trainer, phase)``: the optimizer of a phase (default: SGD with the phase's lr, momentum and
+      weight decay), e.g. a peer's own; the phase's lr schedule still sets its ``lr``;
     * ``on_epoch_end(trainer, phase_index, epoch)``: after each epoch's checkpoint (tests use it to
       simulate an interruption).
 
@@ -250,7 +266,9 @@ class Trainer:
                  log: Callable[[str], None] | None = None,
                  on_epoch_end: Callable[["Trainer", int, int], None] | None = None,
                  after_step: Callable[["Trainer", torch.optim.Optimizer], None] | None = None,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None,
+                 before_step: Callable[["Trainer", torch.optim.Optimizer], None] | None = None,
+                 make_optimizer: Callable[["Trainer", Phase], torch.optim.Optimizer] | None = None):
         self.recipe = recipe
         self.splits = splits
         self.device = torch.device(device)
@@ -258,7 +276,7 @@ class Trainer:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.log = log or (lambda s: print(s, flush=True))
         self.on_epoch_end = on_epoch_end
-        self.after_step = after_step
+        self.after_step, self.before_step, self.make_optimizer = after_step, before_step, make_optimizer
         self.world, self.rank = dist_.world_size(), dist_.rank()
         if self.world > 1:
             dist_.local_batch_size(recipe.batch_size, self.world)  # the global batch must split evenly
@@ -359,8 +377,9 @@ class Trainer:
             steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
             self._budget_start[p] = starting_strength(gl, phase.lr, steps)
             gl.strength = self._budget_state(p)[1]
-        opt = torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
-                              weight_decay=phase.weight_decay)
+        opt = (self.make_optimizer(self, phase) if self.make_optimizer is not None else
+               torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
+                               weight_decay=phase.weight_decay))
         if mid:
             try:
                 opt.load_state_dict(opt_state)
@@ -419,14 +438,14 @@ class Trainer:
         if gl is not None and phase.target is not None:
             was_training = self.model.training
             try:
-                result = zero_to_budget_(gl, self.splits["train"].images[:2], flops=phase.target["flops"])
+                result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target)
             except BudgetError as e:
                 raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
             self.model.train(was_training)
             if self.masks is not None:
                 self.masks.apply_()
             self.budgets[phase.name] = result.as_dict()
-            self.log(f"{phase.name}: budget {result.target:g} of the dense multiply-adds: {result.reached:.4f} after "
+            self.log(f"{phase.name}: budget {result.target:g} of the dense {METRICS[result.metric]}: {result.reached:.4f} after "
                      f"compaction ({result.groups_zeroed} more groups zeroed, {result.probes} compactions)")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
@@ -453,6 +472,7 @@ class Trainer:
                 if per_step_lr:
                     _set_lr(opt, lr_at(phase, e, i, steps))
                 sums.add(i, *self._step(x, y, opt, gl, phase, aug_gen, use_penalty))
+                self._brake(phase, gl, e, i, steps)
                 if (i % _CHECK_EVERY == 0 or i == steps - 1) and sums.bad_step.item() >= 0:
                     v = sums.bad_values.tolist()
                     what = f"loss {v[0]:.6g}" + (f", penalty {v[1]:.6g}" if use_penalty else "")
@@ -476,6 +496,20 @@ class Trainer:
         return {"train_loss": sums.loss.item() / seen, "train_error": 1 - sums.correct.item() / seen,
                 "penalty": penalty, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
 
+    def _brake(self, phase: Phase, gl: GroupLasso | None, e: int, i: int, steps: int) -> None:
+        """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model is
+        at or under the target, the term rests for the rest of the epoch (the controller decides again at its end).
+        Zeros come in bursts; checked once an epoch, the last epochs overshot the target by half of it."""
+        if phase.target is None or gl is None or not gl.strength or (i + 1) % max(1, round(steps * BRAKE_EVERY)):
+            return
+        metric, target = budget_of(phase)
+        reached = kept_fraction(self.model, self.splits["train"].images[:1], metric)
+        self.model.train()
+        if reached <= target:
+            gl.strength = 0.0
+            self.log(f"[{phase.name} {e + 1}/{phase.epochs}] step {i + 1}/{steps}: at the budget "
+                     f"({reached:.4f} of the dense {METRICS[metric]}); the group term rests")
+
     def _step(self, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, gl: GroupLasso | None,
               phase: Phase, aug_gen: torch.Generator | None, use_penalty: bool):
         """One optimizer step on the global batch ``(x, y)``; returns what :class:`_EpochSums` adds up."""
@@ -493,6 +527,8 @@ class Trainer:
         pen = gl.penalty() if use_penalty else None
         opt.zero_grad(set_to_none=True)
         (loss + pen if use_penalty else loss).backward()
+        if self.before_step is not None:
+            self.before_step(self, opt)
         opt.step()
         if gl is not None and phase.method == "prox":
             gl.prox_step(optimizer=opt)
@@ -516,12 +552,12 @@ class Trainer:
                       gl: GroupLasso | None = None) -> None:
         phase = self.recipe.phases[p]
         val_error = evaluate(self.model, self.splits["val"], self.recipe.eval_batch_size)
-        flop_fraction, compact_fraction, kept = self._sparsity()
+        fractions, kept = self._sparsity()
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
-               "val_error": val_error, "flop_fraction": flop_fraction, "compact_flop_fraction": compact_fraction,
-               "kept": kept}
+               "val_error": val_error, **fractions, "kept": kept}
         if phase.target is not None and gl is not None:
-            rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, compact_fraction))
+            reached = fractions[REACHED[budget_of(phase)[0]]]
+            rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, reached))
             gl.strength = rec["next_strength"]
         back = came_back(self.history[-1]["kept"], kept) if self.history and phase.sparsifying else {}
         if back:
@@ -552,17 +588,19 @@ class Trainer:
             self.on_epoch_end(self, p, e)
 
     @torch.no_grad()
-    def _sparsity(self) -> tuple[float | None, float | None, dict[str, list[int]]]:
-        """Whole-model multiply-adds kept, from each layer's own zeros and after compaction, and the kept
-        structures per layer (the report's figures; ``None, None, {}`` for a model the report cannot run).
+    def _sparsity(self) -> tuple[dict[str, float | None], dict[str, list[int]]]:
+        """Whole-model multiply-adds kept, from each layer's own zeros and after compaction, and parameters kept
+        after compaction (``flop_fraction``, ``compact_flop_fraction``, ``compact_params_fraction``), and the kept
+        structures per layer: the report's figures (``None`` and ``{}`` for a model the report cannot run).
         A collapse here is reported at the end of the run, not every epoch."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CollapseWarning)
                 report = sparsity_report(self.model, self.splits["train"].images[:1])
         except ValueError:
-            return None, None, {}
-        return report.flop_fraction, report.compact_flop_fraction, report.kept()
+            return dict.fromkeys(("flop_fraction", *REACHED.values())), {}
+        return {"flop_fraction": report.flop_fraction, "compact_flop_fraction": report.compact_flop_fraction,
+                "compact_params_fraction": report.compact_params_fraction}, report.kept()
 
     # ------------------------------------------------------------------ results
 

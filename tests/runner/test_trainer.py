@@ -95,7 +95,9 @@ def test_run_phase_on_a_callers_model_takes_the_same_steps_as_run():
     ({"flops": 1.5}, r"phases\[1\]\.target\.flops: must be <= 1"),
     ({"latency": 0.5}, r"phases\[1\]\.target\.latency: a latency budget is not supported yet"),
     ({"flop": 0.5}, r"phases\[1\]\.target\.flop"),
-    ({}, r"phases\[1\]\.target: expected \{flops: f\}"),
+    ({}, r"phases\[1\]\.target: expected one budget, \{flops: f\} or \{params: f\}"),
+    ({"flops": 0.5, "params": 0.5}, r"phases\[1\]\.target: expected one budget"),
+    ({"params": 0}, r"phases\[1\]\.target\.params: must be > 0"),
 ])
 def test_bad_budgets_name_the_key(target, message):
     from structsparse.runner.recipe import RecipeError
@@ -119,6 +121,51 @@ def test_a_target_phase_ends_at_or_under_its_budget_and_says_so():
     budget = out["budget"]["ssl"]
     assert fraction <= 0.3 and abs(budget["reached"] - fraction) < 1e-9 and budget["target"] == 0.3
     assert any("budget 0.3 of the dense multiply-adds" in line for line in lines)
+
+
+def test_a_target_phase_without_lambdas_regularises_the_batchnorm_channels_of_a_batchnorm_model():
+    from structsparse.runner.recipe import parse_recipe
+    phases = [{"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.5}}]
+    resnet = parse_recipe({"model": "resnet20", "model_args": {"in_channels": 1}, "data": "fashion-mnist",
+                           "phases": phases})
+    lambdas = resnet.phases[0].lambdas   # a conv's own groups are scale-free under the BatchNorm after it
+    assert len(lambdas) == 19 and lambdas["bn1"] == lambdas["layer3.2.bn2"] == {"filter": 1e-4}
+    lenet = parse_recipe({"model": "lenet", "data": "mnist", "phases": phases})
+    assert lenet.phases[0].lambdas == {"filter": 1e-4, "channel": 1e-4}
+
+
+def test_the_brake_rests_the_group_term_within_the_epoch_the_target_is_reached(monkeypatch):
+    from structsparse.runner import trainer as trainer_module
+    from structsparse.runner.trainer import Trainer
+    seen = iter([1.0, 0.95, 0.85] + [0.85] * 100)
+    monkeypatch.setattr(trainer_module, "kept_fraction", lambda model, x, metric: next(seen))
+    phases = [{"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": 0.9}}]
+    recipe, splits = _tiny(phases)   # 4 steps an epoch: checked after every step
+    lines = []
+    t = Trainer(recipe, splits, progress=False, log=lines.append)
+    t.run()
+    assert "[ssl 1/2] step 3/4: at the budget (0.8500 of the dense multiply-adds); the group term rests" in lines
+    assert t.history[0]["strength"] == 0.0   # what the term had at the end of the epoch
+
+
+def test_a_parameter_budget_steers_on_the_compacted_models_parameters():
+    from structsparse import compact
+    from structsparse.report import count_params
+    from structsparse.runner.trainer import Trainer
+    phases = [PHASES[0], {"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"params": 0.2}},
+              {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
+    recipe, splits = _tiny(phases)
+    lines = []
+    t = Trainer(recipe, splits, progress=False, log=lines.append)
+    out = t.run()
+    model, x = t.finish(), splits["train"].images[:2]
+    fraction = count_params(compact(model, x)) / count_params(model)
+    budget = out["budget"]["ssl"]
+    assert budget["metric"] == "params" and fraction <= 0.2 and abs(budget["reached"] - fraction) < 1e-9
+    ssl = [r for r in t.history if r["phase"] == "ssl"]
+    assert [r["budget_reached"] for r in ssl] == [r["compact_params_fraction"] for r in ssl]
+    assert ssl[-1]["compact_params_fraction"] == pytest.approx(fraction)
+    assert any("budget 0.2 of the dense parameters" in line for line in lines)
 
 
 def test_an_unreachable_budget_ends_the_phase_with_one_line_naming_the_target():
@@ -147,7 +194,8 @@ def test_the_controller_steers_every_lambda_towards_the_goal_and_rests_at_the_ta
     from structsparse.runner.trainer import steer
     phase = Phase("ssl", 4, 0.1, target={"flops": 0.25})
     out = steer(2.0, phase, 0, reached)      # the goal after epoch 1 of 4 is 0.75
-    assert out == {"budget_goal": 0.75, "next_level": pytest.approx(level), "next_strength": pytest.approx(strength)}
+    assert out == {"budget_goal": 0.75, "budget_reached": reached, "next_level": pytest.approx(level),
+                   "next_strength": pytest.approx(strength)}
 
 
 def test_a_stronger_group_term_shrinks_more():
@@ -204,7 +252,7 @@ def test_structures_that_come_back_during_ssl_are_logged_and_recorded(monkeypatc
     assert came_back({"a": [5, 20, 9, 20]}, {"a": [6, 20, 13, 20], "b": [1, 1, 1, 1]}) == {"a": [1, 4]}
     assert came_back({"a": [5, 20, 9, 20]}, {"a": [4, 20, 9, 20]}) == {}
     counts = iter([[20, 20, 1, 1], [12, 20, 1, 1], [14, 20, 1, 1], [15, 20, 1, 1]])
-    monkeypatch.setattr(Trainer, "_sparsity", lambda self: (1.0, 1.0, {"conv1": next(counts)}))
+    monkeypatch.setattr(Trainer, "_sparsity", lambda self: ({}, {"conv1": next(counts)}))
     recipe, splits = _tiny([{"name": "dense", "epochs": 1, "lr": 0.01},
                             {"name": "ssl", "epochs": 2, "lr": 0.01, "lambdas": {"conv1": {"filter": 1e-3}}},
                             {"name": "tune", "epochs": 1, "lr": 0.01}])
