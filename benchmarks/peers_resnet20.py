@@ -14,18 +14,20 @@ Methods (each from the same dense weights, on the same images in the same order,
 * ``oto``: OTO 3.0.1's HESSO optimizer during the sparse epochs, its target group sparsity chosen to land on
   the target, then its ``construct_subnet``, then fine-tuning. Needs its own environment (see ``--methods``).
 
-Protocol: the dense start is a ``structsparse run recipes/fmnist/resnet20_dense.yaml`` (``--dense``); the data are
-its recipe's (12k training, 5k validation, the 10k test images); the sparse phase (``--sparse-epochs``, lr 0.1,
+Protocol: the dense start is a ``structsparse run recipes/fmnist/peers/resnet20b_dense.yaml`` (``--dense``); the data
+are its recipe's (6k training, 2k validation, the 10k test images); the sparse phase (``--sparse-epochs``, lr 0.1,
 momentum 0.9, weight decay 1e-4, constant lr) and the fine-tuning (``--tune-epochs``, lr 0.02, cosine) are
 recipe phases trained by structsparse's ``Trainer`` for every method (a peer's regulariser and optimizer go in
 through its hooks). Multiply-adds: ``torch.utils.flop_counter`` on the final model of each method; the test
 error is read once, on the final model. Latency: every final model against the dense one, one thread, batch 1
 and 64, interleaved repetitions, the ratio with its paired-bootstrap 95% interval.
 
-Each (method, target) writes ``WORK/<method>_<target>/`` (result.json, the final model), so an interrupted
-benchmark goes on where it stopped; ``--assemble`` times the finished models and writes OUT/peers.{json,md,png}::
+``--seeds``: the same runs with other recipe seeds (the order of the images; the dense start stays the same).
+Each (method, target, seed) writes ``WORK/<method>_<target>[_s<seed>]/`` (result.json, the final model), so an
+interrupted benchmark goes on where it stopped; ``--assemble`` times the finished models and writes
+OUT/peers.{json,md,png}::
 
-    structsparse run recipes/fmnist/resnet20_dense.yaml --out runs/resnet/dense --no-progress
+    structsparse run recipes/fmnist/peers/resnet20b_dense.yaml --out runs/peers/dense --no-progress
     python benchmarks/peers_resnet20.py --methods ssl tp slim           # in an environment with torch-pruning
     python benchmarks/peers_resnet20.py --methods oto                   # in an environment with only_train_once
     python benchmarks/peers_resnet20.py --assemble --out results/fmnist/peers
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import shlex
 import statistics
@@ -61,11 +64,15 @@ LABELS = {"ssl": "budget SSL (ours)", "tp": "Torch-Pruning GroupNormPruner", "sl
           "oto": "OTO HESSO"}
 
 
-def protocol(dense_run: Path, sparse_epochs: int, tune_epochs: int, target: float | None = None):
+def protocol(dense_run: Path, sparse_epochs: int, tune_epochs: int, target: float | None = None,
+             seed: int | None = None):
     """The recipe every method trains through: phase 0 the dense start (not trained here), phase 1 the sparse
-    epochs (ours with ``target``), phase 2 the fine-tuning (ours with the zeros frozen)."""
+    epochs (ours with ``target``), phase 2 the fine-tuning (ours with the zeros frozen); ``seed``: another order of
+    the images than the dense recipe's."""
     base = json.loads((dense_run / "metrics.json").read_text())
     dense = yaml.safe_load(Path(base["recipe"]).read_text())
+    if seed:
+        dense["seed"] = seed
     sparse = {"name": "sparse", "epochs": sparse_epochs, "lr": 0.1, "weight_decay": 1e-4}
     if target is not None:
         sparse["target"] = {"flops": target}
@@ -95,9 +102,9 @@ def run_ssl(model, splits, recipe, log) -> tuple[nn.Module, list[dict]]:
     return compact(trainer.model.eval(), splits["train"].images[:2]), trainer.history
 
 
-def run_method(method: str, target: float, args, splits, log) -> tuple[dict, nn.Module]:
+def run_method(method: str, target: float, seed: int, args, splits, log) -> tuple[dict, nn.Module]:
     """Train one method to one target; returns its record and its final model."""
-    recipe = protocol(args.dense, args.sparse_epochs, args.tune_epochs, target if method == "ssl" else None)
+    recipe = protocol(args.dense, args.sparse_epochs, args.tune_epochs, target if method == "ssl" else None, seed)
     model = dense_model(args.dense, recipe)
     x = splits["train"].images[:1]
     t0 = time.perf_counter()
@@ -109,7 +116,7 @@ def run_method(method: str, target: float, args, splits, log) -> tuple[dict, nn.
     final.eval()
     dense_macs = count_macs(dense_model(args.dense, recipe), x)
     macs = count_macs(final, x)
-    return {"method": method, "target": target, "macs": macs, "dense_macs": dense_macs,
+    return {"method": method, "target": target, "seed": recipe.seed, "macs": macs, "dense_macs": dense_macs,
             "flop_fraction": macs / dense_macs, "params": count_params(final),
             "test_error": evaluate(final, splits["test"]), "val_error": evaluate(final, splits["val"]),
             "train_seconds": seconds, "epochs": {"sparse": args.sparse_epochs, "tune": args.tune_epochs},
@@ -277,12 +284,12 @@ def assemble(args) -> None:
     rows = []
     for key, (rec, _) in records.items():
         rows.append({**rec, "latency": {str(b): speed[b][key] for b in speed}})
-    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"])))
+    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"]), r.get("seed", 0)))
     splits = load_splits(recipe)
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(1),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "dense": {"test_error": evaluate(dense, splits["test"]), "macs": count_macs(dense, splits["test"].images[:1]),
-                     "params": count_params(dense)},
+           "dense": {"test_error": evaluate(dense, splits["test"]),
+                     "macs": count_macs(dense, splits["test"].images[:1]), "params": count_params(dense)},
            "repeats": args.repeats, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "peers.json").write_text(json.dumps(out, indent=1) + "\n")
@@ -294,18 +301,34 @@ def assemble(args) -> None:
 def markdown(res: dict) -> str:
     d = res["dense"]
     lines = ["# ResNet-20 on Fashion-MNIST: budget SSL against its peers\n",
-             f"`{res['command']}`, {res['machine'].get('cpu', '')}, {res['date']}. Dense start: "
+             f"`{res['command']}`, {res['machine'].get('cpu', '')}, {res['date']}. "
+             "Dense start: "
              f"{100 * d['test_error']:.2f}% test error, {d['macs']:,} multiply-adds, {d['params']:,} parameters. "
              f"Speedup: dense / model, median of {res['repeats']} interleaved repetitions, one thread, with the 95% "
              "paired-bootstrap interval.\n",
-             "| target | method | test error | multiply-adds | params | speedup b1 | speedup b64 | train s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| target | method | seed | test error | multiply-adds | params | speedup b1 | speedup b64 | train s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         sp = [r["latency"][b] for b in ("1", "64")]
         cells = [f"{s['speedup']:.2f}× [{s['speedup_ci'][0]:.2f}–{s['speedup_ci'][1]:.2f}]" for s in sp]
-        lines.append(f"| {r['target']:.0%} | {LABELS[r['method']]} | {100 * r['test_error']:.2f}% | "
-                     f"{r['flop_fraction']:.1%} | {r['params']:,} | {cells[0]} | {cells[1]} | {r['train_seconds']:.0f} |")
+        lines.append(f"| {r['target']:.0%} | {LABELS[r['method']]} | {r.get('seed', 0)} | "
+                     f"{100 * r['test_error']:.2f}% | {r['flop_fraction']:.1%} | {r['params']:,} | {cells[0]} | "
+                     f"{cells[1]} | {r['train_seconds']:.0f} |")
+    groups = _by_method(res["rows"])
+    if any(len(errors) > 1 for errors in groups.values()):
+        lines += ["\nOver the seeds: mean test error (lowest–highest).\n", "| target | method | runs | test error |",
+                  "|---|---|---|---|"]
+        lines += [f"| {t:.0%} | {LABELS[m]} | {len(e)} | {100 * statistics.mean(e):.2f}% ({100 * min(e):.2f}–"
+                  f"{100 * max(e):.2f}%) |" for (t, m), e in groups.items()]
     return "\n".join(lines) + "\n"
+
+
+def _by_method(rows: list[dict]) -> dict[tuple[float, str], list[float]]:
+    """The test errors of each (target, method), over its seeds."""
+    out: dict[tuple[float, str], list[float]] = {}
+    for r in rows:
+        out.setdefault((r["target"], r["method"]), []).append(r["test_error"])
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -317,9 +340,11 @@ def plot(res: dict, path: Path) -> None:
         rows = [r for r in res["rows"] if r["method"] == method]
         if not rows:
             continue
-        err = [100 * r["test_error"] for r in rows]
-        axes[0].plot([r["flop_fraction"] for r in rows], err, "o-", color=f"C{i}", label=LABELS[method])
-        axes[1].plot([1 / r["latency"]["64"]["speedup"] for r in rows], err, "o-", color=f"C{i}")
+        err = [100 * r["test_error"] for r in rows]  # every run a point; the line joins the seed-0 runs
+        first = [r for r in rows if not r.get("seed")]
+        for ax, x in ((axes[0], lambda r: r["flop_fraction"]), (axes[1], lambda r: 1 / r["latency"]["64"]["speedup"])):
+            ax.plot([x(r) for r in rows], err, "o", color=f"C{i}", label=LABELS[method] if ax is axes[0] else None)
+            ax.plot([x(r) for r in first], [100 * r["test_error"] for r in first], "-", color=f"C{i}")
     for ax in axes:
         ax.axhline(100 * res["dense"]["test_error"], color="grey", ls=":", label="dense")
         ax.grid(alpha=0.3)
@@ -333,11 +358,12 @@ def plot(res: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dense", type=Path, default=Path("runs/resnet/dense"), help="the dense start's run folder")
+    ap.add_argument("--dense", type=Path, default=Path("runs/peers/dense"), help="the dense start's run folder")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=["ssl", "tp", "slim"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.25])
-    ap.add_argument("--sparse-epochs", type=int, default=6)
-    ap.add_argument("--tune-epochs", type=int, default=4)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="recipe seeds (0: the dense recipe's)")
+    ap.add_argument("--sparse-epochs", type=int, default=4)
+    ap.add_argument("--tune-epochs", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("runs/peers_resnet20"))
     ap.add_argument("--assemble", action="store_true", help="time the finished models and write OUT")
     ap.add_argument("--repeats", type=int, default=20)
@@ -350,18 +376,17 @@ def main() -> None:
     if args.assemble:
         return assemble(args)
     splits = load_splits(protocol(args.dense, args.sparse_epochs, args.tune_epochs))
-    for target in args.targets:
-        for method in args.methods:
-            folder = args.work / f"{method}_{target:g}"
-            if (folder / "result.json").is_file():
-                print(f"{folder}: done before", flush=True)
-                continue
-            folder.mkdir(parents=True, exist_ok=True)
-            log = lambda s, f=folder: print(f"[{f.name}] {s}", flush=True)  # noqa: E731
-            rec, final = run_method(method, target, args, splits, log)
-            save_final(folder, method, final)
-            (folder / "result.json").write_text(json.dumps(rec, indent=1) + "\n")
-            log(f"test error {100 * rec['test_error']:.2f}%, {rec['flop_fraction']:.1%} of the multiply-adds")
+    for seed, target, method in itertools.product(args.seeds, args.targets, args.methods):
+        folder = args.work / (f"{method}_{target:g}" + (f"_s{seed}" if seed else ""))
+        if (folder / "result.json").is_file():
+            print(f"{folder}: done before", flush=True)
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        log = lambda s, f=folder: print(f"[{f.name}] {s}", flush=True)  # noqa: E731
+        rec, final = run_method(method, target, seed, args, splits, log)
+        save_final(folder, method, final)
+        (folder / "result.json").write_text(json.dumps(rec, indent=1) + "\n")
+        log(f"test error {100 * rec['test_error']:.2f}%, {rec['flop_fraction']:.1%} of the multiply-adds")
 
 
 if __name__ == "__main__":

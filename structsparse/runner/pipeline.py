@@ -176,10 +176,10 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
         "## Validation error at the end of each phase\n\n" + val_md
         + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
            if recipe.train_with_val else ""),
-        *(["## Budget\n\n" + "\n".join(["| phase | target (of the dense model's) | reached after compaction |",
-                                         "|---|---|---|"] + [f"| {name} | {b['target']:g} of the "
-                                                            f"{METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f} |"
-                                                            for name, b in results["budget"].items()])]
+        *(["## Budget\n\n" + "\n".join(
+            ["| phase | target (of the dense model's) | reached after compaction |", "|---|---|---|"]
+            + [f"| {name} | {b['target']:g} of the {METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f} |"
+               for name, b in results["budget"].items()])]
           if "budget" in results else []),
         "## Sparsity\n\n" + report.to_markdown(),
         "## Measured speed\n\n" + speed.to_markdown(),

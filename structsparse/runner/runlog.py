@@ -64,7 +64,8 @@ def write_csv(path: str | Path, history: Sequence[dict]) -> None:
 def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> None:
     """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
     model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; its parameters
-    after compaction: dotted grey; a budget phase's goal: dotted red), and the validation error, against the epoch; phases are marked."""
+    after compaction: dotted grey; a budget phase's goal: dotted red), and the validation error, against the
+    epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
 

@@ -174,8 +174,8 @@ def budget_of(phase: Phase) -> tuple[str, float]:
 
 def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict:
     """The budget's controller, once per epoch, from the fraction of the dense multiply-adds (or parameters: the
-    phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps more than the goal
-    (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
+    phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps
+    more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
     least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after that the end of
     the phase closes what is left, without overshooting); while it keeps less than the goal minus the band, it
     shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
@@ -196,9 +196,8 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict
 def came_back(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[int]]:
     """Per layer, how many more filters and channels are nonzero in ``after`` than in ``before`` (kept structures as
     :meth:`SparsityReport.kept` gives them; net: others may have gone to zero meanwhile), for the layers where the
-    count grew. Proximal SGD is not
-    monotone: a zero group leaves zero when its gradient outweighs its λ, and a filter that comes back makes every
-    channel group it crosses nonzero again."""
+    count grew. Proximal SGD is not monotone: a zero group leaves zero when its gradient outweighs its λ, and a
+    filter that comes back makes every channel group it crosses nonzero again."""
     out = {}
     for name, now in after.items():
         was = before.get(name)
@@ -445,8 +444,9 @@ class Trainer:
             if self.masks is not None:
                 self.masks.apply_()
             self.budgets[phase.name] = result.as_dict()
-            self.log(f"{phase.name}: budget {result.target:g} of the dense {METRICS[result.metric]}: {result.reached:.4f} after "
-                     f"compaction ({result.groups_zeroed} more groups zeroed, {result.probes} compactions)")
+            self.log(f"{phase.name}: budget {result.target:g} of the dense {METRICS[result.metric]}: "
+                     f"{result.reached:.4f} after compaction ({result.groups_zeroed} more groups zeroed, "
+                     f"{result.probes} compactions)")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
         phase = self.recipe.phases[p]
@@ -497,8 +497,8 @@ class Trainer:
                 "penalty": penalty, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
 
     def _brake(self, phase: Phase, gl: GroupLasso | None, e: int, i: int, steps: int) -> None:
-        """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model is
-        at or under the target, the term rests for the rest of the epoch (the controller decides again at its end).
+        """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model
+        is at or under the target, the term rests for the rest of the epoch (the controller decides again at its end).
         Zeros come in bursts; checked once an epoch, the last epochs overshot the target by half of it."""
         if phase.target is None or gl is None or not gl.strength or (i + 1) % max(1, round(steps * BRAKE_EVERY)):
             return
@@ -559,7 +559,7 @@ class Trainer:
             reached = fractions[REACHED[budget_of(phase)[0]]]
             rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, reached))
             gl.strength = rec["next_strength"]
-        back = came_back(self.history[-1]["kept"], kept) if self.history and phase.sparsifying else {}
+        back = came_back(self.history[-1].get("kept", {}), kept) if self.history and phase.sparsifying else {}
         if back:
             rec["came_back"] = back
         if e == phase.epochs - 1 and phase.name in self.budgets:  # kept in the checkpoint's history
