@@ -38,13 +38,19 @@ def _count(metric: str, model: nn.Module, example_input: torch.Tensor) -> int:
 
 
 @torch.no_grad()
+def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str) -> tuple[int, bool]:
+    """(multiply-adds or parameters of ``compact(model, example_input)``, whether the model or a layer's whole
+    width collapsed); the collapse is returned, not warned about."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CollapseWarning)
+        small = compact(model, example_input, check=False)
+    return _count(metric, small, example_input), any(issubclass(w.category, CollapseWarning) for w in caught)
+
+
 def kept_fraction(model: nn.Module, example_input: torch.Tensor, metric: str = "flops") -> float:
     """The fraction of ``model``'s multiply-adds (``"flops"``) or parameters (``"params"``) that
     ``compact(model, example_input)`` keeps (a collapse is not warned about here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CollapseWarning)
-        small = compact(model, example_input, check=False)
-    return _count(metric, small, example_input) / max(1, _count(metric, model, example_input))
+    return _compacted(model, example_input, metric)[0] / max(1, _count(metric, model, example_input))
 
 
 class BudgetError(ValueError):
@@ -191,10 +197,7 @@ class _Probes:
         """(multiply-adds or parameters, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
-        with warnings.catch_warnings(record=True) as caught:  # a collapse is what makes k too many
-            warnings.simplefilter("always", CollapseWarning)
-            small = compact(self.gl.model, self.x, check=False)
-        return _count(self.metric, small, self.x), any(issubclass(w.category, CollapseWarning) for w in caught)
+        return _compacted(self.gl.model, self.x, self.metric)  # a collapse is what makes k too many
 
 
 def _which(flops, params) -> tuple[str, float]:

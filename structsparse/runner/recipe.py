@@ -451,7 +451,7 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
 
 
 def _parse_target(c: _Checker, t, where: str) -> dict | None:
-    """``{flops: f}`` with f in (0, 1]."""
+    """``{flops: f}`` or ``{params: f}`` with f in (0, 1]."""
     if t is None:
         return None
     t = c.mapping(t, where, _TARGET)

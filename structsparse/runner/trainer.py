@@ -175,10 +175,10 @@ def budget_of(phase: Phase) -> tuple[str, float]:
 def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict:
     """The budget's controller, once per epoch, from the fraction of the dense multiply-adds (or parameters: the
     phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps
-    more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1 of the gap (at
-    least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after that the end of
-    the phase closes what is left, without overshooting); while it keeps less than the goal minus the band, it
-    shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
+    more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1
+    of the gap (at least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after
+    that the end of the phase closes what is left, without overshooting); while it keeps less than the goal minus
+    the band, it shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
     over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
     epoch's record keeps."""
     target = budget_of(phase)[1]
