@@ -1,6 +1,6 @@
 """How much the group-Lasso term adds to a training step.
 
-Times one LeNet SGD step (batch 64, cross-entropy, momentum 0.9) with and without
+Times one SGD step of LeNet (or ``--model``) (batch 64, cross-entropy, momentum 0.9) with and without
 ``GroupLasso.penalty()`` (by default filter + channel + shape groups on every Conv2d and Linear
 layer) added to the loss. The two variants run interleaved, in blocks of ``--steps``
 steps, after a warm-up; the figure is the median over ``--repeats`` blocks of the ratio
@@ -54,6 +54,8 @@ def time_block(step, n: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="lenet")
+    p.add_argument("--input", default=None, metavar="C,H,W",
+                   help="one image's shape (default: 1,28,28 for lenet and mlp, else 3,32,32)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=30, help="interleaved block pairs")
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     base = build_model(args.model)
-    x = torch.rand(args.batch, 1, 28, 28)
+    shape = args.input or ("1,28,28" if args.model in ("lenet", "mlp") else "3,32,32")
+    x = torch.rand(args.batch, *(int(v) for v in shape.split(",")))
     y = torch.randint(0, 10, (args.batch,))
     plain_model, pen_model = copy.deepcopy(base), copy.deepcopy(base)
     spec = {kind: args.lam for kind in args.kinds.split(",")}

@@ -18,7 +18,8 @@ from torch import nn
 
 from .. import checks
 from .groups import (KINDS, NORM_KINDS, CoupledChannels, coupled_channels, covered_modules, group_lasso, group_norms,
-                     group_view, nonzero_groups, norm_group_norms, normalization_modules, safe_sqrt)
+                     group_view, nonzero_groups, norm_group_norms, normalization_modules, safe_sqrt,
+                     shrink_factor, shrink_groups_)
 from .masks import Masks
 
 __all__ = ["GroupLasso", "Masks", "resolve_spec", "check_spec", "check_kinds"]
@@ -90,11 +91,6 @@ def resolve_spec(model: nn.Module, spec: Mapping, where: str = "spec") -> dict[s
 
 def _groups(module: nn.Module) -> int:
     return getattr(module, "groups", 1)
-
-
-def _shrink(norms: torch.Tensor, step_lambda) -> torch.Tensor:
-    """The group soft-threshold factor max(0, 1 − lr·λ/‖w_g‖) (0 for all-zero groups)."""
-    return (1 - step_lambda / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min_(0)
 
 
 def _small(norms: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -305,22 +301,19 @@ class GroupLasso:
             step = lrs.get(id(w), lr)
             if step is None:
                 continue
-            view = group_view(w, g)
             if t.norm is not None:
-                t.scale_filters_(_shrink(t.filter_norms(), step * t.lambdas["filter"]))
-            for kind, lam in t.effective().items():
-                norms = group_norms(w, kind, g, keepdim=True)
-                view.mul_(_shrink(norms, step * lam))
+                t.scale_filters_(shrink_factor(t.filter_norms(), step * t.lambdas["filter"]))
+            shrink_groups_(w, [(kind, step * lam) for kind, lam in t.effective().items()], g)
         for grp in self._cross():
             steps = [s for s in (lrs.get(id(w), lr) for w in grp.weights()) if s is not None]
             if steps:  # one step size per group: the smallest of its layers'
-                grp.scale_(_shrink(grp.norms(), min(steps) * grp.lambdas))
+                grp.scale_(shrink_factor(grp.norms(), min(steps) * grp.lambdas))
         for t in self.norm_terms:
             m = t.module
             step = lrs.get(id(m.weight), lr)
             for kind, lam in ([] if step is None else t.lambdas.items()):
                 norms = norm_group_norms(m, kind)
-                _scale_norm_(m, _shrink(norms, step * lam))
+                _scale_norm_(m, shrink_factor(norms, step * lam))
 
     @torch.no_grad()
     def zero_small_(self, threshold: float = 1e-4) -> None:

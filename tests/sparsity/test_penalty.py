@@ -127,3 +127,47 @@ def test_spec_patterns_override_defaults():
 def test_bad_specs_name_the_key(spec, message):
     with pytest.raises(ValueError, match=message):
         GroupLasso(LeNet(), spec)
+
+
+def _shrink_kind_by_kind(weight, steps, groups):
+    """Reference: each kind's proximal map on the weight as the last one left it, norms written independently."""
+    view = weight.clone()
+    if groups > 1:
+        view = view.view(groups, view.shape[0] // groups, *view.shape[1:])
+    conv = weight.dim() == 4
+    dims = {"filter": (-3, -2, -1) if conv else (1,), "channel": (-4, -2, -1) if conv else (0,),
+            "shape": (-4,) if conv else (0,), "depth": tuple(range(view.dim()))}
+    for kind, step in steps:
+        norm = view.pow(2).sum(dims[kind], keepdim=True).sqrt()
+        view = view * (1 - step / norm.clamp_min(1e-30)).clamp_min(0)
+    return view.reshape(weight.shape)
+
+
+@pytest.mark.parametrize("shape,groups", [((12, 6, 3, 3), 1), ((12, 3, 3, 3), 2), ((9, 14), 1), ((8, 1, 3, 3), 8)])
+@pytest.mark.parametrize("order", [("filter", "channel", "shape"), ("shape", "filter", "depth", "channel")])
+@pytest.mark.parametrize("factored_from", [0, 1 << 30])   # the factored way, and kind by kind
+def test_shrink_groups_matches_kind_by_kind(shape, groups, order, factored_from, monkeypatch):
+    from structsparse.sparsity import groups as groups_module
+    from structsparse.sparsity.groups import group_norms, shrink_groups_
+    monkeypatch.setattr(groups_module, "_FACTORED_FROM", factored_from)
+    torch.manual_seed(1)
+    w = torch.randn(*shape)
+    w[2] *= 1e-3                             # a weak filter, zeroed by the first step that reaches it
+    steps = []
+    for kind in order:                       # each step zeroes some groups and shrinks the others
+        norms = group_norms(_shrink_kind_by_kind(w, steps, groups), kind, groups, keepdim=True)
+        ranked = norms.flatten().sort().values
+        k = max(1, norms.numel() // 3)         # between two norms, so that rounding cannot decide a zero
+        upper = ranked[k] if k < ranked.numel() else 0.0  # the one depth group: shrunk to half, not zeroed
+        steps.append((kind, float(ranked[k - 1] + upper) / 2))
+    if shape == (12, 6, 3, 3):               # a λ per channel group (as coupled columns give)
+        steps[1] = ("channel", torch.linspace(0, 2, 6).view(1, -1, 1, 1) * steps[1][1])
+    expected = _shrink_kind_by_kind(w, steps, groups)
+    got = w.clone()
+    shrink_groups_(got, steps, groups)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert torch.equal(got == 0, expected.abs() < 1e-12)    # the same exact zeros
+    assert (got == 0).any() and (got != 0).any()
+    transposed = w.clone().transpose(0, -1).contiguous().transpose(0, -1)  # a weight that is not contiguous
+    shrink_groups_(transposed, steps, groups)
+    assert torch.allclose(transposed, expected, atol=1e-6)
