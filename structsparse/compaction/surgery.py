@@ -669,8 +669,10 @@ def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) 
             if node.role == CONV:
                 module = lower_conv(module, lowered_below, (batch, module.in_channels, *node.in_shapes[0][2:]))
             steps.append((node.name, module, [ref(node.name, i) for i in node.inputs]))
-        for name, gather in after.get(node.name, []):
-            steps.append((name, gather, [CompactNet.INPUT if node.name == graph.input else node.name]))
+        for name, gather in after.get(node.name, []):  # a gather for one reader reads the one for all, if any
+            whole = redirect.get((None, node.name))
+            source = whole if whole not in (None, name) else node.name
+            steps.append((name, gather, [CompactNet.INPUT if source == graph.input else source]))
     if steps[-1][0] != graph.output:
         raise RuntimeError("internal error: the output step is not the last")
     return steps

@@ -305,6 +305,21 @@ def test_a_grouped_conv_reads_another_grouped_convs_balanced_output_as_it_is():
     assert names[names.index("2") + 1] == "4"
 
 
+def test_a_grouped_conv_on_the_model_input_reads_the_inputs_kept_channels():
+    """Found by the property tests: a grouped conv that reads the model input, one group's filters all zero.
+    The input's unread channel is gathered away, and the ChannelPad before the conv reads that gather."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 2, stride=2, groups=2, bias=False), nn.Flatten(),
+                          nn.Linear(16, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[0].weight[2:] = 0       # the second group's two filters: its input channel is read by zeros only
+    x = torch.randn(1, 2, 5, 5)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    steps = small.steps()
+    assert [type(m).__name__ for _, m in steps[:2]] == ["IndexSelect", "ChannelPad"]
+    assert small.step_inputs(steps[1][0]) == [steps[0][0]]
+
+
 def test_a_channel_read_by_a_grouped_conv_and_another_layer_is_one_coupled_group():
     from structsparse import GroupLasso
     from structsparse.sparsity.groups import CoupledChannels
