@@ -375,7 +375,7 @@ def _dry_run(net: CompactNet, input_shape: list[int], arch_path: Path) -> None:
             h.remove()
         for _, m in net.steps():
             if isinstance(m, LoweredConv2d):
-                m._index_cache = {}  # meta indices from the dry run
+                m.clear_caches()  # meta indices from the dry run
 
 
 def _check_sha256(digest, present: bool, path: Path, arch_path: Path) -> None:

@@ -34,3 +34,33 @@ def test_lowered_conv_matches_conv2d(stride, padding, dilation):
     x = torch.randn(5, 3, 11, 9)
     assert torch.allclose(lowered(x), conv(x), atol=1e-5)
     assert torch.allclose(lowered(x[:1]), conv(x[:1]), atol=1e-5)  # another size: index rebuilt
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("column_form_from", [0, 1 << 40])  # the column form everywhere, and nowhere
+def test_both_forms_read_any_layout_and_train(padding, bias, column_form_from, monkeypatch):
+    """Both forms are exact on images inside a batch (views with an offset, read in place when unpadded),
+    channels-last input, strides and dilation, after the cached indices move dtype, and in gradients."""
+    from structsparse.compaction import kernels
+    monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", column_form_from)
+    torch.manual_seed(2)
+    for stride, dilation in ((1, 1), ((2, 1), 2)):
+        conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
+        with torch.no_grad():
+            conv.weight.view(5, -1)[:, torch.randperm(36)[:20]] = 0
+        lowered = LoweredConv2d.from_conv(conv)
+        x = torch.randn(3, 4, 9, 8)
+        assert lowered(x).is_contiguous() == (column_form_from == 0)  # the column form writes N×C×H×W
+        for image in (x, x[2:3], x[1:].contiguous(memory_format=torch.channels_last), x[:, :, :, 1:][1:2]):
+            assert torch.allclose(lowered(image), conv(image), atol=1e-5)
+        x.requires_grad_(True)
+        lowered(x).square().sum().backward()
+        grad_x = x.grad.clone()
+        x.grad = None
+        conv(x).square().sum().backward()
+        assert torch.allclose(grad_x, x.grad, atol=1e-4)
+        kept = conv.weight.detach().view(5, -1).ne(0).any(0)
+        assert torch.allclose(lowered.weight.grad, conv.weight.grad.view(5, -1)[:, kept], atol=1e-4)
+    lowered.to(torch.float64)
+    assert torch.allclose(lowered(x[:1].double()), conv.double()(x[:1].double()), atol=1e-9)
