@@ -9,8 +9,92 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
-__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention", "SlicedLayerNorm", "WithinChannelLRN"]
+try:
+    from torch.compiler import is_compiling as _is_compiling
+except ImportError:  # torch < 2.3
+    from torch._dynamo import is_compiling as _is_compiling
+
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention", "SlicedLayerNorm",
+           "NativeConv2d", "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
+
+
+class NativeConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that runs PyTorch's own CPU convolution (im2col and one GEMM; neither oneDNN nor
+    NNPACK) on calls of fewer than :attr:`NATIVE_BELOW` multiply-adds, where oneDNN's fixed cost of about
+    60–100 µs a call dominates: LeNet's compact convs take 28–40 µs instead of 128–142 µs at batch 1, and
+    LeNet's dense conv2 112 µs instead of 315 µs (one thread, the project's 2-core VM; at batch 64 oneDNN is
+    up to 2× faster, hence the limit). The same values up to float rounding (6e-7 on those layers); other
+    devices, larger calls and tracing run ``nn.Conv2d`` itself. :func:`structsparse.compact` and
+    :func:`structsparse.load_compact` put one in place of each plain conv.
+    """
+
+    NATIVE_BELOW = 1 << 21
+    saved_as = "Conv2d"  # save_compact writes the plain module; load_compact and compact choose this form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing() or _is_compiling() or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled():
+            return super().forward(x)
+        sh, sw = self.stride
+        if x.numel() // max(x.shape[-3], 1) * self.weight.numel() // (sh * sw) >= self.NATIVE_BELOW:
+            return super().forward(x)
+        nnpack = torch._C._get_nnpack_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        torch._C._set_nnpack_enabled(False)
+        try:
+            return super().forward(x)
+        finally:
+            torch._C._set_mkldnn_enabled(True)
+            torch._C._set_nnpack_enabled(nnpack)
+
+
+class TiledMaxPool2d(nn.MaxPool2d):
+    """An ``nn.MaxPool2d`` whose windows tile the input (stride = kernel, no padding, dilation 1, floor
+    mode), computed as the elementwise maximum of kernel-row and then kernel-column strided views: the
+    same values as ``F.max_pool2d``, 4–7× faster than its CPU kernel on LeNet's pools at batch 64.
+    Small inputs (under :attr:`SHIFTS_FROM` values, where the extra operations cost more) and other
+    settings run ``nn.MaxPool2d`` itself. :func:`structsparse.compact` puts one in place of each such pool.
+    """
+
+    SHIFTS_FROM = 1 << 14
+    saved_as = "MaxPool2d"
+
+    @staticmethod
+    def tiles(m: nn.Module) -> bool:
+        """Whether ``m`` is an ``nn.MaxPool2d`` whose windows tile its input."""
+        return (isinstance(m, nn.MaxPool2d) and _pair(m.kernel_size) == _pair(m.stride or m.kernel_size)
+                and _pair(m.padding) == (0, 0) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
+                and not m.return_indices)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _is_compiling() or x.numel() < self.SHIFTS_FROM or x.dim() != 4 or torch.jit.is_tracing() \
+                or not self.tiles(self):
+            return super().forward(x)
+        kh, kw = _pair(self.kernel_size)
+        ho, wo = x.shape[2] // kh, x.shape[3] // kw
+        x = x[:, :, :ho * kh, :wo * kw]
+        rows = x[:, :, 0::kh]
+        for r in range(1, kh):
+            rows = torch.maximum(rows, x[:, :, r::kh])
+        out = rows[:, :, :, 0::kw]
+        for c in range(1, kw):
+            out = torch.maximum(out, rows[:, :, :, c::kw])
+        return out
+
+
+def fast_form(m: nn.Module) -> nn.Module:
+    """``m`` as the faster module with the same values that compact models use: a plain ``nn.Conv2d`` as a
+    :class:`NativeConv2d`, a plain ``nn.MaxPool2d`` whose windows tile as a :class:`TiledMaxPool2d`
+    (sharing ``m``'s parameters); any other module as it is."""
+    if type(m) is nn.Conv2d:
+        fast = NativeConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            m.bias is not None, m.padding_mode, device="meta")
+        fast.weight, fast.bias = m.weight, m.bias
+        return fast
+    if type(m) is nn.MaxPool2d and TiledMaxPool2d.tiles(m):
+        return TiledMaxPool2d(m.kernel_size, m.stride)
+    return m
 
 
 class ChannelPad(nn.Module):

@@ -30,7 +30,7 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
                          LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
-from ..layers import ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm
+from ..layers import ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm, fast_form
 from ..timing import time_interleaved
 from .kernels import LoweredConv2d
 
@@ -668,6 +668,7 @@ def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) 
             module = node.module
             if node.role == CONV:
                 module = lower_conv(module, lowered_below, (batch, module.in_channels, *node.in_shapes[0][2:]))
+            module = fast_form(module)
             steps.append((node.name, module, [ref(node.name, i) for i in node.inputs]))
         for name, gather in after.get(node.name, []):  # a gather for one reader reads the one for all, if any
             whole = redirect.get((None, node.name))

@@ -33,7 +33,7 @@ from ..compaction.kernels import LoweredConv2d
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..graph import FUNCTIONS, MODULE_ROLES, Op
 from ..graph.trace import Traced
-from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param
+from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, NativeConv2d, Param, TiledMaxPool2d, fast_form
 from .files import atomic_write
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
@@ -42,6 +42,8 @@ ARCHITECTURE, WEIGHTS = "architecture.json", "model.safetensors"
 FORMAT, VERSION = "structsparse-compact", 1
 _TYPES: dict[str, type] = {cls.__name__: cls for types, _ in MODULE_ROLES for cls in types}
 _TYPES.update({"Op": Op, "IndexSelect": IndexSelect, "LoweredConv2d": LoweredConv2d, "PReLU": nn.PReLU})
+# The faster forms of plain modules (see structsparse.layers.fast_form): saved as the plain module, loaded as this.
+_FAST = {cls.saved_as: cls for cls in (NativeConv2d, TiledMaxPool2d)}
 # A step name: a dotted path whose parts are module names PyTorch accepts (non-empty, no "."), without
 # control characters. save_compact and load_compact apply the same rule (torchvision's "block1-0" passes).
 _NAME = re.compile(r"^[^.\x00-\x1f\x7f]+(\.[^.\x00-\x1f\x7f]+)*$")
@@ -53,6 +55,11 @@ _ERRORS = (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeE
 
 
 # ---- saving --------------------------------------------------------------------------------
+
+def _saved_type(m: nn.Module) -> str:
+    """The type name a step is saved under: the plain module's for a faster form."""
+    return type(m).saved_as if type(m) in _FAST.values() else type(m).__name__
+
 
 def _jsonable(v):
     if isinstance(v, tuple):
@@ -102,7 +109,7 @@ def _check_round_trip(name: str, m: nn.Module, cfg: dict) -> None:
     description, and load_compact will accept it."""
     try:
         with torch.device("meta"):
-            rebuilt = _module(name, type(m).__name__, json.loads(json.dumps(cfg)), "save_compact")
+            rebuilt = _module(name, _saved_type(m), json.loads(json.dumps(cfg)), "save_compact")
         again = _config(rebuilt)
     except (ValueError, TypeError) as e:
         raise TypeError(f"step {name!r}: {type(m).__name__} cannot be saved: {e}") from e
@@ -124,11 +131,12 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
         if isinstance(m, Traced):
             raise TypeError(f"step {name!r} is kept as the model's own code ({m.what}: no channel rule), which "
                             "save_compact does not store; keep the model object itself, or export it with export_onnx")
-        if type(m).__name__ not in _TYPES or _TYPES[type(m).__name__] is not type(m):
+        kind = _saved_type(m)
+        if kind not in _TYPES or type(m) not in (_TYPES[kind], _FAST.get(kind)):
             raise TypeError(f"step {name!r}: {type(m).__name__} cannot be saved (not in the allow-list)")
         cfg = _config(m)
         _check_round_trip(name, m, cfg)
-        step = {"name": name, "type": type(m).__name__, "config": cfg}
+        step = {"name": name, "type": kind, "config": cfg}
         inputs = model.step_inputs(name)
         if inputs != [previous]:  # chains need no "inputs"
             step["inputs"] = inputs
@@ -308,7 +316,7 @@ def _build(step, where: str) -> tuple[str, nn.Module, list[str] | None]:
     if inputs is not None and (not isinstance(inputs, list) or not inputs
                                or not all(isinstance(i, str) and _NAME.match(i) for i in inputs)):
         raise ValueError(f"{where} ({name}): 'inputs' must be a non-empty list of step names")
-    module = _module(name, kind, cfg, where)
+    module = fast_form(_module(name, kind, cfg, where))
     if inputs is not None and len(inputs) != 1 and not isinstance(module, _MULTI_INPUT):
         raise ValueError(f"{where} ({name}): a {kind} step reads exactly one input, got inputs {inputs}")
     return name, module, inputs

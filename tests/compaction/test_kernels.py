@@ -64,3 +64,55 @@ def test_both_forms_read_any_layout_and_train(padding, bias, column_form_from, m
         assert torch.allclose(lowered.weight.grad, conv.weight.grad.view(5, -1)[:, kept], atol=1e-4)
     lowered.to(torch.float64)
     assert torch.allclose(lowered(x[:1].double()), conv.double()(x[:1].double()), atol=1e-9)
+
+
+@pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
+def test_tiled_max_pool_gives_max_pool2d_values(kernel, monkeypatch):
+    import torch.nn.functional as F
+    from structsparse.layers import TiledMaxPool2d
+    monkeypatch.setattr(TiledMaxPool2d, "SHIFTS_FROM", 0)    # the strided-view form even on small inputs
+    torch.manual_seed(3)
+    for shape in [(4, 5, 24, 24), (2, 3, 9, 7), (1, 2, 25, 23)]:
+        x = torch.randn(*shape)
+        x[0, 0, 1, 1] = float("nan")                         # NaN wins, as in max_pool2d
+        x[-1, -1, :4, :4] = 0.0                              # ties
+        expected = F.max_pool2d(x, kernel)
+        assert torch.equal(TiledMaxPool2d(kernel)(x).isnan(), expected.isnan())
+        assert torch.equal(TiledMaxPool2d(kernel)(x).nan_to_num(), expected.nan_to_num())
+
+
+def test_compact_tiles_only_the_max_pools_whose_windows_tile():
+    from structsparse.layers import TiledMaxPool2d
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.MaxPool2d(3, 2),
+                          nn.Conv2d(4, 4, 1), nn.MaxPool2d(2, padding=1), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.rand(2, 1, 20, 20)
+    model(x)
+    small = compact(model.eval(), x)
+    check_exact(model, small, x)
+    pools = [type(m) for _, m in small.steps() if isinstance(m, nn.MaxPool2d)]
+    assert pools == [TiledMaxPool2d, nn.MaxPool2d, nn.MaxPool2d]
+
+
+def test_native_conv_gives_conv2d_values_and_leaves_onednn_on(tmp_path):
+    import json
+    from structsparse import load_compact, save_compact
+    from structsparse.layers import NativeConv2d, TiledMaxPool2d, fast_form
+    torch.manual_seed(4)
+    for conv in (nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2, bias=False),
+                 nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")):
+        native = fast_form(conv)
+        assert type(native) is NativeConv2d and native.weight is conv.weight
+        for x in (torch.randn(1, conv.in_channels, 9, 9), torch.randn(64, conv.in_channels, 30, 30)):
+            torch.testing.assert_close(native(x), conv(x), rtol=1e-4, atol=1e-5)  # compact()'s own check
+            assert torch._C._get_mkldnn_enabled() and torch._C._get_nnpack_enabled()
+    with pytest.raises(RuntimeError):
+        native(torch.randn(1, 5, 9, 9))             # a wrong input: the error passes, oneDNN stays on
+    assert torch._C._get_mkldnn_enabled()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 81, 2)).eval()
+    x = torch.rand(2, 1, 20, 20)
+    small = compact(model, x)
+    assert [type(m) for _, m in small.steps()][:2] == [NativeConv2d, TiledMaxPool2d]
+    path = save_compact(small, tmp_path / "m")      # the file names the plain modules; loading picks the forms
+    assert [s["type"] for s in json.loads((path / "architecture.json").read_text())["steps"]][:2] == ["Conv2d",
+                                                                                                      "MaxPool2d"]
+    assert [type(m) for _, m in load_compact(path).steps()][:2] == [NativeConv2d, TiledMaxPool2d]
