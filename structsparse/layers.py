@@ -17,36 +17,7 @@ except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
 __all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention", "SlicedLayerNorm",
-           "NativeConv2d", "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
-
-
-class NativeConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` that runs PyTorch's own CPU convolution (im2col and one GEMM; neither oneDNN nor
-    NNPACK) on calls of fewer than :attr:`NATIVE_BELOW` multiply-adds, where oneDNN's fixed cost of about
-    60–100 µs a call dominates: LeNet's compact convs take 28–40 µs instead of 128–142 µs at batch 1, and
-    LeNet's dense conv2 112 µs instead of 315 µs (one thread, the project's 2-core VM; at batch 64 oneDNN is
-    up to 2× faster, hence the limit). The same values up to float rounding (6e-7 on those layers); other
-    devices, larger calls and tracing run ``nn.Conv2d`` itself. :func:`structsparse.compact` and
-    :func:`structsparse.load_compact` put one in place of each plain conv.
-    """
-
-    NATIVE_BELOW = 1 << 21
-    saved_as = "Conv2d"  # save_compact writes the plain module; load_compact and compact choose this form
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or _is_compiling() or x.device.type != "cpu" or not torch._C._get_mkldnn_enabled():
-            return super().forward(x)
-        sh, sw = self.stride
-        if x.numel() // max(x.shape[-3], 1) * self.weight.numel() // (sh * sw) >= self.NATIVE_BELOW:
-            return super().forward(x)
-        nnpack = torch._C._get_nnpack_enabled()
-        torch._C._set_mkldnn_enabled(False)
-        torch._C._set_nnpack_enabled(False)
-        try:
-            return super().forward(x)
-        finally:
-            torch._C._set_mkldnn_enabled(True)
-            torch._C._set_nnpack_enabled(nnpack)
+           "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
 
 
 class TiledMaxPool2d(nn.MaxPool2d):
@@ -58,7 +29,7 @@ class TiledMaxPool2d(nn.MaxPool2d):
     """
 
     SHIFTS_FROM = 1 << 14
-    saved_as = "MaxPool2d"
+    saved_as = "MaxPool2d"  # save_compact writes the plain module; compact and load_compact choose this form
 
     @staticmethod
     def tiles(m: nn.Module) -> bool:
@@ -84,14 +55,8 @@ class TiledMaxPool2d(nn.MaxPool2d):
 
 
 def fast_form(m: nn.Module) -> nn.Module:
-    """``m`` as the faster module with the same values that compact models use: a plain ``nn.Conv2d`` as a
-    :class:`NativeConv2d`, a plain ``nn.MaxPool2d`` whose windows tile as a :class:`TiledMaxPool2d`
-    (sharing ``m``'s parameters); any other module as it is."""
-    if type(m) is nn.Conv2d:
-        fast = NativeConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                            m.bias is not None, m.padding_mode, device="meta")
-        fast.weight, fast.bias = m.weight, m.bias
-        return fast
+    """``m`` as the faster module with the same values that compact models use: a plain ``nn.MaxPool2d`` whose
+    windows tile as a :class:`TiledMaxPool2d`; any other module as it is."""
     if type(m) is nn.MaxPool2d and TiledMaxPool2d.tiles(m):
         return TiledMaxPool2d(m.kernel_size, m.stride)
     return m
