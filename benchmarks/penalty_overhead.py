@@ -51,29 +51,31 @@ def time_block(step, n: int) -> float:
     return (time.perf_counter() - t) / n
 
 
+def image_shape(model: str, given: str | None) -> tuple[int, ...]:
+    """One image's shape: ``given`` ("C,H,W"), else 1×28×28 for the MNIST models and 3×32×32 for the others."""
+    return tuple(int(v) for v in (given or ("1,28,28" if model in ("lenet", "mlp") else "3,32,32")).split(","))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="lenet")
-    p.add_argument("--input", default=None, metavar="C,H,W",
-                   help="one image's shape (default: 1,28,28 for lenet and mlp, else 3,32,32)")
+    p.add_argument("--input", default=None, metavar="C,H,W", help="one image's shape (default: see image_shape)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--repeats", type=int, default=30, help="interleaved block pairs")
     p.add_argument("--steps", type=int, default=20, help="steps per block")
     p.add_argument("--warmup", type=int, default=30, help="warm-up steps per variant")
-    p.add_argument("--lam", type=float, default=1e-4, help="λ of every group kind (does not change the cost)")
+    p.add_argument("--lam", type=float, default=1e-4, help="λ of every kind (does not change the cost)")
     p.add_argument("--kinds", default="filter,channel,shape", help="comma-separated group kinds on every layer")
     p.add_argument("--method", choices=("penalty", "prox"), default="penalty",
                    help="penalty: gl.penalty() added to the loss (the default); prox: gl.prox_step() after opt.step()")
     p.add_argument("--profile", action="store_true", help="also profile the penalty step (torch.profiler)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
 
     torch.manual_seed(0)
     base = build_model(args.model)
-    shape = args.input or ("1,28,28" if args.model in ("lenet", "mlp") else "3,32,32")
-    x = torch.rand(args.batch, *(int(v) for v in shape.split(",")))
+    x = torch.rand(args.batch, *image_shape(args.model, args.input))
     y = torch.randint(0, 10, (args.batch,))
     plain_model, pen_model = copy.deepcopy(base), copy.deepcopy(base)
     spec = {kind: args.lam for kind in args.kinds.split(",")}

@@ -16,8 +16,8 @@ try:
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
-__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention", "SlicedLayerNorm",
-           "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
+__all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention",
+           "SlicedLayerNorm", "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
 
 
 class TiledMaxPool2d(nn.MaxPool2d):

@@ -1,0 +1,88 @@
+"""The two forms of LoweredConv2d on the AlexNet Table 4 layers (SSL row 2), against dense conv2d.
+
+Per layer and batch size: dense ``F.conv2d``, the positions form and the column form of the same compact layer
+(see :mod:`structsparse.compaction.kernels`), timed in interleaved repetitions on one thread after a warm-up.
+Prints each form's speedup over conv2d (ratio of medians), the column form's gain over the positions form
+(median of the paired per-round ratios), and which form ``LoweredConv2d`` picks by its rule.
+
+    .venv/bin/python benchmarks/lowered_forms.py [--repeats 30] [--batch 1,64]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from structsparse.compaction import kernels  # noqa: E402
+from structsparse.paper import ALEXNET, PAPER_TABLE4  # noqa: E402
+from structsparse.speed.layer_bench import _GroupedCompact, sparse_conv_weight  # noqa: E402
+from structsparse.timing import machine_info  # noqa: E402
+
+
+def forced(module, x, form: str):
+    """``module(x)`` in one form, whatever the rule would pick."""
+    kept = kernels.COLUMN_FORM_FROM
+    kernels.COLUMN_FORM_FROM = 0 if form == "column" else 1 << 62
+    try:
+        return module(x)
+    finally:
+        kernels.COLUMN_FORM_FROM = kept
+
+
+def rounds(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
+    """Seconds per call of each function, interleaved, the order reversed every other round."""
+    times = [[] for _ in fns]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for f in fns:
+                f()
+        for r in range(repeats):
+            for i, f in (list(enumerate(fns)) if r % 2 else list(enumerate(fns))[::-1]):
+                t = time.perf_counter()
+                f()
+                times[i].append(time.perf_counter() - t)
+    return times
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=30, help="interleaved rounds at batch 1 (a third at larger)")
+    p.add_argument("--batch", default="1,64", help="batch sizes, comma-separated")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    row = PAPER_TABLE4[2]
+    print("| layer | batch | positions × K' | rule picks | positions speedup | column speedup | column / positions |")
+    print("|---|---|---|---|---|---|---|")
+    for li in range(1, 5):
+        shape = ALEXNET[li]
+        w = sparse_conv_weight(shape, 1, row["row"][li], row["column"][li], seed=li)
+        b = torch.randn(shape.out_channels)
+        m = _GroupedCompact(w, b, shape, 1).parts[0]
+        out = (shape.in_size + 2 * shape.padding - shape.kernel) // shape.stride + 1
+        entries = out * out * m.weight.shape[1]
+        for batch in (int(v) for v in args.batch.split(",")):
+            x = torch.rand(batch, shape.in_channels, shape.in_size, shape.in_size)
+            t = rounds([lambda: F.conv2d(x, w, b, shape.stride, shape.padding), lambda: forced(m, x, "positions"),
+                        lambda: forced(m, x, "column")], args.repeats if batch == 1 else max(5, args.repeats // 3))
+            med = [statistics.median(v) for v in t]
+            gain = statistics.median(a / c for a, c in zip(t[1], t[2]))
+            picks = "column" if entries > kernels.COLUMN_FORM_FROM else "positions"
+            print(f"| {shape.name} | {batch} | {entries:,} | {picks} | {med[0] / med[1]:.2f} | {med[0] / med[2]:.2f} | "
+                  f"{gain:.2f} |", flush=True)
+    m = machine_info()
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    print(f"\n{m['cpu']}, 1 thread, torch {m['torch']}, {when}; "
+          f"python benchmarks/lowered_forms.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
