@@ -17,8 +17,9 @@ Two forms of the gather and the GEMM, both exact, chosen per call:
   window of one input channel, copied for the whole batch by one indexing of a strided view of
   the input (three K'-long indices), then W (N × K') by cols (K' × positions) per image, written
   in N × C × H × W order. On AlexNet's conv2 (729 positions, 883 of 2400 columns kept) this is
-  1.3× faster than the positions form at batch 1 and 1.2× at batch 64; on conv3–conv5 (169
-  positions, index 90–113k) it is 5–30% slower, hence the rule (2-core Xeon VM, one thread).
+  1.29× the positions form's speed at batch 1 and 1.12× at batch 64; on conv3–conv5 (169
+  positions, index 90–113k) 0.77–0.99× in five of six cases (1.23× on conv4 at batch 1), hence
+  the rule (``benchmarks/lowered_forms.py``, 2-core Xeon VM, one thread).
 """
 from __future__ import annotations
 
@@ -27,16 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ..layers import _is_compiling
+
 __all__ = ["LoweredConv2d", "COLUMN_FORM_FROM"]
 
 # Above this many entries (positions × kept columns) of the positions form's flat gather index, the
 # column form runs instead (see the module's docstring).
 COLUMN_FORM_FROM = 1 << 18
-
-try:
-    from torch.compiler import is_compiling as _is_compiling
-except ImportError:  # torch < 2.3
-    from torch._dynamo import is_compiling as _is_compiling
 
 
 class LoweredConv2d(nn.Module):
