@@ -99,12 +99,10 @@ class LoweredConv2d(nn.Module):
         key = (h, w, device)
         index = None if tracing else self._index_cache.get(key)
         if index is None:
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
             hp, wp = h + 2 * ph, w + 2 * pw
             ho, wo = self.output_size(h, w)
-            cols = self.columns.to(device)
-            c, rest = cols // (kh * kw), cols % (kh * kw)
-            m, k = rest // kw, rest % kw
+            c, m, k = self._split_columns(device)
             start = c * hp * wp + m * dh * wp + k * dw  # K'
             oh = torch.arange(ho, device=device) * sh * wp
             ow = torch.arange(wo, device=device) * sw
@@ -114,12 +112,16 @@ class LoweredConv2d(nn.Module):
                 self._index_cache[key] = index = index.int() if self.in_channels * hp * wp < 2 ** 31 else index
         return index
 
+    def _split_columns(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Channel, kernel row and kernel column of every kept column, from the ``columns`` buffer."""
+        kh, kw = self.kernel_size
+        cols = self.columns.to(device)
+        return cols // (kh * kw), cols % (kh * kw) // kw, cols % kw
+
     def _window_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Channel, kernel row and kernel column of every kept column (cached; eager mode only)."""
+        """:meth:`_split_columns`, cached (the column form runs in eager mode only)."""
         if self._window_cache is None or self._window_cache[0].device != device:
-            kh, kw = self.kernel_size
-            cols = self.columns.to(device)
-            self._window_cache = (cols // (kh * kw), cols % (kh * kw) // kw, cols % kw)
+            self._window_cache = self._split_columns(device)
         return self._window_cache
 
     def _column_form(self, x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:

@@ -149,15 +149,18 @@ def shrink_groups_(weight: torch.Tensor, steps: list[tuple[str, object]], groups
     sq = mat * mat
     r, q = sq.new_ones(g, mat.shape[1], 1), sq.new_ones(g, 1, mat.shape[2])  # row and column scales
     for kind, step in steps:
-        if kind in ("filter", "depth"):
-            norms = (r * r * torch.matmul(sq, (q * q).transpose(1, 2)))
+        rows = kind in ("filter", "depth")
+        if rows:
+            norms = r * r * torch.matmul(sq, (q * q).transpose(1, 2))
             norms = norms.sum(dim=(0, 1, 2), keepdim=True) if kind == "depth" else norms
-            r = r * shrink_factor(norms.sqrt_(), step.reshape(norms.shape) if isinstance(step, torch.Tensor) else step)
-            continue
-        cols = (q * q * torch.matmul((r * r).transpose(1, 2), sq)).view(g, channels, -1)
-        norms = cols.sum(2, keepdim=True) if kind == "channel" else cols
+        else:
+            cols = (q * q * torch.matmul((r * r).transpose(1, 2), sq)).view(g, channels, -1)
+            norms = cols.sum(2, keepdim=True) if kind == "channel" else cols
         factor = shrink_factor(norms.sqrt_(), step.reshape(norms.shape) if isinstance(step, torch.Tensor) else step)
-        q = q * factor.expand_as(cols).reshape(q.shape)
+        if rows:
+            r = r * factor
+        else:
+            q = q * factor.expand_as(cols).reshape(q.shape)
     mat.mul_(r).mul_(q)
     if mat.data_ptr() != view.data_ptr():
         view.copy_(mat.view(view.shape))
