@@ -6,18 +6,89 @@ folded constants of compact graphs. All are plain modules that torch.fx treats a
 """
 from __future__ import annotations
 
+import os
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     from torch.compiler import is_compiling as _is_compiling
 except ImportError:  # torch < 2.3
     from torch._dynamo import is_compiling as _is_compiling
 
+from .timing import fastest
+
 __all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention",
-           "SlicedLayerNorm", "TiledMaxPool2d", "WithinChannelLRN", "fast_form"]
+           "SlicedLayerNorm", "TiledMaxPool2d", "TunedConv2d", "WithinChannelLRN", "fast_form", "TUNE"]
+
+# Whether compact models' layers choose among their exact forms by timing them (structsparse.timing.fastest).
+# STRUCTSPARSE_TUNE=0 in the environment, or setting this to False, keeps each layer's default form.
+TUNE = os.environ.get("STRUCTSPARSE_TUNE", "1") != "0"
+
+
+def tunable(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` may choose its form by timing: :data:`TUNE` is on, ``x`` is on the CPU, and
+    nothing traces, compiles or watches the call (a dispatch mode, such as the FLOP counter, would count the
+    timed calls too)."""
+    return (TUNE and x.is_cpu and not (torch._C._is_tracing() or _is_compiling())
+            and _get_current_dispatch_mode() is None)
+
+
+def remembered_choice(module: nn.Module, x: torch.Tensor, choose: Callable[[], int]) -> int:
+    """``choose()`` (a :func:`structsparse.timing.fastest` choice among ``module``'s forms for input ``x``),
+    remembered in ``module`` per input shape, dtype, layout and thread count, so that a call costs a dict lookup,
+    not the building of ``fastest``'s key."""
+    memo = module.__dict__.get("_choices")
+    if memo is None:
+        memo = module.__dict__["_choices"] = {}
+    state = (x.shape, x.dtype, x.is_contiguous(), torch.get_num_threads())
+    choice = memo.get(state)
+    if choice is None:
+        choice = memo[state] = choose()
+    return choice
+
+
+class TunedConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` that, on CPU calls of fewer than :attr:`TUNE_BELOW` multiply-adds, times oneDNN's
+    convolution against PyTorch's own (im2col and one GEMM; neither oneDNN nor NNPACK) once per input shape and
+    thread count (:func:`structsparse.timing.fastest`) and keeps the faster. oneDNN's fixed cost differs a lot
+    between torch builds: about 130 µs a call on LeNet's compact convs in the CPU build the README installs,
+    where PyTorch's own takes 28–40 µs; 28–230 µs on torchvision's small convs in torch 2.14.1+cu130, where it
+    is mostly the faster (2-core Xeon VM, one thread). The two differ by float rounding only. Larger calls,
+    other devices and tracing run ``nn.Conv2d`` itself. :func:`structsparse.compact` and
+    :func:`structsparse.load_compact` put one in place of each plain conv.
+    """
+
+    TUNE_BELOW = 1 << 23
+    saved_as = "Conv2d"  # save_compact writes the plain module; compact and load_compact choose this form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tunable(x) and remembered_choice(self, x, lambda: self._choose(x)):
+            return self._native(x)
+        return super().forward(x)
+
+    def _choose(self, x: torch.Tensor) -> int:
+        """1 if PyTorch's own conv is the faster on ``x``, timed once per setting and shape; else 0."""
+        sh, sw = self.stride  # multiply-adds: batch × output positions × weights
+        if x.dim() != 4 or x.shape[0] * x.shape[2] * x.shape[3] * self.weight.numel() // (sh * sw) >= self.TUNE_BELOW:
+            return 0
+        key = ("conv2d", tuple(x.shape), x.is_contiguous(), x.dtype, tuple(self.weight.shape), self.stride,
+               self.padding, self.dilation, self.groups, self.padding_mode, self.bias is not None)
+        return fastest(key, (lambda: nn.Conv2d.forward(self, x), lambda: self._native(x)))
+
+    def _native(self, x: torch.Tensor) -> torch.Tensor:
+        mkldnn, nnpack = torch._C._get_mkldnn_enabled(), torch._C._get_nnpack_enabled()
+        torch._C._set_mkldnn_enabled(False)
+        torch._C._set_nnpack_enabled(False)
+        try:
+            return nn.Conv2d.forward(self, x)
+        finally:
+            torch._C._set_mkldnn_enabled(mkldnn)
+            torch._C._set_nnpack_enabled(nnpack)
 
 
 class TiledMaxPool2d(nn.MaxPool2d):
@@ -55,8 +126,14 @@ class TiledMaxPool2d(nn.MaxPool2d):
 
 
 def fast_form(m: nn.Module) -> nn.Module:
-    """``m`` as the faster module with the same values that compact models use: a plain ``nn.MaxPool2d`` whose
-    windows tile as a :class:`TiledMaxPool2d`; any other module as it is."""
+    """``m`` as the faster module with the same values that compact models use: a plain ``nn.Conv2d`` as a
+    :class:`TunedConv2d` (sharing ``m``'s parameters), a plain ``nn.MaxPool2d`` whose windows tile as a
+    :class:`TiledMaxPool2d`; any other module as it is."""
+    if type(m) is nn.Conv2d:
+        tuned = TunedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                            m.bias is not None, m.padding_mode, device="meta")
+        tuned.weight, tuned.bias = m.weight, m.bias
+        return tuned
     if type(m) is nn.MaxPool2d and TiledMaxPool2d.tiles(m):
         return TiledMaxPool2d(m.kernel_size, m.stride)
     return m

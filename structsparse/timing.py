@@ -12,7 +12,9 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_interleaved", "summarize", "machine_info", "spread", "ratio_interval"]
+__all__ = ["time_interleaved", "summarize", "machine_info", "spread", "ratio_interval", "fastest"]
+
+_FASTEST: dict[tuple, int] = {}  # fastest()'s choices in this process
 
 
 def machine_info(measure_threads: int | None = None) -> dict:
@@ -100,3 +102,19 @@ def ratio_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95, 
     lo, hi = torch.quantile(ratios, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
     return float(lo), float(hi)
 
+
+
+def fastest(key: tuple, forms: Sequence[Callable[[], object]], margin: float = 0.9) -> int:
+    """The index of the fastest of ``forms`` (calls that compute the same values in different ways), timed once
+    per ``key`` and thread count in this process (interleaved, medians, no autograd) and remembered: the first form
+    unless another takes under ``margin`` of its time. ``key`` names everything else the times depend on
+    (the operation, its shapes, dtype and device); equal keys get the same choice, so two copies of a model
+    compute the same values."""
+    key = (*key, torch.get_num_threads())
+    choice = _FASTEST.get(key)
+    if choice is None:
+        with torch.no_grad():
+            times = [statistics.median(t) for t in time_interleaved(forms, repeats=5, warmup=1, min_time=5e-4)]
+        best = min(range(len(forms)), key=times.__getitem__)
+        _FASTEST[key] = choice = best if times[best] < margin * times[0] else 0
+    return choice

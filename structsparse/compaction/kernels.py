@@ -7,7 +7,9 @@ and gathers only those K' rows straight from the (padded) input, then runs one d
 Unfolding everything and then indexing would copy all C·M·K rows first and throw most of the
 gain away.
 
-Two forms of the gather and the GEMM, both exact, chosen per call:
+Two forms of the gather and the GEMM, both exact. On the CPU each layer times both at each input shape
+it meets, once, and keeps the faster (:func:`structsparse.timing.fastest`; off with
+``STRUCTSPARSE_TUNE=0``); elsewhere, and as the form timing starts from, a rule on the index size decides:
 
 * positions (the default): every output position's K' entries, gathered with one flat index
   (positions × K'), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..layers import _is_compiling
+from ..layers import _is_compiling, remembered_choice, tunable
+from ..timing import fastest
 
 __all__ = ["LoweredConv2d", "COLUMN_FORM_FROM"]
 
@@ -64,6 +67,7 @@ class LoweredConv2d(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
         self._index_cache: dict = {}
         self._window_cache: tuple | None = None  # see _window_index
+        self._columns_key: int | None = None  # see _tuning_key
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor | None = None) -> "LoweredConv2d":
@@ -138,18 +142,28 @@ class LoweredConv2d(nn.Module):
         return torch.baddbmm(self.bias.view(1, -1, 1), weight, cols).view(n, self.out_channels, ho, wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The positions form: one GEMM, (N·positions × K') by (K' × filters), written channels-last
-        and returned as an N × filters × Ho × Wo view (``torch.channels_last`` memory format); or,
-        where its gather index would be large (and not while tracing), the column form."""
+        """One of two forms with the same values: the positions form, one GEMM, (N·positions × K') by
+        (K' × filters), written channels-last and returned as an N × filters × Ho × Wo view
+        (``torch.channels_last`` memory format); or the column form. On the CPU the faster of the two at this
+        input's shape is kept, timed once (:func:`structsparse.layers.tunable`); otherwise the column form runs
+        where the positions form's gather index would be large, and never while tracing."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
-        n, _, h, w = x.shape
+        h, w = x.shape[2:]
         ho, wo = self.output_size(h, w)
         ph, pw = self.padding
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
-        if ho * wo * self.weight.shape[1] > COLUMN_FORM_FROM and not (_is_compiling() or torch.jit.is_tracing()):
-            return self._column_form(x, ho, wo)
+        positions, columns = lambda: self._positions_form(x, h, w, ho, wo), lambda: self._column_form(x, ho, wo)
+        rule = ho * wo * self.weight.shape[1] > COLUMN_FORM_FROM  # the column form, by the size of the index
+        if tunable(x):  # the rule's choice unless the other form is clearly faster here
+            forms = (columns, positions) if rule else (positions, columns)
+            return forms[remembered_choice(self, x, lambda: fastest(self._tuning_key(x), forms))]()
+        return columns() if rule and not (_is_compiling() or torch.jit.is_tracing()) else positions()
+
+    def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
+        """Every output position's K' entries by one flat index, then one GEMM (channels-last output)."""
+        n = x.shape[0]
         cols = x.reshape(n, -1).index_select(1, self._gather_index(h, w, x.device))
         cols = cols.view(n * ho * wo, self.weight.shape[1])
         if self.bias is not None:
@@ -158,9 +172,16 @@ class LoweredConv2d(nn.Module):
             out = torch.mm(cols, self.weight.t())
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
 
+    def _tuning_key(self, x: torch.Tensor) -> tuple:
+        """What the two forms' times depend on: the layer's settings, its kept columns and the input's shape."""
+        if self._columns_key is None:
+            self._columns_key = hash(tuple(self.columns.tolist()))
+        return ("lowered", tuple(x.shape), x.is_contiguous(), x.dtype, self.in_channels, self.out_channels, self.kernel_size,
+                self.stride, self.dilation, self.bias is not None, self._columns_key)
+
     def clear_caches(self) -> None:
         """Forget the gather indices (they are rebuilt on the next call)."""
-        self._index_cache, self._window_cache = {}, None
+        self._index_cache, self._window_cache, self._columns_key, self._choices = {}, None, None, {}
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_caches()

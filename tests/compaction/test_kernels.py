@@ -42,8 +42,10 @@ def test_lowered_conv_matches_conv2d(stride, padding, dilation):
 def test_both_forms_read_any_layout_and_train(padding, bias, column_form_from, monkeypatch):
     """Both forms are exact on images inside a batch (views with an offset, read in place when unpadded),
     channels-last input, strides and dilation, after the cached indices move dtype, and in gradients."""
+    from structsparse import layers
     from structsparse.compaction import kernels
     monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", column_form_from)
+    monkeypatch.setattr(layers, "TUNE", False)  # the rule, not timing, picks the form
     torch.manual_seed(2)
     for stride, dilation in ((1, 1), ((2, 1), 2)):
         conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
@@ -104,3 +106,47 @@ def test_compact_models_save_plain_pools_and_load_tiled_ones(tmp_path):
     path = save_compact(small, tmp_path / "m")      # the file names the plain module; loading picks the form
     assert json.loads((path / "architecture.json").read_text())["steps"][1]["type"] == "MaxPool2d"
     assert type(load_compact(path).steps()[1][1]) is TiledMaxPool2d
+
+
+def test_fastest_keeps_a_clearly_faster_form_and_remembers_it():
+    import time
+    from structsparse.timing import fastest
+    calls = []
+    slow, quick = (lambda: time.sleep(2e-3)), (lambda: calls.append(1))
+    key = ("test", object())
+    assert fastest(key, (slow, quick)) == 1
+    assert fastest(key, (slow, lambda: time.sleep(1.0))) == 1      # remembered: not timed again
+    assert fastest(("test", object()), (quick, slow)) == 0
+    assert fastest(("test", object()), (quick, quick), margin=0.0) == 0  # the first unless another beats the margin
+
+
+@pytest.mark.parametrize("choice", [0, 1])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_tuned_conv_gives_conv2d_values_in_either_form(choice, groups, monkeypatch):
+    from structsparse import layers
+    from structsparse.layers import TunedConv2d, fast_form
+    seen = []
+    monkeypatch.setattr(layers, "fastest", lambda key, forms: seen.append(key) or choice)
+    torch.manual_seed(4)
+    conv = nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, groups=groups)
+    tuned = fast_form(conv)
+    assert type(tuned) is TunedConv2d and tuned.weight is conv.weight and tuned.bias is conv.bias
+    for x in (torch.randn(3, 4, 9, 8), torch.randn(1, 4, 9, 8).contiguous(memory_format=torch.channels_last)):
+        assert torch.allclose(tuned(x), conv(x), atol=1e-5)
+    assert len(seen) == 2 and torch._C._get_mkldnn_enabled()        # PyTorch's own conv puts oneDNN back
+    x = torch.randn(2, 4, 9, 8, requires_grad=True)
+    tuned(x).square().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    conv(x).square().sum().backward()
+    assert torch.allclose(grad, x.grad, atol=1e-4)
+    monkeypatch.setattr(TunedConv2d, "TUNE_BELOW", 1)                 # large calls: oneDNN, untimed
+    tuned(torch.randn(1, 4, 9, 8))
+    assert len(seen) == 3
+
+
+def test_the_flop_counter_does_not_count_the_timing_of_a_first_call():
+    from structsparse.layers import fast_form
+    from structsparse.report import count_macs
+    conv, x = nn.Conv2d(3, 5, 3), torch.rand(1, 3, 7, 6)
+    assert count_macs(fast_form(conv), x) == count_macs(conv, x) == 5 * 27 * 5 * 4
