@@ -176,8 +176,8 @@ class LoweredConv2d(nn.Module):
         """What the two forms' times depend on: the layer's settings, its kept columns and the input's shape."""
         if self._columns_key is None:
             self._columns_key = hash(tuple(self.columns.tolist()))
-        return ("lowered", tuple(x.shape), x.is_contiguous(), x.dtype, self.in_channels, self.out_channels, self.kernel_size,
-                self.stride, self.dilation, self.bias is not None, self._columns_key)
+        return ("lowered", tuple(x.shape), x.is_contiguous(), x.dtype, self.in_channels, self.out_channels,
+                self.kernel_size, self.stride, self.dilation, self.bias is not None, self._columns_key)
 
     def clear_caches(self) -> None:
         """Forget the gather indices (they are rebuilt on the next call)."""

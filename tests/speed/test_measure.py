@@ -74,7 +74,7 @@ def test_busy_machines_and_insignificant_ratios_are_flagged():
     rep = SpeedReport(rows, threads=1, repeats=5)
     warnings = rep.warnings()
     assert "busy" in warnings[0] and "70%" in warnings[0] and "1 of 2 rows" in warnings[0]
-    assert warnings[1] == "not significant (the 95% interval includes 1×): model (batch 1)"
+    assert warnings[1] == "not significant (the 95% interval reaches within 5% of 1×): model (batch 1)"
     md = rep.to_markdown()
     assert "1.90× [0.70–3.10] (not significant)" in md and "**Warning:** the machine looks busy" in md
     assert rep.to_dict()["warnings"] == warnings
@@ -86,4 +86,10 @@ def test_rows_carry_their_interval_and_one_thread_is_the_default(pair):
     assert rep.threads == 1
     (row,) = rep.rows
     lo, hi = row["speedup_ci"]
-    assert lo <= hi and row["significant"] == (lo > 1 or hi < 1) and row["spread"] >= 0
+    assert lo <= hi and row["significant"] == (lo > 1.05 or hi < 1 / 1.05) and row["spread"] >= 0
+
+
+def test_a_ratio_is_significant_only_beyond_five_percent_of_one():
+    from structsparse.speed.measure import significant
+    assert significant((1.06, 1.3)) and significant((0.5, 0.9))
+    assert not significant((1.01, 1.08)) and not significant((0.94, 0.99)) and not significant((0.9, 1.1))
