@@ -43,7 +43,7 @@ def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str) -> tu
     width collapsed); the collapse is returned, not warned about."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollapseWarning)
-        small = compact(model, example_input, check=False)
+        small = compact(model, example_input, check=False, channels_last=False)
     return _count(metric, small, example_input), any(issubclass(w.category, CollapseWarning) for w in caught)
 
 

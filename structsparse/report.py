@@ -224,7 +224,7 @@ def sparsity_report(model: nn.Module, example_input: torch.Tensor, with_compact:
     if with_compact:
         try:
             if compacted is None:
-                compacted = compact(model, example_input)
+                compacted = compact(model, example_input, channels_last=False)  # for counting only
             per_module = count_macs(compacted, example_input, per_module=True)
             pinned = pinned_summary(model, example_input)
         except UnsupportedModelError:

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["time_interleaved", "summarize", "machine_info", "spread", "ratio_interval", "fastest"]
+__all__ = ["time_interleaved", "summarize", "machine_info", "spread", "ratio_interval", "fastest", "pick_fastest"]
 
 _FASTEST: dict[tuple, int] = {}  # fastest()'s choices in this process
 
@@ -105,16 +105,22 @@ def ratio_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95, 
 
 
 def fastest(key: tuple, forms: Sequence[Callable[[], object]], margin: float = 0.9) -> int:
-    """The index of the fastest of ``forms`` (calls that compute the same values in different ways), timed once
-    per ``key`` and thread count in this process (interleaved, medians, no autograd) and remembered: the first form
-    unless another takes under ``margin`` of its time. ``key`` names everything else the times depend on
+    """:func:`pick_fastest` of ``forms`` (calls that compute the same values in different ways), timed once per
+    ``key`` and thread count in this process and remembered. ``key`` names everything else the times depend on
     (the operation, its shapes, dtype and device); equal keys get the same choice, so two copies of a model
     compute the same values."""
     key = (*key, torch.get_num_threads())
     choice = _FASTEST.get(key)
     if choice is None:
-        with torch.no_grad():
-            times = [statistics.median(t) for t in time_interleaved(forms, repeats=5, warmup=1, min_time=5e-4)]
-        best = min(range(len(forms)), key=times.__getitem__)
-        _FASTEST[key] = choice = best if times[best] < margin * times[0] else 0
+        _FASTEST[key] = choice = pick_fastest(forms, margin)
     return choice
+
+
+def pick_fastest(forms: Sequence[Callable[[], object]], margin: float = 0.9, repeats: int = 5,
+                 device: torch.device | str = "cpu") -> int:
+    """The index of the fastest of ``forms``, timed now on ``device`` (interleaved, medians of ``repeats``, no
+    autograd): the first form unless another takes under ``margin`` of its time."""
+    with torch.no_grad():
+        times = [statistics.median(t) for t in time_interleaved(forms, repeats, warmup=1, device=device, min_time=5e-4)]
+    best = min(range(len(forms)), key=times.__getitem__)
+    return best if times[best] < margin * times[0] else 0

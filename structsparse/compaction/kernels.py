@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from ..layers import _is_compiling, remembered_choice, tunable
+from ..layers import _is_compiling, remembered_choice
 from ..timing import fastest
 
 __all__ = ["LoweredConv2d", "COLUMN_FORM_FROM"]
@@ -156,10 +156,10 @@ class LoweredConv2d(nn.Module):
             x = F.pad(x, (pw, pw, ph, ph))
         positions, columns = lambda: self._positions_form(x, h, w, ho, wo), lambda: self._column_form(x, ho, wo)
         rule = ho * wo * self.weight.shape[1] > COLUMN_FORM_FROM  # the column form, by the size of the index
-        if tunable(x):  # the rule's choice unless the other form is clearly faster here
-            forms = (columns, positions) if rule else (positions, columns)
-            return forms[remembered_choice(self, x, lambda: fastest(self._tuning_key(x), forms))]()
-        return columns() if rule and not (_is_compiling() or torch.jit.is_tracing()) else positions()
+        if _is_compiling() or torch.jit.is_tracing():
+            return positions()
+        forms = (columns, positions) if rule else (positions, columns)  # the rule's choice first
+        return forms[remembered_choice(self, x, lambda: fastest(self._tuning_key(x), forms)) or 0]()
 
     def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
         """Every output position's K' entries by one flat index, then one GEMM (channels-last output)."""

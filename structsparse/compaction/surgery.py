@@ -19,7 +19,6 @@ The result is checked against the original on ``example_input`` before it is ret
 from __future__ import annotations
 
 import copy
-import statistics
 import warnings
 
 import torch
@@ -30,8 +29,8 @@ from ..graph import Graph, Node, channel_units, trace_graph
 from ..graph.ops import (ADD, ATTENTION, BCAST, CAT, CHPAD, CONST, CONV, DEPTHWISE, DROPOUT, ELEMENTWISE, FLATTEN, INPUT,
                          LAYERNORM, LINEAR, MOVE, NORM, PARAM, POOL, REDUCE, WEIGHTED, feature_dim)
 from ..graph.units import along, compress, full_shape, move
-from ..layers import ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm, fast_form
-from ..timing import time_interleaved
+from ..layers import ChannelPad, Constant, IndexSelect, Param, SlicedLayerNorm, fast_form, tunable
+from ..timing import pick_fastest
 from .kernels import LoweredConv2d
 
 __all__ = ["compact", "lower_conv", "CompactNet", "IndexSelect", "CollapseWarning", "RTOL", "ATOL"]
@@ -59,6 +58,7 @@ class CompactNet(nn.Module):
     """
 
     INPUT = "input"
+    channels_last = False  # see use_channels_last
 
     def __init__(self, steps: list[tuple], input_shape: list[int] | None = None):
         super().__init__()
@@ -83,7 +83,20 @@ class CompactNet(nn.Module):
         self._free = [[n for n in set(ins) if last_use[n] == i and n != self.order[-1]]
                       for i, ins in enumerate(self.inputs)]  # outputs no later step reads
 
+    def use_channels_last(self, on: bool = True) -> "CompactNet":
+        """Run in channels-last memory format (``on``): 4-d weights are stored so, and a 4-d input is converted on
+        the way in (a 4-d output back on the way out); the same values, in a layout that oneDNN runs faster on
+        some models. Returns ``self``."""
+        self.channels_last = bool(on)
+        return self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.channels_last or x.dim() != 4:
+            return self._run(x)
+        out = self._run(x.contiguous(memory_format=torch.channels_last))
+        return out.contiguous() if out.dim() == 4 else out
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self._chain:
             for step in self._steps:
                 x = step(x)
@@ -221,9 +234,8 @@ def lower_conv(m: nn.Module, lowered_below: float | str = LOWERED_BELOW,
         lowered = LoweredConv2d.from_conv(m, keep)
         x = torch.rand(input_shape, device=m.weight.device)
         with torch.inference_mode():
-            dense_t, lowered_t = time_interleaved([lambda: m(x), lambda: lowered(x)], repeats=7, warmup=2,
-                                                  device=m.weight.device)
-        return lowered if statistics.median(lowered_t) < statistics.median(dense_t) else m
+            faster = pick_fastest([lambda: m(x), lambda: lowered(x)], margin=1.0, repeats=7, device=m.weight.device)
+        return lowered if faster else m
     if not isinstance(lowered_below, (int, float)) or isinstance(lowered_below, bool) or not 0 <= lowered_below <= 1:
         raise ValueError(f"lowered_below must be a fraction in [0, 1] or 'measure', got {lowered_below!r}")
     if kept > lowered_below * keep.numel():
@@ -679,8 +691,20 @@ def _steps(graph: Graph, gathers: list, batch: int, lowered_below: float | str) 
     return steps
 
 
+def _choose_layout(net: CompactNet, x: torch.Tensor, channels_last: bool | str) -> None:
+    if channels_last not in (True, False, "measure"):
+        raise ValueError(f"channels_last must be True, False or 'measure', got {channels_last!r}")
+    if channels_last == "measure":
+        if x.dim() != 4 or not tunable(x) or not any(p.dim() == 4 for p in net.parameters()):
+            return
+        other = copy.deepcopy(net).use_channels_last()
+        channels_last = pick_fastest([lambda: net(x), lambda: other(x)]) == 1
+    if channels_last:
+        net.use_channels_last()
+
+
 def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = LOWERED_BELOW,
-            check: bool = True, fold_norms: bool = True) -> CompactNet:
+            check: bool = True, fold_norms: bool = True, channels_last: bool | str = "measure") -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 
     ``example_input`` (a batch of real or random inputs of the right shape) is used to
@@ -691,7 +715,9 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
     ``lowered_below`` of their weight-matrix columns become :class:`LoweredConv2d`;
     ``lowered_below="measure"`` instead times both forms of each such conv at the example
     input's size and keeps the faster. With ``fold_norms`` (the default), a BatchNorm that alone reads a
-    conv or Linear is folded into it, as inference engines do. Modules keep their names.
+    conv or Linear is folded into it, as inference engines do. Modules keep their names. ``channels_last``
+    (True, False, or ``"measure"``, the default: time both layouts on ``example_input`` on the CPU and keep
+    channels-last where it is over 10% faster) sets :meth:`CompactNet.use_channels_last`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
@@ -716,6 +742,7 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
     steps = _steps(graph, gathers, example_input.shape[0], lowered_below)
     net = CompactNet(steps).eval()
     net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension
+    _choose_layout(net, example_input, channels_last)
     if check:
         with torch.no_grad():
             got = net(example_input)

@@ -146,6 +146,8 @@ def save_compact(model: CompactNet, directory: str | os.PathLike) -> Path:
     blob = save(tensors, metadata={"format": FORMAT})
     arch = {"format": FORMAT, "version": VERSION, "input_shape": getattr(model, "input_shape", None),
             "weights_sha256": hashlib.sha256(blob).hexdigest(), "steps": steps}
+    if model.channels_last:  # optional: files without it load as before
+        arch["memory_format"] = "channels_last"
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / WEIGHTS, blob)
     atomic_write(directory / ARCHITECTURE, json.dumps(arch, indent=1).encode())
@@ -483,6 +485,10 @@ def load_compact(directory: str | os.PathLike) -> CompactNet:
     if not is_int(version) or version != VERSION:
         raise ValueError(f"{arch_path}: unsupported version {version!r} (this library reads {VERSION})")
     input_shape = _input_shape(arch.get("input_shape"), arch_path)
+    memory_format = arch.get("memory_format", "contiguous")
+    if memory_format not in ("contiguous", "channels_last"):
+        raise ValueError(f"{arch_path}: 'memory_format' must be 'contiguous' or 'channels_last', got "
+                         f"{str(memory_format)[:60]!r}")
     _check_sha256(arch.get("weights_sha256", None), "weights_sha256" in arch, weights_path, arch_path)
     steps = arch.get("steps")
     if not isinstance(steps, list) or not steps:
@@ -503,6 +509,8 @@ def load_compact(directory: str | os.PathLike) -> CompactNet:
     if left:  # every parameter and buffer is in the state dict, so this is a bug, not a bad file
         raise RuntimeError(f"load_compact left {left} unloaded")
     net.input_shape = input_shape
+    if memory_format == "channels_last":
+        net.use_channels_last()
     if input_shape is not None:
         try:
             with torch.no_grad():

@@ -126,7 +126,7 @@ def test_tuned_conv_gives_conv2d_values_in_either_form(choice, groups, monkeypat
     from structsparse import layers
     from structsparse.layers import TunedConv2d, fast_form
     seen = []
-    monkeypatch.setattr(layers, "fastest", lambda key, forms: seen.append(key) or choice)
+    monkeypatch.setattr(layers, "fastest", lambda key, forms, **kw: seen.append(key) or choice)
     torch.manual_seed(4)
     conv = nn.Conv2d(4, 6, 3, stride=(2, 1), padding=1, groups=groups)
     tuned = fast_form(conv)
@@ -150,3 +150,30 @@ def test_the_flop_counter_does_not_count_the_timing_of_a_first_call():
     from structsparse.report import count_macs
     conv, x = nn.Conv2d(3, 5, 3), torch.rand(1, 3, 7, 6)
     assert count_macs(fast_form(conv), x) == count_macs(conv, x) == 5 * 27 * 5 * 4
+
+
+def test_a_channels_last_compact_model_computes_the_same_and_saves_its_layout(tmp_path):
+    import json
+    from structsparse import load_compact, save_compact
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1)).eval()
+    with torch.no_grad():
+        model[0].weight[:3] = 0
+    x = torch.rand(2, 3, 9, 9)
+    small = compact(model, x, channels_last=True)
+    assert small.channels_last and small.steps()[0][1].weight.is_contiguous(memory_format=torch.channels_last)
+    out = small(x)
+    assert out.is_contiguous() and torch.allclose(out, model(x), atol=1e-5)   # NCHW out, as the original's
+    path = save_compact(small, tmp_path / "m")
+    arch = json.loads((path / "architecture.json").read_text())
+    assert arch["memory_format"] == "channels_last"
+    loaded = load_compact(path)
+    assert loaded.channels_last and torch.equal(loaded(x), out)
+    assert "memory_format" not in json.loads(
+        (save_compact(compact(model, x, channels_last=False), tmp_path / "n") / "architecture.json").read_text())
+    arch["memory_format"] = "nhwc"
+    (path / "architecture.json").write_text(json.dumps(arch))
+    with pytest.raises(ValueError, match="architecture.json: 'memory_format' must be"):
+        load_compact(path)
+    with pytest.raises(ValueError, match="channels_last must be True, False or 'measure', got 'yes'"):
+        compact(model, x, channels_last="yes")
