@@ -58,7 +58,9 @@ def remembered_choice(module: nn.Module, x: torch.Tensor, choose: Callable[[], i
 class TunedConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that, on CPU calls of fewer than :attr:`TUNE_BELOW` multiply-adds, times oneDNN's
     convolution against PyTorch's own (im2col and one GEMM; neither oneDNN nor NNPACK) once per input shape and
-    thread count (:func:`structsparse.timing.fastest`) and keeps the faster. oneDNN's fixed cost differs a lot
+    thread count (:func:`structsparse.timing.fastest`) and runs PyTorch's own where it took under :attr:`MARGIN`
+    of oneDNN's time. It switches oneDNN off for the call (a process-wide flag, put back after it), so convs
+    running in other threads at that moment skip oneDNN too. oneDNN's fixed cost differs a lot
     between torch builds: about 130 µs a call on LeNet's compact convs in the CPU build the README installs,
     where PyTorch's own takes 28–40 µs; 28–230 µs on torchvision's small convs in torch 2.14.1+cu130, where it
     is mostly the faster (2-core Xeon VM, one thread). The two differ by float rounding only. Larger calls,
