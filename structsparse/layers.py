@@ -23,7 +23,7 @@ except ImportError:  # torch < 2.3
 from .timing import fastest
 
 __all__ = ["ChannelPad", "Add", "Cat", "Broadcast", "Constant", "IndexSelect", "Param", "SelfAttention",
-           "SlicedLayerNorm", "TiledMaxPool2d", "TunedConv2d", "WithinChannelLRN", "fast_form", "TUNE"]
+           "SlicedLayerNorm", "TiledMaxPool2d", "TunedConv2d", "WithinChannelLRN", "fast_form", "FAST_FORMS", "TUNE"]
 
 # Whether compact models' layers choose among their exact forms by timing them (structsparse.timing.fastest).
 # STRUCTSPARSE_TUNE=0 in the environment, or setting this to False, keeps each layer's default form.
@@ -130,6 +130,9 @@ class TiledMaxPool2d(nn.MaxPool2d):
         for c in range(1, kw):
             out = torch.maximum(out, rows[:, :, :, c::kw])
         return out
+
+
+FAST_FORMS = (TunedConv2d, TiledMaxPool2d)  # what fast_form makes; each is saved as its plain module (saved_as)
 
 
 def fast_form(m: nn.Module) -> nn.Module:

@@ -33,7 +33,7 @@ from ..compaction.kernels import LoweredConv2d
 from ..compaction.surgery import CompactNet, IndexSelect
 from ..graph import FUNCTIONS, MODULE_ROLES, Op
 from ..graph.trace import Traced
-from ..layers import Add, Broadcast, Cat, ChannelPad, Constant, Param, TiledMaxPool2d, TunedConv2d, fast_form
+from ..layers import FAST_FORMS, Add, Broadcast, Cat, ChannelPad, Constant, Param, fast_form
 from .files import atomic_write
 
 __all__ = ["save_compact", "load_compact", "ARCHITECTURE", "WEIGHTS"]
@@ -43,7 +43,7 @@ FORMAT, VERSION = "structsparse-compact", 1
 _TYPES: dict[str, type] = {cls.__name__: cls for types, _ in MODULE_ROLES for cls in types}
 _TYPES.update({"Op": Op, "IndexSelect": IndexSelect, "LoweredConv2d": LoweredConv2d, "PReLU": nn.PReLU})
 # The faster forms of plain modules (see structsparse.layers.fast_form): saved as the plain module, loaded as this.
-_FAST = {cls.saved_as: cls for cls in (TiledMaxPool2d, TunedConv2d)}
+_FAST = {cls.saved_as: cls for cls in FAST_FORMS}
 # A step name: a dotted path whose parts are module names PyTorch accepts (non-empty, no "."), without
 # control characters. save_compact and load_compact apply the same rule (torchvision's "block1-0" passes).
 _NAME = re.compile(r"^[^.\x00-\x1f\x7f]+(\.[^.\x00-\x1f\x7f]+)*$")
