@@ -6,6 +6,7 @@ thread count pinned, and medians are compared.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -13,10 +14,13 @@ import torch
 from torch import nn
 
 from ..compaction.surgery import CompactNet, IndexSelect
+from ..layers import fast_form
 from ..sparsity.groups import covered_modules
 from ..timing import machine_info, ratio_interval, spread, summarize, time_interleaved
 
-__all__ = ["measure_speedup", "SpeedReport", "BUSY_SPREAD", "MIN_EFFECT", "significant"]
+__all__ = ["measure_speedup", "SpeedReport", "BUSY_SPREAD", "MIN_EFFECT", "significant", "SAME_FORMS"]
+
+SAME_FORMS = "model, dense in the same forms"  # the scope of the row against same_forms_baseline(original, ...)
 
 BUSY_SPREAD = 0.25   # a run-to-run spread (interquartile range / median) above this: the machine looks busy
 MIN_EFFECT = 0.05    # a ratio is significant when its whole interval lies beyond 1× ± this (see significant)
@@ -94,6 +98,23 @@ def _layer_inputs(model: nn.Module, names: Sequence[str], x: torch.Tensor) -> di
     return seen
 
 
+def same_forms_baseline(original: nn.Module, compact: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``original`` run as ``compact`` runs its plain modules (:func:`structsparse.layers.fast_form`, and
+    channels-last weights and input where ``compact`` runs so), as one call; None where that would be
+    ``original`` itself. Against it, a speedup is the compaction's alone, not the faster forms'."""
+    dense, changed = copy.deepcopy(original), False
+    for name, m in list(dense.named_modules()):
+        fast = fast_form(m) if name else m
+        if fast is not m:
+            parent, _, leaf = name.rpartition(".")
+            setattr(dense.get_submodule(parent), leaf, fast)
+            changed = True
+    if not getattr(compact, "channels_last", False):
+        return dense if changed else None
+    dense = dense.to(memory_format=torch.channels_last)
+    return lambda x: dense(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+
 def _compact_layer(compact: nn.Module, name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The compact version of layer ``name`` with any input gather placed before it, as one call."""
     modules = dict(compact.named_modules())
@@ -109,7 +130,7 @@ def _compact_layer(compact: nn.Module, name: str) -> tuple[str, Callable[[torch.
 
 def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torch.Tensor,
                     batch_sizes: Sequence[int] = (1, 64), threads: int | None = 1, repeats: int = 30,
-                    warmup: int = 5, layers: bool = True, seed: int = 0) -> SpeedReport:
+                    warmup: int = 5, layers: bool = True, seed: int = 0, same_forms: bool = True) -> SpeedReport:
     """Time ``compact`` against ``original`` end to end and per Conv2d/Linear layer, in eval mode.
 
     Inputs are uniform random tensors shaped like ``example_input`` (one sample or a batch:
@@ -117,7 +138,9 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
     ``threads`` pins torch's intra-op threads for the measurement (default 1, as ``structsparse bench`` and
     the recipes' ``measure``; None or 0: as set now). Each speedup comes with a 95% bootstrap interval over
     the paired repetitions and whether it lies beyond 1× ± 5% (:func:`significant`);
-    :meth:`SpeedReport.warnings` says when the machine looked busy.
+    :meth:`SpeedReport.warnings` says when the machine looked busy. With ``same_forms`` (the default), a row
+    :data:`SAME_FORMS` also times ``compact`` against :func:`same_forms_baseline` (where that differs from
+    ``original``).
     """
     if any(int(b) < 1 for b in batch_sizes):
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)}")
@@ -128,12 +151,15 @@ def measure_speedup(original: nn.Module, compact: nn.Module, example_input: torc
     modes = original.training, compact.training
     original.eval(), compact.eval()
     gen = torch.Generator().manual_seed(seed)
+    baseline = same_forms_baseline(original, compact) if same_forms else None
     rows = []
     try:
         with torch.inference_mode():
             for b in batch_sizes:
                 x = torch.rand((int(b), *example_input.shape[1:]), generator=gen).to(device)
                 scopes = [("model", original, compact, x, x)]
+                if baseline is not None:
+                    scopes.append((SAME_FORMS, baseline, compact, x, x))
                 if layers:
                     names = list(covered_modules(original))
                     mods_o, mods_c = dict(original.named_modules()), dict(compact.named_modules())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from structsparse import compact, measure_speedup
+from structsparse.speed.measure import SAME_FORMS, same_forms_baseline
 from structsparse.timing import machine_info, summarize, time_interleaved
 from structsparse.zoo.models import LeNet
 
@@ -26,7 +27,7 @@ def test_rows_cover_the_model_and_every_layer_at_every_batch(pair):
     rep = measure_speedup(model, small, x, batch_sizes=(1, 3), threads=1, repeats=3, warmup=1)
     assert torch.get_num_threads() == threads and not model.training
     assert {(r["scope"], r["batch"]) for r in rep.rows} == \
-        {(s, b) for s in ("model", "conv1", "conv2", "fc1", "fc2") for b in (1, 3)}
+        {(s, b) for s in ("model", SAME_FORMS, "conv1", "conv2", "fc1", "fc2") for b in (1, 3)}
     for r in rep.rows:
         assert r["speedup"] == pytest.approx(r["original"]["median_ms"] / r["compact"]["median_ms"])
         assert r["original"]["q1_ms"] <= r["original"]["median_ms"] <= r["original"]["q3_ms"]
@@ -84,7 +85,7 @@ def test_rows_carry_their_interval_and_one_thread_is_the_default(pair):
     model, small, x = pair
     rep = measure_speedup(model, small, x, batch_sizes=(2,), repeats=4, warmup=1, layers=False)
     assert rep.threads == 1
-    (row,) = rep.rows
+    row, _ = rep.rows                               # the model, and the model against the same forms
     lo, hi = row["speedup_ci"]
     assert lo <= hi and row["significant"] == (lo > 1.05 or hi < 1 / 1.05) and row["spread"] >= 0
 
@@ -93,3 +94,17 @@ def test_a_ratio_is_significant_only_beyond_five_percent_of_one():
     from structsparse.speed.measure import significant
     assert significant((1.06, 1.3)) and significant((0.5, 0.9))
     assert not significant((1.01, 1.08)) and not significant((0.94, 0.99)) and not significant((0.9, 1.1))
+
+
+def test_the_same_forms_baseline_is_the_original_run_as_compact_models_run_it(pair):
+    from structsparse.layers import TiledMaxPool2d, TunedConv2d
+    model, small, x = pair
+    small_cl = compact(model, x, channels_last=True)
+    for c in (small, small_cl):
+        baseline = same_forms_baseline(model, c)
+        assert torch.allclose(baseline(x), model(x), atol=1e-5)
+    fast = same_forms_baseline(model, small)
+    assert type(fast.conv1) is TunedConv2d and type(fast.pool1) is TiledMaxPool2d and type(model.conv1) is torch.nn.Conv2d
+    assert same_forms_baseline(torch.nn.Sequential(torch.nn.Linear(3, 2)), small) is None   # nothing to change
+    rep = measure_speedup(model, small, x, batch_sizes=(1,), repeats=3, warmup=1, layers=False, same_forms=False)
+    assert [r["scope"] for r in rep.rows] == ["model"]
