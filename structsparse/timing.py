@@ -103,7 +103,6 @@ def ratio_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95, 
     return float(lo), float(hi)
 
 
-
 def fastest(key: tuple, forms: Sequence[Callable[[], object]], margin: float = 0.9) -> int:
     """:func:`pick_fastest` of ``forms`` (calls that compute the same values in different ways), timed once per
     ``key`` and thread count in this process and remembered. ``key`` names everything else the times depend on
