@@ -1,6 +1,7 @@
 """Shrinking to a budget: what each SSL group costs, and the zeroing of groups, cheapest norm per unit of cost
 first, until the *compacted* model is at or under a budget the user names: a fraction of the dense model's
-multiply-adds (``flops``) or of its parameters (``params``).
+multiply-adds (``flops``), of its parameters (``params``), or of its latency (``latency``, as a per-layer
+:class:`~structsparse.speed.table.LatencyTable` estimates it).
 
 ::
 
@@ -23,6 +24,7 @@ from .compaction import CollapseWarning, compact
 from .graph import channel_units, trace_graph
 from .report import count_macs, count_params
 from .sparsity import GroupLasso
+from .speed.table import LatencyTable
 
 __all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "zero_to_budget_",
            "starting_strength"]
@@ -30,27 +32,37 @@ __all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fracti
 START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
 
 # What a budget counts, and in what unit (for messages).
-METRICS = {"flops": "multiply-adds", "params": "parameters"}
+METRICS = {"flops": "multiply-adds", "params": "parameters", "latency": "latency"}
 
 
-def _count(metric: str, model: nn.Module, example_input: torch.Tensor) -> int:
+def _count(metric: str, model: nn.Module, example_input: torch.Tensor, table: LatencyTable | None = None,
+           compacted: bool = False) -> float:
+    """Multiply-adds or parameters of ``model``; for ``"latency"``, the seconds ``table`` estimates for
+    ``model`` when it is ``compacted``, else the table's dense model's."""
+    if metric == "latency":
+        return table.estimate(model) if compacted else table.dense_seconds()
     return count_macs(model, example_input) if metric == "flops" else count_params(model)
 
 
 @torch.no_grad()
-def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str) -> tuple[int, bool]:
-    """(multiply-adds or parameters of ``compact(model, example_input)``, whether the model or a layer's whole
-    width collapsed); the collapse is returned, not warned about."""
+def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str,
+               table: LatencyTable | None = None) -> tuple[float, bool]:
+    """(multiply-adds, parameters or estimated seconds of ``compact(model, example_input)``, whether the model or
+    a layer's whole width collapsed); the collapse is returned, not warned about."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollapseWarning)
         small = compact(model, example_input, check=False, channels_last=False)
-    return _count(metric, small, example_input), any(issubclass(w.category, CollapseWarning) for w in caught)
+    return (_count(metric, small, example_input, table, compacted=True),
+            any(issubclass(w.category, CollapseWarning) for w in caught))
 
 
-def kept_fraction(model: nn.Module, example_input: torch.Tensor, metric: str = "flops") -> float:
-    """The fraction of ``model``'s multiply-adds (``"flops"``) or parameters (``"params"``) that
-    ``compact(model, example_input)`` keeps (a collapse is not warned about here)."""
-    return _compacted(model, example_input, metric)[0] / max(1, _count(metric, model, example_input))
+def kept_fraction(model: nn.Module, example_input: torch.Tensor, metric: str = "flops",
+                  table: LatencyTable | None = None) -> float:
+    """The fraction of ``model``'s multiply-adds (``"flops"``), parameters (``"params"``) or latency
+    (``"latency"``, estimated by ``table``) that ``compact(model, example_input)`` keeps (a collapse is not warned
+    about here)."""
+    return (_compacted(model, example_input, metric, table)[0]
+            / max(1e-12, _count(metric, model, example_input, table)))
 
 
 class BudgetError(ValueError):
@@ -59,13 +71,13 @@ class BudgetError(ValueError):
 
 @dataclass
 class BudgetResult:
-    """What :func:`zero_to_budget_` did: the target and reached fractions of the dense model's multiply-adds or
-    parameters (``metric``; as the compacted model counts them), the dense and the reached counts, and how many
-    groups it zeroed (on top of those already zero)."""
+    """What :func:`zero_to_budget_` did: the target and reached fractions of the dense model's multiply-adds,
+    parameters or latency (``metric``; as the compacted model counts them, latency in estimated seconds), the dense
+    and the reached counts, and how many groups it zeroed (on top of those already zero)."""
     target: float
     reached: float
-    dense: int
-    kept: int
+    dense: float
+    kept: float
     groups_zeroed: int
     probes: int
     metric: str = "flops"
@@ -75,11 +87,14 @@ class BudgetResult:
 
 
 @torch.no_grad()
-def group_costs(gl: GroupLasso, example_input: torch.Tensor, metric: str = "flops") -> list[torch.Tensor]:
-    """The multiply-adds that each group's own weights do on one sample (``metric="flops"``), or the number of
-    its weights (``"params"``), one tensor per family of :meth:`GroupLasso.families` (a weight of a layer does that
-    layer's multiply-adds divided by its number of weights; biases cost nothing; a BatchNorm channel's (γ, β) group
-    costs what the filter of the conv or Linear before it costs, when that BatchNorm alone reads the layer).
+def group_costs(gl: GroupLasso, example_input: torch.Tensor, metric: str = "flops",
+                table: LatencyTable | None = None) -> list[torch.Tensor]:
+    """The multiply-adds that each group's own weights do on one sample (``metric="flops"``), the seconds they
+    take (``"latency"``: those multiply-adds at their layer's full-width time per multiply-add in ``table``), or
+    the number of its weights (``"params"``), one tensor per family of :meth:`GroupLasso.families` (a weight of a
+    layer does that layer's multiply-adds divided by its number of weights; biases cost nothing; a BatchNorm
+    channel's (γ, β) group costs what the filter of the conv or Linear before it costs, when that BatchNorm alone
+    reads the layer).
     Removing a group can save more (the channel it feeds goes unread): this is the cost that orders the groups,
     not the saving."""
     model = gl.model
@@ -89,7 +104,9 @@ def group_costs(gl: GroupLasso, example_input: torch.Tensor, metric: str = "flop
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(w, nn.Parameter) and per_module.get(name) and isinstance(module, (nn.Conv2d, nn.Linear)):
-            uses[w] = per_module[name] / batch / w.numel() if metric == "flops" else 1.0
+            uses[w] = per_module[name] / batch / w.numel() if metric != "params" else 1.0
+            if metric == "latency":
+                uses[w] *= table.seconds_per_mac(name)
     saved = {p: p.detach().clone() for p in model.parameters()}
     try:  # each weight set to √(its uses), every other parameter to 0: a group's squared norm is its cost
         for p in model.parameters():
@@ -147,12 +164,13 @@ def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tenso
     return {name: units.pinned[units.of[name]] for name in units.readers}
 
 
-def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str) -> list[tuple[int, int]]:
+def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str,
+           table: LatencyTable | None = None) -> list[tuple[int, int]]:
     """The nonzero groups that cost something and whose zeros compaction can use, by norm per unit of cost
     (smallest first), as (family, index)."""
     families = gl.families()
     norms = [fam.norms().detach().flatten() for fam in families]
-    costs = [c.flatten() for c in group_costs(gl, example_input, metric)]
+    costs = [c.flatten() for c in group_costs(gl, example_input, metric, table)]
     stays = _stays(gl, example_input)
     keys, where = [], []
     for f, (fam, n, c) in enumerate(zip(families, norms, costs)):
@@ -180,12 +198,12 @@ def _zero_first(gl: GroupLasso, order: list[tuple[int, int]], k: int) -> None:
 
 
 class _Probes:
-    """The compacted model's multiply-adds or parameters with the first k groups of an order zeroed, each from the
-    model's saved state."""
+    """The compacted model's multiply-adds, parameters or estimated seconds with the first k groups of an order
+    zeroed, each from the model's saved state."""
 
-    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str):
-        self.gl, self.x, self.metric, self.count = gl, example_input, metric, 0
-        self.order = _order(gl, example_input, metric)
+    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None):
+        self.gl, self.x, self.metric, self.table, self.count = gl, example_input, metric, table, 0
+        self.order = _order(gl, example_input, metric, table)
         self.saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
 
     @torch.no_grad()
@@ -193,17 +211,17 @@ class _Probes:
         self.gl.model.load_state_dict(self.saved)
         _zero_first(self.gl, self.order, k)
 
-    def __call__(self, k: int) -> tuple[int, bool]:
-        """(multiply-adds or parameters, whether the model or a layer's whole width collapsed)."""
+    def __call__(self, k: int) -> tuple[float, bool]:
+        """(multiply-adds, parameters or seconds, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
-        return _compacted(self.gl.model, self.x, self.metric)  # a collapse is what makes k too many
+        return _compacted(self.gl.model, self.x, self.metric, self.table)  # a collapse is what makes k too many
 
 
-def _which(flops, params) -> tuple[str, float]:
-    given = {k: v for k, v in (("flops", flops), ("params", params)) if v is not None}
+def _which(flops, params, latency) -> tuple[str, float]:
+    given = {k: v for k, v in (("flops", flops), ("params", params), ("latency", latency)) if v is not None}
     if len(given) != 1:
-        raise ValueError(f"give one budget, flops or params; got {', '.join(given) or 'none'}")
+        raise ValueError(f"give one budget, flops, params or latency; got {', '.join(given) or 'none'}")
     (metric, value), = given.items()
     target = checks.number(value, metric, minimum=0)
     if not 0 < target <= 1:
@@ -213,18 +231,22 @@ def _which(flops, params) -> tuple[str, float]:
 
 @torch.no_grad()
 def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | None = None,
-                    params: float | None = None) -> BudgetResult:
+                    params: float | None = None, latency: float | None = None,
+                    table: LatencyTable | None = None) -> BudgetResult:
     """Zero the fewest regularised groups of ``gl`` -- cheapest norm per unit of cost first (see
     :func:`group_costs`) -- so that ``compact(gl.model, example_input)`` does at most ``flops`` times the
     dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them (or has at most ``params`` times its
-    parameters; give one of the two). The count is of the compacted model itself, so the budget is never exceeded;
-    a group whose zeros would collapse the model or a layer's whole width is passed over. Raises
-    :class:`BudgetError`, naming the closest reachable fraction, when zeroing every other group is not enough (and
-    leaves the model as it was)."""
-    metric, target = _which(flops, params)
+    parameters, or takes at most ``latency`` times the dense model's time as ``table`` estimates it, a
+    :class:`~structsparse.speed.table.LatencyTable` built here at batch 1 when not given; give one of the three).
+    The count is of the compacted model itself, so the budget is never exceeded; a group whose zeros would
+    collapse the model or a layer's whole width is passed over. Raises :class:`BudgetError`, naming the closest
+    reachable fraction, when zeroing every other group is not enough (and leaves the model as it was)."""
+    metric, target = _which(flops, params, latency)
     model, was_training = gl.model, gl.model.training
-    dense = _count(metric, model, example_input) or 1
-    probe = _Probes(gl, example_input, metric)
+    if metric == "latency" and table is None:
+        table = LatencyTable.build(model, example_input)
+    dense = _count(metric, model, example_input, table) or 1
+    probe = _Probes(gl, example_input, metric, table)
     try:
         lo = 0
         while True:  # the fewest groups that reach the budget or collapse (both only grow with k)

@@ -65,7 +65,7 @@ def test_a_parameter_budget_counts_the_compacted_models_parameters():
     assert 0.3 <= count_params(small) / dense <= 0.4
     costs = {(f.name, f.kind): c.flatten() for f, c in zip(gl.families(), group_costs(gl, x, "params"))}
     assert torch.allclose(costs["conv1", "filter"], torch.full((8,), 3 * 9.0))   # a filter: its 27 weights
-    with pytest.raises(ValueError, match="give one budget, flops or params; got flops, params"):
+    with pytest.raises(ValueError, match="give one budget, flops, params or latency; got flops, params"):
         zero_to_budget_(gl, x, flops=0.5, params=0.5)
     with pytest.raises(ValueError, match=r"params: the budget is a fraction of the dense parameters"):
         zero_to_budget_(gl, x, params=2)

@@ -19,7 +19,7 @@ import torch
 from ..budget import METRICS
 from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
-from ..speed.measure import SpeedReport, measure_speedup
+from ..speed.measure import SAME_FORMS, SpeedReport, measure_speedup
 from ..storage.checkpoint import has_checkpoint
 from ..storage.compact_io import save_compact
 from ..timing import machine_info
@@ -27,7 +27,7 @@ from . import distributed
 from .recipe import Recipe, load_recipe
 from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, locked, save_trained, write_results
 from .runlog import RunLog
-from .trainer import Split, Trainer, evaluate, load_splits
+from .trainer import LATENCY_BATCH, Split, Trainer, evaluate, load_splits
 
 __all__ = ["run_recipe"]
 
@@ -132,6 +132,8 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
     _say(f"measuring the speedup: batch {', '.join(map(str, m.batch_sizes))}, {m.repeats} interleaved repetitions")
     speed = measure_speedup(model, small, example, batch_sizes=m.batch_sizes, threads=m.threads,
                             repeats=m.repeats, warmup=m.warmup)
+    if "budget" in results:
+        results = {**results, "budget": _measured_latency(results["budget"], speed)}
     save_compact(small, out_dir / COMPACT)
     save_trained(model, out_dir / TRAINED)
     run = {**run, "total_seconds": run["train_seconds"] + time.perf_counter() - start}
@@ -153,6 +155,29 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
         print(f"warning: compact test error {test['compact']:.4%} differs from original {test['original']:.4%}",
               file=sys.stderr)
     return metrics
+
+
+def _latency_cell(measured: dict | None) -> str:
+    if not measured:
+        return "-"
+    same = measured.get(SAME_FORMS)
+    return f"{measured.get('model', float('nan')):.3f}" + ("" if same is None else f" ({same:.3f})")
+
+
+def _measured_latency(budgets: dict[str, dict], speed: SpeedReport) -> dict[str, dict]:
+    """``budgets`` (phase → what its budget reached), a latency budget's with ``measured``: the compact model's
+    time over the dense model's and over the dense model's in the same forms, as measured at the end of the run
+    (the budget itself counts with the run's latency table)."""
+    out = {}
+    for name, b in budgets.items():
+        if b.get("metric") == "latency":
+            measured = {}
+            for scope in ("model", SAME_FORMS):
+                with contextlib.suppress(KeyError):  # a batch size or a row the run did not measure
+                    measured[scope] = 1 / speed.speedup(scope, LATENCY_BATCH)
+            b = {**b, "measured": measured}
+        out[name] = b
+    return out
 
 
 def _say(what: str) -> None:
@@ -177,8 +202,10 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
         + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
            if recipe.train_with_val else ""),
         *(["## Budget\n\n" + "\n".join(
-            ["| phase | target (of the dense model's) | reached after compaction |", "|---|---|---|"]
-            + [f"| {name} | {b['target']:g} of the {METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f} |"
+            ["| phase | target (of the dense model's) | reached after compaction | measured: of the dense model's "
+             "latency (in the same forms) |", "|---|---|---|---|"]
+            + [f"| {name} | {b['target']:g} of the {METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f}"
+               f"{' (estimated)' if b.get('metric') == 'latency' else ''} | {_latency_cell(b.get('measured'))} |"
                for name, b in results["budget"].items()])]
           if "budget" in results else []),
         "## Sparsity\n\n" + report.to_markdown(),

@@ -29,7 +29,9 @@ the speedup at the end::
         zero_groups_below_relative: 0.05 # and those below 0.05 × the largest norm of their kind and layer
                                          # ({kind: r}: per kind)
         target: {flops: 0.33}    # optional: at phase end, zero groups until the compacted model keeps at
-                                 # most 0.33 of the dense multiply-adds (zero_to_budget_); or {params: f}
+                                 # most 0.33 of the dense multiply-adds (zero_to_budget_); or {params: f}, or
+                                 # {latency: f}: of the dense model's time at batch 1 on the run's device, as a
+                                 # per-layer latency table (latency_table.json in the run) estimates it
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -104,8 +106,9 @@ class Phase:
     zero_groups_below_relative: float | dict | None = None  # ... below this × the largest of kind and layer
     freeze: bool = False                          # freeze zero structures at phase start, term off
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
-    target: dict | None = None                    # {"flops": f} or {"params": f}: at phase end, zero groups until
-                                                  # the compacted model keeps at most f of the dense count
+    target: dict | None = None                    # {"flops": f}, {"params": f} or {"latency": f}: at phase end,
+                                                  # zero groups until the compacted model keeps at most f of the
+                                                  # dense count (latency: estimated, speed.table.LatencyTable)
 
     @property
     def sparsifying(self) -> bool:
@@ -321,8 +324,8 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
           "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target")
-# A phase's budget: the fraction of the dense multiply-adds (flops) or parameters (params) its compacted model may
-# keep (latency: not yet).
+# A phase's budget: the fraction of the dense multiply-adds (flops), parameters (params) or latency its compacted
+# model may keep.
 _TARGET = ("flops", "params", "latency")
 DEFAULT_TARGET_LAMBDAS = {"filter": 1e-4, "channel": 1e-4}  # a target phase without lambdas
 
@@ -451,16 +454,13 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
 
 
 def _parse_target(c: _Checker, t, where: str) -> dict | None:
-    """``{flops: f}`` or ``{params: f}`` with f in (0, 1]."""
+    """``{flops: f}``, ``{params: f}`` or ``{latency: f}`` with f in (0, 1]."""
     if t is None:
         return None
     t = c.mapping(t, where, _TARGET)
-    if "latency" in t:
-        c.fail(f"{where}.latency", "a latency budget is not supported yet; give flops or params (a fraction of the "
-                                   "dense multiply-adds or parameters)")
     if len(t) != 1:
-        c.fail(where, "expected one budget, {flops: f} or {params: f}: the fraction of the dense multiply-adds or "
-                      "parameters to keep")
+        c.fail(where, "expected one budget, {flops: f}, {params: f} or {latency: f}: the fraction of the dense "
+                      "multiply-adds, parameters or latency to keep")
     (key, value), = t.items()
     return {key: c.number(value, f"{where}.{key}", positive=True, maximum=1)}
 

@@ -64,7 +64,8 @@ def write_csv(path: str | Path, history: Sequence[dict]) -> None:
 def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> None:
     """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
     model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; its parameters
-    after compaction: dotted grey; a budget phase's goal: dotted red), and the validation error, against the
+    after compaction: dotted grey; its latency after compaction, under a latency budget: dashed black; a budget
+    phase's goal: dotted red), and the validation error, against the
     epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
@@ -83,6 +84,8 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
     for key, style, label in (("flop_fraction", dict(color="0.55", lw=1.2, ls="-."), "FLOPs, own zeros"),
                               ("compact_flop_fraction", dict(color="k", lw=2.2, ls="-"), "FLOPs after compact"),
                               ("compact_params_fraction", dict(color="0.35", lw=1.2, ls=":"), "params after compact"),
+                              ("compact_latency_fraction", dict(color="k", lw=1.5, ls="--"),
+                               "latency after compact (estimated)"),
                               ("budget_goal", dict(color="C3", lw=1.5, ls=":"), "budget: the goal")):
         flops = [rec.get(key) for rec in history]
         if any(f is not None for f in flops):

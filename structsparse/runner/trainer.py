@@ -46,9 +46,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..budget import METRICS, BudgetError, kept_fraction, starting_strength, zero_to_budget_
-from ..compaction import CollapseWarning
+from ..compaction import CollapseWarning, compact
+from ..graph import UnsupportedModelError
 from ..report import sparsity_report
 from ..sparsity.penalty import GroupLasso, Masks, resolve_spec
+from ..speed.table import LatencyTable
 from ..storage import checkpoint as ckpt
 from ..zoo.data import load_dataset, make_loader, random_crop_flip
 from ..zoo.models import build_model
@@ -163,7 +165,10 @@ STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
 BRAKE_EVERY = 1 / 8  # of an epoch: how often a budget phase checks whether it reached its target
 
 
-REACHED = {"flops": "compact_flop_fraction", "params": "compact_params_fraction"}  # an epoch's record, per budget
+REACHED = {"flops": "compact_flop_fraction", "params": "compact_params_fraction",  # an epoch's record, per budget
+           "latency": "compact_latency_fraction"}
+LATENCY_TABLE = "latency_table.json"  # in the checkpoint directory: a latency budget's table, built once
+LATENCY_BATCH = 1  # the batch size a latency budget is measured at
 
 
 def budget_of(phase: Phase) -> tuple[str, float]:
@@ -292,6 +297,7 @@ class Trainer:
         self.history: list[dict] = []
         self.budgets: dict[str, dict] = {}  # phase → what zero_to_budget_ reached (also in its last history record)
         self._budget_start: dict[int, float] = {}  # budget phase → its controller's starting strength
+        self.latency_table: LatencyTable | None = None  # a latency budget's (see _latency_table)
 
     # ------------------------------------------------------------------ phases
 
@@ -372,6 +378,8 @@ class Trainer:
             self._set_masks(self._masks_for_freeze(p))
         gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
               if phase.sparsifying else None)  # traced: channels coupled across residual adds
+        if phase.target is not None and "latency" in phase.target:
+            self._latency_table(phase)
         if gl is not None and phase.target is not None:  # the controller starts λ-free, or goes on where it was
             steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
             self._budget_start[p] = starting_strength(gl, phase.lr, steps)
@@ -393,6 +401,39 @@ class Trainer:
             self._finish_epoch(p, e, opt, stats, gl)
         if phase.epochs == 0:
             self._end_phase(phase, gl)
+
+    def _latency_table(self, phase: Phase) -> None:
+        """The latency budget's :class:`LatencyTable`: the one saved in the checkpoint directory when it was measured
+        here (same batch, device type, threads and torch), else built now (with every structure kept, so the
+        zeros so far do not matter) and saved there."""
+        threads = self.recipe.measure.threads or torch.get_num_threads()
+        path = None if self.checkpoint_dir is None else self.checkpoint_dir / LATENCY_TABLE
+        where = f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.latency"
+        if self.world > 1:
+            raise ValueError(f"{where}: a latency budget runs in one process (its table is timed, and processes "
+                             f"would time it differently); give flops or params, or run it without torchrun")
+        if self.latency_table is None and path is not None and path.exists():
+            table = LatencyTable.load(path)
+            if table.matches(LATENCY_BATCH, self.device, threads):
+                self.latency_table = table
+                self.log(f"{phase.name}: the latency table of {path} ({len(table.layers)} layers)")
+            else:
+                self.log(f"{phase.name}: {path} was measured elsewhere ({table.device}, {table.threads} threads, "
+                         f"torch {table.torch}); measuring again")
+        if self.latency_table is not None:
+            return
+        self.log(f"{phase.name}: measuring the latency table (batch {LATENCY_BATCH}, {threads} threads)")
+        try:
+            self.latency_table = LatencyTable.build(self.model, self.splits["train"].images[:2], LATENCY_BATCH,
+                                                    threads)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+        if path is not None and self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.latency_table.save(path)
+        self.log(f"{phase.name}: dense model {1e3 * self.latency_table.reference:.3f} ms a call, "
+                 f"{1e3 * self.latency_table.rest[-1][1]:.3f} ms of it outside the {len(self.latency_table.layers)} "
+                 "layers")
 
     def _budget_state(self, p: int) -> tuple[float, float]:
         """The budget controller's level and strength after the last epoch of phase ``p`` (before any: the
@@ -437,7 +478,8 @@ class Trainer:
         if gl is not None and phase.target is not None:
             was_training = self.model.training
             try:
-                result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target)
+                result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target,
+                                         table=self.latency_table)
             except BudgetError as e:
                 raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
             self.model.train(was_training)
@@ -503,7 +545,7 @@ class Trainer:
         if phase.target is None or gl is None or not gl.strength or (i + 1) % max(1, round(steps * BRAKE_EVERY)):
             return
         metric, target = budget_of(phase)
-        reached = kept_fraction(self.model, self.splits["train"].images[:1], metric)
+        reached = kept_fraction(self.model, self.splits["train"].images[:1], metric, self.latency_table)
         self.model.train()
         if reached <= target:
             gl.strength = 0.0
@@ -590,17 +632,25 @@ class Trainer:
     @torch.no_grad()
     def _sparsity(self) -> tuple[dict[str, float | None], dict[str, list[int]]]:
         """Whole-model multiply-adds kept, from each layer's own zeros and after compaction, and parameters kept
-        after compaction (``flop_fraction``, ``compact_flop_fraction``, ``compact_params_fraction``), and the kept
-        structures per layer: the report's figures (``None`` and ``{}`` for a model the report cannot run).
+        after compaction (``flop_fraction``, ``compact_flop_fraction``, ``compact_params_fraction``; with a latency
+        budget's table, ``compact_latency_fraction``, estimated), and the kept structures per layer: the report's figures (``None`` and ``{}`` for a model the report cannot run).
         A collapse here is reported at the end of the run, not every epoch."""
+        x = self.splits["train"].images[:1]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CollapseWarning)
-                report = sparsity_report(self.model, self.splits["train"].images[:1])
+                try:
+                    small = compact(self.model, x, channels_last=False)  # for counting only
+                except UnsupportedModelError:
+                    small = None
+                report = sparsity_report(self.model, x, with_compact=small is not None, compacted=small)
         except ValueError:
             return dict.fromkeys(("flop_fraction", *REACHED.values())), {}
-        return {"flop_fraction": report.flop_fraction, "compact_flop_fraction": report.compact_flop_fraction,
-                "compact_params_fraction": report.compact_params_fraction}, report.kept()
+        fractions = {"flop_fraction": report.flop_fraction, "compact_flop_fraction": report.compact_flop_fraction,
+                     "compact_params_fraction": report.compact_params_fraction}
+        if self.latency_table is not None and small is not None:
+            fractions["compact_latency_fraction"] = self.latency_table.fraction(small)
+        return fractions, report.kept()
 
     # ------------------------------------------------------------------ results
 

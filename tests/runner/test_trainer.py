@@ -93,9 +93,9 @@ def test_run_phase_on_a_callers_model_takes_the_same_steps_as_run():
 @pytest.mark.parametrize("target, message", [
     ({"flops": 0}, r"phases\[1\]\.target\.flops: must be > 0"),
     ({"flops": 1.5}, r"phases\[1\]\.target\.flops: must be <= 1"),
-    ({"latency": 0.5}, r"phases\[1\]\.target\.latency: a latency budget is not supported yet"),
+    ({"latency": 2}, r"phases\[1\]\.target\.latency: must be <= 1"),
     ({"flop": 0.5}, r"phases\[1\]\.target\.flop"),
-    ({}, r"phases\[1\]\.target: expected one budget, \{flops: f\} or \{params: f\}"),
+    ({}, r"phases\[1\]\.target: expected one budget, \{flops: f\}, \{params: f\} or \{latency: f\}"),
     ({"flops": 0.5, "params": 0.5}, r"phases\[1\]\.target: expected one budget"),
     ({"params": 0}, r"phases\[1\]\.target\.params: must be > 0"),
 ])
@@ -138,7 +138,7 @@ def test_the_brake_rests_the_group_term_within_the_epoch_the_target_is_reached(m
     from structsparse.runner import trainer as trainer_module
     from structsparse.runner.trainer import Trainer
     seen = iter([1.0, 0.95, 0.85] + [0.85] * 100)
-    monkeypatch.setattr(trainer_module, "kept_fraction", lambda model, x, metric: next(seen))
+    monkeypatch.setattr(trainer_module, "kept_fraction", lambda model, x, metric, table: next(seen))
     phases = [{"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": 0.9}}]
     recipe, splits = _tiny(phases)   # 4 steps an epoch: checked after every step
     lines = []
@@ -166,6 +166,39 @@ def test_a_parameter_budget_steers_on_the_compacted_models_parameters():
     assert [r["budget_reached"] for r in ssl] == [r["compact_params_fraction"] for r in ssl]
     assert ssl[-1]["compact_params_fraction"] == pytest.approx(fraction)
     assert any("budget 0.2 of the dense parameters" in line for line in lines)
+
+
+def test_a_latency_budget_measures_its_table_once_saves_it_with_the_run_and_steers_on_it(tmp_path, monkeypatch):
+    from helpers import proportional_table
+    from structsparse import compact
+    from structsparse.runner.trainer import LATENCY_TABLE, Trainer
+    from structsparse.speed.table import LatencyTable
+    monkeypatch.setattr(LatencyTable, "build", proportional_table)   # the budget's plumbing, not the machine's load
+    phases = [PHASES[0], {"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"latency": 0.7}},
+              {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
+    recipe, splits = _tiny(phases, measure={"threads": 1})
+    lines = []
+
+    def stop(trainer, p, e):
+        if p == 1 and e == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lines.append, on_epoch_end=stop).run()
+    table = LatencyTable.load(tmp_path / LATENCY_TABLE)
+    assert any("ssl: measuring the latency table (batch 1, 1 threads)" in line for line in lines)
+    lines.clear()
+    t = Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lines.append)
+    out = t.run(resume=True)
+    assert any(f"the latency table of {tmp_path / LATENCY_TABLE}" in line for line in lines)
+    assert t.latency_table == table                            # reused, not measured again
+    model, x = t.finish(), splits["train"].images[:2]
+    budget = out["budget"]["ssl"]
+    reached = table.fraction(compact(model, x, channels_last=False))
+    assert budget["metric"] == "latency" and reached <= 0.7 and budget["reached"] == pytest.approx(reached)
+    ssl = [r for r in t.history if r["phase"] == "ssl"]
+    assert [r["budget_reached"] for r in ssl] == [r["compact_latency_fraction"] for r in ssl]
+    assert any("budget 0.7 of the dense latency" in line for line in lines)
 
 
 def test_an_unreachable_budget_ends_the_phase_with_one_line_naming_the_target():
