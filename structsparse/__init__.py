@@ -19,14 +19,14 @@ _WHERE = {  # public name -> the submodule that defines it
     "explain": "graph",
     "SparsityReport": "report", "sparsity_report": "report",
     "KINDS": "sparsity", "GroupLasso": "sparsity", "Masks": "sparsity", "group_norms": "sparsity",
-    "measure_speedup": "speed",
+    "measure_speedup": "speed", "LatencyTable": "speed",
     "export_onnx": "storage", "load_compact": "storage", "save_compact": "storage",
 }
 
 __all__ = [
     "KINDS", "group_norms", "GroupLasso", "Masks", "SparsityReport", "sparsity_report",
     "compact", "LoweredConv2d", "load_compact", "save_compact", "measure_speedup",
-    "export_onnx", "explain", "zero_to_budget_", "BudgetError",
+    "export_onnx", "explain", "zero_to_budget_", "BudgetError", "LatencyTable",
 ]
 
 
