@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,8 @@ from .report import count_macs, count_params
 from .sparsity import GroupLasso
 from .speed.table import LatencyTable
 
-__all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "zero_to_budget_",
-           "starting_strength"]
+__all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "layer_fractions",
+           "zero_to_budget_", "starting_strength"]
 
 START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
 
@@ -36,23 +37,25 @@ METRICS = {"flops": "multiply-adds", "params": "parameters", "latency": "latency
 
 
 def _count(metric: str, model: nn.Module, example_input: torch.Tensor, table: LatencyTable | None = None,
-           compacted: bool = False) -> float:
-    """Multiply-adds or parameters of ``model``; for ``"latency"``, the seconds ``table`` estimates for
-    ``model`` when it is ``compacted``, else the table's dense model's."""
+           compacted: bool = False, layer: str | None = None) -> float:
+    """Multiply-adds (of layer ``layer`` alone, when given) or parameters of ``model``; for ``"latency"``, the
+    seconds ``table`` estimates for ``model`` when it is ``compacted``, else the table's dense model's."""
+    if layer is not None:
+        return count_macs(model, example_input, per_module=True).get(layer, 0)
     if metric == "latency":
         return table.estimate(model) if compacted else table.dense_seconds()
     return count_macs(model, example_input) if metric == "flops" else count_params(model)
 
 
 @torch.no_grad()
-def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str,
-               table: LatencyTable | None = None) -> tuple[float, bool]:
+def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
+               layer: str | None = None) -> tuple[float, bool]:
     """(multiply-adds, parameters or estimated seconds of ``compact(model, example_input)``, whether the model or
     a layer's whole width collapsed); the collapse is returned, not warned about."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollapseWarning)
         small = compact(model, example_input, check=False, channels_last=False)
-    return (_count(metric, small, example_input, table, compacted=True),
+    return (_count(metric, small, example_input, table, compacted=True, layer=layer),
             any(issubclass(w.category, CollapseWarning) for w in caught))
 
 
@@ -73,11 +76,12 @@ class BudgetError(ValueError):
 class BudgetResult:
     """What :func:`zero_to_budget_` did: the target and reached fractions of the dense model's multiply-adds,
     parameters or latency (``metric``; as the compacted model counts them, latency in estimated seconds), the dense
-    and the reached counts, and how many groups it zeroed (on top of those already zero)."""
-    target: float
-    reached: float
-    dense: float
-    kept: float
+    and the reached counts, and how many groups it zeroed (on top of those already zero). A per-layer budget gives
+    ``target``, ``reached``, ``dense`` and ``kept`` as ``{layer: value}``."""
+    target: float | dict[str, float]
+    reached: float | dict[str, float]
+    dense: float | dict[str, float]
+    kept: float | dict[str, float]
     groups_zeroed: int
     probes: int
     metric: str = "flops"
@@ -164,17 +168,17 @@ def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tenso
     return {name: units.pinned[units.of[name]] for name in units.readers}
 
 
-def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str,
-           table: LatencyTable | None = None) -> list[tuple[int, int]]:
-    """The nonzero groups that cost something and whose zeros compaction can use, by norm per unit of cost
-    (smallest first), as (family, index)."""
+def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
+           layer: str | None = None) -> list[tuple[int, int]]:
+    """The nonzero groups (of layer ``layer`` alone, when given) that cost something and whose zeros compaction can
+    use, by norm per unit of cost (smallest first), as (family, index)."""
     families = gl.families()
     norms = [fam.norms().detach().flatten() for fam in families]
     costs = [c.flatten() for c in group_costs(gl, example_input, metric, table)]
     stays = _stays(gl, example_input)
     keys, where = [], []
     for f, (fam, n, c) in enumerate(zip(families, norms, costs)):
-        live = (n > 0) & (c > 0)
+        live = (n > 0) & (c > 0) & (layer is None or fam.name == layer)
         pinned = stays.get(fam.name)
         if fam.kind == "filter" and pinned is not None and pinned.numel() == n.numel():
             live &= ~pinned.to(live.device)
@@ -201,9 +205,10 @@ class _Probes:
     """The compacted model's multiply-adds, parameters or estimated seconds with the first k groups of an order
     zeroed, each from the model's saved state."""
 
-    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None):
-        self.gl, self.x, self.metric, self.table, self.count = gl, example_input, metric, table, 0
-        self.order = _order(gl, example_input, metric, table)
+    def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
+                 layer: str | None = None):
+        self.gl, self.x, self.metric, self.table, self.layer, self.count = gl, example_input, metric, table, layer, 0
+        self.order = _order(gl, example_input, metric, table, layer)
         self.saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
 
     @torch.no_grad()
@@ -215,7 +220,7 @@ class _Probes:
         """(multiply-adds, parameters or seconds, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
-        return _compacted(self.gl.model, self.x, self.metric, self.table)  # a collapse is what makes k too many
+        return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer)  # a collapse is what makes k too many
 
 
 def _which(flops, params, latency) -> tuple[str, float]:
@@ -230,7 +235,7 @@ def _which(flops, params, latency) -> tuple[str, float]:
 
 
 @torch.no_grad()
-def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | None = None,
+def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | Mapping[str, float] | None = None,
                     params: float | None = None, latency: float | None = None,
                     table: LatencyTable | None = None) -> BudgetResult:
     """Zero the fewest regularised groups of ``gl`` -- cheapest norm per unit of cost first (see
@@ -238,41 +243,97 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them (or has at most ``params`` times its
     parameters, or takes at most ``latency`` times the dense model's time as ``table`` estimates it, a
     :class:`~structsparse.speed.table.LatencyTable` built here at batch 1 when not given; give one of the three).
-    The count is of the compacted model itself, so the budget is never exceeded; a group whose zeros would
-    collapse the model or a layer's whole width is passed over. Raises :class:`BudgetError`, naming the closest
-    reachable fraction, when zeroing every other group is not enough (and leaves the model as it was)."""
-    metric, target = _which(flops, params, latency)
+    ``flops={layer: f, ...}`` is a budget per layer instead: each named layer of the compacted model does at most f
+    of that layer's dense multiply-adds, the layers taken in turn, each zeroing only its own groups (filters,
+    channels, shapes; the paper's per-layer FLOP). The count is of the compacted model itself, so the budget is
+    never exceeded; a group whose zeros would collapse the model or a layer's whole width is passed over. Raises
+    :class:`BudgetError`, naming the closest reachable fraction, when zeroing every other group is not enough (and
+    leaves the model as it was)."""
     model, was_training = gl.model, gl.model.training
+    if isinstance(flops, Mapping):
+        return _zero_layers_to_budget_(gl, example_input, flops)
+    metric, target = _which(flops, params, latency)
     if metric == "latency" and table is None:
         table = LatencyTable.build(model, example_input)
     dense = _count(metric, model, example_input, table) or 1
     probe = _Probes(gl, example_input, metric, table)
     try:
-        lo = 0
-        while True:  # the fewest groups that reach the budget or collapse (both only grow with k)
-            hi, found = len(probe.order), None
-            while lo < hi:
-                mid = (lo + hi) // 2
-                count, collapsed = probe(mid)
-                if collapsed or count <= target * dense:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            count, collapsed = probe(lo)
-            if not collapsed and count <= target * dense:
-                found = count
-                break
-            if collapsed and lo == 0:
-                raise BudgetError(f"{metric}: the model's output does not depend on its input even before zeroing")
-            if not collapsed:  # every group zeroed, and still over
-                raise BudgetError(f"{metric}: {target:g} of the dense {METRICS[metric]} cannot be reached: with every "
-                                  f"regularised group zeroed the compact model keeps {count / dense:.4f}")
-            del probe.order[lo - 1]  # the group that collapses it stays; go on from there
-            lo -= 1
-        probe.set(lo)
+        lo, found = _fewest(probe, target, dense, metric, f"the dense {METRICS[metric]}")
     except BaseException:
         model.load_state_dict(probe.saved)
         raise
     finally:
         model.train(was_training)
     return BudgetResult(target, found / dense, dense, found, lo, probe.count, metric)
+
+
+def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) -> tuple[int, float]:
+    """The fewest groups of ``probe``'s order to zero for a count at most ``target × dense`` without a collapse, and
+    that count; the model is left with them zeroed. ``key`` and ``of`` name the budget in a :class:`BudgetError`."""
+    lo = 0
+    while True:  # the fewest groups that reach the budget or collapse (both only grow with k)
+        hi = len(probe.order)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            count, collapsed = probe(mid)
+            if collapsed or count <= target * dense:
+                hi = mid
+            else:
+                lo = mid + 1
+        count, collapsed = probe(lo)
+        if not collapsed and count <= target * dense:
+            return lo, count
+        if collapsed and lo == 0:
+            raise BudgetError(f"{key}: the model's output does not depend on its input even before zeroing")
+        if not collapsed:  # every group zeroed, and still over
+            raise BudgetError(f"{key}: {target:g} of {of} cannot be reached: with every regularised group "
+                              f"zeroed the compact model keeps {count / dense:.4f}")
+        del probe.order[lo - 1]  # the group that collapses it stays; go on from there
+        lo -= 1
+
+
+def layer_fractions(model: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
+    """Per layer that does multiply-adds, the fraction of them ``compact(model, example_input)`` keeps (a layer
+    compaction removed keeps 0; a collapse is not warned about here)."""
+    dense = _layer_macs(model, example_input)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CollapseWarning)
+        small = compact(model, example_input, check=False, channels_last=False)
+    kept = count_macs(small, example_input, per_module=True)
+    return {name: kept.get(name, 0) / macs for name, macs in dense.items()}
+
+
+def _layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
+    """The multiply-adds of each Conv2d and Linear layer of ``model`` that does any."""
+    per_module = count_macs(model, example_input, per_module=True)
+    return {n: per_module[n] for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and per_module.get(n)}
+
+
+def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: Mapping[str, float]) -> BudgetResult:
+    """:func:`zero_to_budget_` with ``flops={layer: f}``."""
+    model, was_training = gl.model, gl.model.training
+    dense = _layer_macs(model, example_input)
+    targets = {}
+    for name, value in flops.items():
+        if name not in dense:
+            raise ValueError(f"flops.{name}: not a Conv2d or Linear layer of {type(model).__name__} that does "
+                             f"multiply-adds (layers: {', '.join(dense)})")
+        targets[name] = _which(value, None, None)[1]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    zeroed, probes = 0, 0
+    try:
+        for name, target in targets.items():
+            probe = _Probes(gl, example_input, "flops", layer=name)
+            lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
+            probe.set(lo)
+            zeroed, probes = zeroed + lo, probes + probe.count
+    except BaseException:
+        model.load_state_dict(saved)
+        raise
+    finally:
+        model.train(was_training)
+    small = compact(model, example_input, check=False, channels_last=False)  # a later layer's zeros can remove
+    kept = {name: _count("flops", small, example_input, layer=name) for name in targets}  # an earlier one's work
+    return BudgetResult(targets, {n: kept[n] / dense[n] for n in targets}, {n: dense[n] for n in targets}, kept,
+                        zeroed, probes, "flops")

@@ -145,3 +145,28 @@ def test_a_batchnorm_channel_costs_what_the_filter_before_it_costs():
     assert torch.allclose(costs["layer1.0.bn2"], torch.full((8,), 8 * 9 * 256.0))   # the block's conv2
     result = zero_to_budget_(gl, x, flops=0.8)   # zeroing (γ, β) is what removes the filters
     assert result.reached <= 0.8 and result.groups_zeroed > 0
+
+
+def test_a_per_layer_budget_holds_each_named_layer_to_its_own_fraction_of_its_multiply_adds():
+    from structsparse.budget import layer_fractions
+    model = _trained_like(3)
+    x = torch.rand(2, 3, 16, 16)
+    gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3, "shape": 1e-3}, example_input=x)
+    targets = {"layer1.0.conv1": 0.3, "layer2.0.conv2": 0.5}
+    result = zero_to_budget_(gl, x, flops=targets)
+    small = compact(model, x)
+    check_exact(model, small, x)
+    fractions = layer_fractions(model, x)
+    assert result.target == targets and result.reached == {n: fractions[n] for n in targets}
+    assert all(fractions[n] <= t for n, t in targets.items()) and result.groups_zeroed > 0
+    assert fractions["conv1"] == 1.0                     # a layer without a target loses nothing of its own
+    with pytest.raises(ValueError, match=r"flops\.nope: not a Conv2d or Linear layer of TinyResNet"):
+        zero_to_budget_(gl, x, flops={"nope": 0.5})
+    with pytest.raises(ValueError, match=r"flops: the budget is a fraction"):
+        zero_to_budget_(gl, x, flops={"conv1": 1.5})
+    chain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                          nn.Linear(5 * 14 * 14, 2))
+    one = GroupLasso(chain, {"0": {"filter": 1e-3}}, example_input=x)   # its filters alone: one must stay
+    with pytest.raises(BudgetError, match=r"flops\.0: 0\.01 of 0's dense multiply-adds cannot be reached: .* "
+                                          r"keeps 0\.2500"):
+        zero_to_budget_(one, x, flops={"0": 0.01})

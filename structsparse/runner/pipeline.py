@@ -16,7 +16,6 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..budget import METRICS
 from ..compaction import LOWERED_BELOW, compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SAME_FORMS, SpeedReport, measure_speedup
@@ -27,7 +26,7 @@ from . import distributed
 from .recipe import Recipe, load_recipe
 from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, locked, save_trained, write_results
 from .runlog import RunLog
-from .trainer import LATENCY_BATCH, Split, Trainer, evaluate, load_splits
+from .trainer import LATENCY_BATCH, Split, Trainer, budget_text, evaluate, load_splits
 
 __all__ = ["run_recipe"]
 
@@ -202,11 +201,10 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
         + ("\n\n(train_with_val: the val images were trained on, so these are not held-out errors.)"
            if recipe.train_with_val else ""),
         *(["## Budget\n\n" + "\n".join(
-            ["| phase | target (of the dense model's) | reached after compaction | measured: of the dense model's "
-             "latency (in the same forms) |", "|---|---|---|---|"]
-            + [f"| {name} | {b['target']:g} of the {METRICS[b.get('metric', 'flops')]} | {b['reached']:.4f}"
-               f"{' (estimated)' if b.get('metric') == 'latency' else ''} | {_latency_cell(b.get('measured'))} |"
-               for name, b in results["budget"].items()])]
+            ["| phase | target and reached after compaction (of the dense model's) | measured: of the dense "
+             "model's latency (in the same forms) |", "|---|---|---|"]
+            + [f"| {name} | {budget_text(b)}{' (estimated)' if b.get('metric') == 'latency' else ''} | "
+               f"{_latency_cell(b.get('measured'))} |" for name, b in results["budget"].items()])]
           if "budget" in results else []),
         "## Sparsity\n\n" + report.to_markdown(),
         "## Measured speed\n\n" + speed.to_markdown(),

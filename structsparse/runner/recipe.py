@@ -438,12 +438,14 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
         dropout=c.number(p.get("dropout"), at("dropout"), minimum=0, maximum=0.99, optional=True),
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
         lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), net),
-        target=_parse_target(c, p.get("target"), at("target")),
+        target=_parse_target(c, p.get("target"), at("target"), net),
     )
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
     if kw["target"] is not None and not kw["lambdas"]:
-        kw["lambdas"] = default_target_lambdas(net)
+        per_layer = kw["target"].get("flops")
+        kw["lambdas"] = ({name: dict(DEFAULT_TARGET_LAMBDAS) for name in per_layer} if isinstance(per_layer, dict)
+                         else default_target_lambdas(net))
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "
                               "(it freezes the zeros of the earlier phases' lambdas)")
@@ -453,8 +455,9 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     return Phase(**kw)
 
 
-def _parse_target(c: _Checker, t, where: str) -> dict | None:
-    """``{flops: f}``, ``{params: f}`` or ``{latency: f}`` with f in (0, 1]."""
+def _parse_target(c: _Checker, t, where: str, net: nn.Module) -> dict | None:
+    """``{flops: f}``, ``{params: f}`` or ``{latency: f}`` with f in (0, 1], or ``{flops: {layer: f, ...}}`` for
+    Conv2d and Linear layers of ``net``."""
     if t is None:
         return None
     t = c.mapping(t, where, _TARGET)
@@ -462,6 +465,16 @@ def _parse_target(c: _Checker, t, where: str) -> dict | None:
         c.fail(where, "expected one budget, {flops: f}, {params: f} or {latency: f}: the fraction of the dense "
                       "multiply-adds, parameters or latency to keep")
     (key, value), = t.items()
+    if key == "flops" and isinstance(value, Mapping):  # the paper's per-layer FLOP
+        layers = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        for name in value:
+            if name not in layers:
+                c.fail(f"{where}.flops.{name}", f"not a Conv2d or Linear layer of the model; its layers: "
+                                                f"{', '.join(layers)}")
+        if not value:
+            c.fail(f"{where}.flops", "expected a fraction, or {layer: fraction} for at least one layer")
+        ordered = [n for n in layers if n in value]  # in the model's order: the budget takes them in turn
+        return {key: {n: c.number(value[n], f"{where}.flops.{n}", positive=True, maximum=1) for n in ordered}}
     return {key: c.number(value, f"{where}.{key}", positive=True, maximum=1)}
 
 

@@ -38,14 +38,34 @@ def _layers(history: Sequence[dict]) -> list[str]:
     return list(names)
 
 
+def _budget_layers(history: Sequence[dict]) -> list[str]:
+    """The layers of per-layer budgets (whose record keeps ``budget_goal`` as ``{layer: goal}``)."""
+    names: dict[str, None] = {}
+    for rec in history:
+        if isinstance(rec.get("budget_goal"), dict):
+            names.update(dict.fromkeys(rec["budget_goal"]))
+    return list(names)
+
+
+def _value(rec: dict, key: str, layer: str | None = None):
+    """``rec[key]`` (``rec[key][layer]`` for a layer of a per-layer budget); None where the record has no such
+    number."""
+    v = rec.get(key)
+    if isinstance(v, dict):
+        return v.get(layer) if layer is not None else None
+    return v if layer is None else None
+
+
 def csv_table(history: Sequence[dict]) -> tuple[list[str], list[list]]:
-    """Header and rows of ``log.csv`` for ``history`` (missing values are empty cells)."""
+    """Header and rows of ``log.csv`` for ``history`` (missing values are empty cells); a per-layer budget's
+    columns are ``<column>_<layer>``."""
     layers = _layers(history)
-    columns = COLUMNS + (BUDGET_COLUMNS if any("budget_goal" in rec for rec in history) else ())
-    header = list(columns) + [f"{layer}_{what}" for layer in layers for what in KEPT]
+    budget = [(c, c, None) for c in BUDGET_COLUMNS] if any("budget_goal" in rec for rec in history) else []
+    budget += [(f"{c}_{layer}", c, layer) for c in BUDGET_COLUMNS for layer in _budget_layers(history)]
+    header = list(COLUMNS) + [b[0] for b in budget] + [f"{layer}_{what}" for layer in layers for what in KEPT]
     rows = []
     for rec in history:
-        row = [rec.get(c) for c in columns]
+        row = [rec.get(c) for c in COLUMNS] + [_value(rec, key, layer) for _, key, layer in budget]
         for layer in layers:
             row += rec.get("kept", {}).get(layer, [None] * 4)
         rows.append(["" if v is None else v for v in row])
@@ -65,7 +85,8 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
     """Per-layer fraction of filters (solid, filled circles) and channels (dashed, open squares) kept, the whole
     model's FLOP fraction after compaction (thick black; from each layer's own zeros: thin grey; its parameters
     after compaction: dotted grey; its latency after compaction, under a latency budget: dashed black; a budget
-    phase's goal: dotted red), and the validation error, against the
+    phase's goal: dotted red; under a per-layer budget, each layer's goal dotted and its FLOPs after compaction
+    dash-dotted, in its colour), and the validation error, against the
     epoch; phases are marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
     from matplotlib.ticker import MaxNLocator
@@ -87,10 +108,16 @@ def plot_history(path: str | Path, history: Sequence[dict], title: str = "") -> 
                               ("compact_latency_fraction", dict(color="k", lw=1.5, ls="--"),
                                "latency after compact (estimated)"),
                               ("budget_goal", dict(color="C3", lw=1.5, ls=":"), "budget: the goal")):
-        flops = [rec.get(key) for rec in history]
+        flops = [_value(rec, key) for rec in history]
         if any(f is not None for f in flops):
             top.plot(xs, [float("nan") if f is None else f for f in flops], marker="D", markersize=3,
                      label=label, **style)
+    colour = dict(zip(_layers(history), colors))
+    for layer in _budget_layers(history):  # a per-layer budget: each layer's goal and FLOPs after compaction
+        for key, ls, what in (("budget_goal", ":", "goal"), ("compact_layer_flop_fractions", "-.", "FLOPs")):
+            ys = [_value(rec, key, layer) for rec in history]
+            top.plot(xs, [float("nan") if y is None else y for y in ys], ls, color=colour.get(layer, "C3"), lw=1.5,
+                     marker="D", markersize=2, label=f"{layer} {what} (budget)")
     top.set_ylabel("fraction kept")
     top.set_ylim(0, 1.05)
     top.legend(fontsize=7, ncol=2, loc="lower left")

@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import METRICS, BudgetError, kept_fraction, starting_strength, zero_to_budget_
+from ..budget import METRICS, BudgetError, kept_fraction, layer_fractions, starting_strength, zero_to_budget_
 from ..compaction import CollapseWarning, compact
 from ..graph import UnsupportedModelError
 from ..report import sparsity_report
@@ -171,13 +171,14 @@ LATENCY_TABLE = "latency_table.json"  # in the checkpoint directory: a latency b
 LATENCY_BATCH = 1  # the batch size a latency budget is measured at
 
 
-def budget_of(phase: Phase) -> tuple[str, float]:
-    """A budget phase's ``(metric, fraction)``: ``("flops", 0.33)`` for ``target: {flops: 0.33}``."""
+def budget_of(phase: Phase) -> tuple[str, float | dict[str, float]]:
+    """A budget phase's ``(metric, fraction)``: ``("flops", 0.33)`` for ``target: {flops: 0.33}``, and
+    ``("flops", {"conv1": 0.25, ...})`` for a per-layer budget."""
     (metric, fraction), = phase.target.items()
     return metric, fraction
 
 
-def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict:
+def steer(level: float, phase: Phase, epoch: int, reached: float | None, target: float | None = None) -> dict:
     """The budget's controller, once per epoch, from the fraction of the dense multiply-adds (or parameters: the
     phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps
     more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1
@@ -185,8 +186,8 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict
     that the end of the phase closes what is left, without overshooting); while it keeps less than the goal minus
     the band, it shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
     over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
-    epoch's record keeps."""
-    target = budget_of(phase)[1]
+    epoch's record keeps. ``target``: one layer's, under a per-layer budget (see :func:`steer_layers`)."""
+    target = budget_of(phase)[1] if target is None else target
     goal = budget_goal(target, epoch, phase.epochs)
     ramping = epoch + 1 < budget_ramp(phase.epochs)
     if reached is not None and abs(reached - goal) > STEER_BAND and (ramping or reached < goal):
@@ -196,6 +197,39 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None) -> dict
     resting = reached is not None and reached <= target
     return {"budget_goal": goal, "budget_reached": reached, "next_level": level,
             "next_strength": 0.0 if resting else level}
+
+
+def steer_layers(levels: dict[str, float], phase: Phase, epoch: int, reached: dict[str, float]) -> dict:
+    """:func:`steer` for each layer of a per-layer budget, from each layer's fraction of its multiply-adds after
+    compaction (``reached``): each layer's λs have their own level (``GroupLasso.layer_strength``), so a layer at its
+    target rests while the others go on. Returns what the epoch's record keeps, each entry ``{layer: value}``."""
+    parts = {name: steer(levels[name], phase, epoch, reached.get(name), target)
+             for name, target in budget_of(phase)[1].items()}
+    return {key: {name: part[key] for name, part in parts.items()}
+            for key in ("budget_goal", "budget_reached", "next_level", "next_strength")}
+
+
+def budget_text(budget: dict) -> str:
+    """What a budget (:meth:`BudgetResult.as_dict`) aimed at and reached: ``0.1 of the dense multiply-adds:
+    0.0950``, or per layer ``conv1 0.25 of its multiply-adds: 0.1000, conv2 ...``."""
+    unit = METRICS[budget.get("metric", "flops")]
+    if isinstance(budget["target"], dict):
+        return ", ".join(f"{name} {t:g} of its {unit}: {budget['reached'][name]:.4f}"
+                         for name, t in budget["target"].items())
+    return f"{budget['target']:g} of the dense {unit}: {budget['reached']:.4f}"
+
+
+def set_strength(gl: GroupLasso, strength: float | dict[str, float]) -> None:
+    """A budget controller's strength into ``gl``: one for every λ, or one per layer (a per-layer budget)."""
+    if isinstance(strength, dict):
+        gl.strength, gl.layer_strength = 1.0, dict(strength)
+    else:
+        gl.strength = strength
+
+
+def term_works(gl: GroupLasso) -> bool:
+    """Whether ``gl``'s group term shrinks anything (its strength, or some layer's, is not 0)."""
+    return bool(gl.strength) and (not gl.layer_strength or any(gl.layer_strength.values()))
 
 
 def came_back(before: dict[str, list[int]], after: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -383,7 +417,7 @@ class Trainer:
         if gl is not None and phase.target is not None:  # the controller starts λ-free, or goes on where it was
             steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
             self._budget_start[p] = starting_strength(gl, phase.lr, steps)
-            gl.strength = self._budget_state(p)[1]
+            set_strength(gl, self._budget_state(p)[1])
         opt = (self.make_optimizer(self, phase) if self.make_optimizer is not None else
                torch.optim.SGD(self.model.parameters(), lr=phase.lr, momentum=phase.momentum,
                                weight_decay=phase.weight_decay))
@@ -435,12 +469,15 @@ class Trainer:
                  f"{1e3 * self.latency_table.rest[-1][1]:.3f} ms of it outside the {len(self.latency_table.layers)} "
                  "layers")
 
-    def _budget_state(self, p: int) -> tuple[float, float]:
+    def _budget_state(self, p: int) -> tuple[float | dict, float | dict]:
         """The budget controller's level and strength after the last epoch of phase ``p`` (before any: the
-        phase's starting strength)."""
+        phase's starting strength; per layer under a per-layer budget)."""
         rec = next((r for r in reversed(self.history) if r["phase_index"] == p and "next_level" in r), None)
-        start = self._budget_start.get(p, 1.0)
-        return (start, start) if rec is None else (rec["next_level"], rec["next_strength"])
+        if rec is not None:
+            return rec["next_level"], rec["next_strength"]
+        start, target = self._budget_start.get(p, 1.0), budget_of(self.recipe.phases[p])[1]
+        start = dict.fromkeys(target, start) if isinstance(target, dict) else start
+        return start, start
 
     def _data_parallel(self) -> nn.Module:
         """The model the training steps call: DDP around it in a process group, else itself."""
@@ -486,9 +523,8 @@ class Trainer:
             if self.masks is not None:
                 self.masks.apply_()
             self.budgets[phase.name] = result.as_dict()
-            self.log(f"{phase.name}: budget {result.target:g} of the dense {METRICS[result.metric]}: "
-                     f"{result.reached:.4f} after compaction ({result.groups_zeroed} more groups zeroed, "
-                     f"{result.probes} compactions)")
+            self.log(f"{phase.name}: budget {budget_text(result.as_dict())} after compaction "
+                     f"({result.groups_zeroed} more groups zeroed, {result.probes} compactions)")
 
     def _train_epoch(self, p: int, e: int, opt: torch.optim.Optimizer, gl: GroupLasso | None) -> dict:
         phase = self.recipe.phases[p]
@@ -542,10 +578,20 @@ class Trainer:
         """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model
         is at or under the target, the term rests for the rest of the epoch (the controller decides again at its end).
         Zeros come in bursts; checked once an epoch, the last epochs overshot the target by half of it."""
-        if phase.target is None or gl is None or not gl.strength or (i + 1) % max(1, round(steps * BRAKE_EVERY)):
+        if phase.target is None or gl is None or not term_works(gl) or (i + 1) % max(1, round(steps * BRAKE_EVERY)):
             return
         metric, target = budget_of(phase)
-        reached = kept_fraction(self.model, self.splits["train"].images[:1], metric, self.latency_table)
+        x = self.splits["train"].images[:1]
+        if isinstance(target, dict):  # per layer: a layer at its target rests
+            reached = layer_fractions(self.model, x)
+            self.model.train()
+            for name, t in target.items():
+                if gl.layer_strength.get(name) and reached.get(name, 0.0) <= t:
+                    gl.layer_strength[name] = 0.0
+                    self.log(f"[{phase.name} {e + 1}/{phase.epochs}] step {i + 1}/{steps}: {name} at its budget "
+                             f"({reached.get(name, 0.0):.4f} of its multiply-adds); its group term rests")
+            return
+        reached = kept_fraction(self.model, x, metric, self.latency_table)
         self.model.train()
         if reached <= target:
             gl.strength = 0.0
@@ -598,9 +644,14 @@ class Trainer:
         rec = {"phase": phase.name, "phase_index": p, "epoch": e + 1, "epochs": phase.epochs, **stats,
                "val_error": val_error, **fractions, "kept": kept}
         if phase.target is not None and gl is not None:
-            reached = fractions[REACHED[budget_of(phase)[0]]]
-            rec.update(strength=gl.strength, **steer(self._budget_state(p)[0], phase, e, reached))
-            gl.strength = rec["next_strength"]
+            metric, target = budget_of(phase)
+            level = self._budget_state(p)[0]
+            if isinstance(target, dict):
+                rec.update(strength=dict(gl.layer_strength),
+                           **steer_layers(level, phase, e, fractions.get("compact_layer_flop_fractions") or {}))
+            else:
+                rec.update(strength=gl.strength, **steer(level, phase, e, fractions[REACHED[metric]]))
+            set_strength(gl, rec["next_strength"])
         back = came_back(self.history[-1].get("kept", {}), kept) if self.history and phase.sparsifying else {}
         if back:
             rec["came_back"] = back
@@ -633,7 +684,8 @@ class Trainer:
     def _sparsity(self) -> tuple[dict[str, float | None], dict[str, list[int]]]:
         """Whole-model multiply-adds kept, from each layer's own zeros and after compaction, and parameters kept
         after compaction (``flop_fraction``, ``compact_flop_fraction``, ``compact_params_fraction``; with a latency
-        budget's table, ``compact_latency_fraction``, estimated), and the kept structures per layer: the report's figures (``None`` and ``{}`` for a model the report cannot run).
+        budget's table, ``compact_latency_fraction``, estimated; per layer, ``compact_layer_flop_fractions``), and
+        the kept structures per layer: the report's figures (``None`` and ``{}`` for a model the report cannot run).
         A collapse here is reported at the end of the run, not every epoch."""
         x = self.splits["train"].images[:1]
         try:
@@ -650,6 +702,8 @@ class Trainer:
                      "compact_params_fraction": report.compact_params_fraction}
         if self.latency_table is not None and small is not None:
             fractions["compact_latency_fraction"] = self.latency_table.fraction(small)
+        if small is not None:
+            fractions["compact_layer_flop_fractions"] = {r["name"]: r["compact_flop_fraction"] for r in report.layers}
         return fractions, report.kept()
 
     # ------------------------------------------------------------------ results

@@ -134,6 +134,11 @@ class _Term:
         _scale_norm_(self.norm, scale)
 
 
+def _times(lambdas: dict, scale: float) -> dict:
+    """``lambdas`` (kind → λ) each times ``scale``."""
+    return lambdas if scale == 1.0 else {k: v * scale for k, v in lambdas.items()}
+
+
 @dataclass
 class _Heads:
     """The heads of a multi-head attention as groups: head h is the ``head_dim`` columns of the output
@@ -216,6 +221,7 @@ class GroupLasso:
         self.active = True
         self.masks: Masks | None = None
         self.strength = 1.0  # multiplies every λ: what a budget controller steers
+        self.layer_strength: dict[str, float] = {}  # further multiplies a layer's λs (per-layer budgets; default 1)
 
     def _join_norms(self, graph, spec: Mapping) -> None:
         """A layer with a model-wide ``filter`` λ whose output only an affine BatchNorm reads: its filter groups
@@ -257,15 +263,18 @@ class GroupLasso:
         total = torch.zeros((), device=p.device if p is not None else None)
         if not self.active:
             return total
+        s = self.layer_strength
         if self.terms:
-            total = group_lasso([(t.module.weight, t.effective(), _groups(t.module)) for t in self.terms])
+            total = group_lasso([(t.module.weight, _times(t.effective(), s.get(t.name, 1.0)), _groups(t.module))
+                                 for t in self.terms])
         for t in self.terms:
             if t.norm is not None:
-                total = total + t.lambdas["filter"] * t.filter_norms().sum()
+                total = total + s.get(t.name, 1.0) * t.lambdas["filter"] * t.filter_norms().sum()
         for grp in self._cross():
-            total = total + (grp.lambdas * grp.norms()).sum()
+            total = total + s.get(getattr(grp, "name", None), 1.0) * (grp.lambdas * grp.norms()).sum()
         for t in self.norm_terms:
-            total = total + sum(lam * norm_group_norms(t.module, k).sum() for k, lam in t.lambdas.items())
+            total = total + s.get(t.name, 1.0) * sum(lam * norm_group_norms(t.module, k).sum()
+                                                     for k, lam in t.lambdas.items())
         return total * self.strength if self.strength != 1.0 else total
 
     @torch.no_grad()
@@ -296,21 +305,25 @@ class GroupLasso:
         elif lr is None:
             raise ValueError("prox_step needs lr or optimizer")
         lr = None if lr is None else lr * self.strength  # the step's λ·lr, every λ times the strength
+        s = self.layer_strength
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             step = lrs.get(id(w), lr)
             if step is None:
                 continue
+            step = step * s.get(t.name, 1.0)
             if t.norm is not None:
                 t.scale_filters_(shrink_factor(t.filter_norms(), step * t.lambdas["filter"]))
             shrink_groups_(w, [(kind, step * lam) for kind, lam in t.effective().items()], g)
         for grp in self._cross():
-            steps = [s for s in (lrs.get(id(w), lr) for w in grp.weights()) if s is not None]
+            steps = [v for v in (lrs.get(id(w), lr) for w in grp.weights()) if v is not None]
             if steps:  # one step size per group: the smallest of its layers'
-                grp.scale_(shrink_factor(grp.norms(), min(steps) * grp.lambdas))
+                scale = s.get(getattr(grp, "name", None), 1.0)
+                grp.scale_(shrink_factor(grp.norms(), scale * min(steps) * grp.lambdas))
         for t in self.norm_terms:
             m = t.module
             step = lrs.get(id(m.weight), lr)
+            step = None if step is None else step * s.get(t.name, 1.0)
             for kind, lam in ([] if step is None else t.lambdas.items()):
                 norms = norm_group_norms(m, kind)
                 _scale_norm_(m, shrink_factor(norms, step * lam))

@@ -475,7 +475,7 @@ def test_a_budget_run_reports_its_target_and_what_compaction_reached(env, capsys
     assert budget["target"] == 0.4 and budget["reached"] <= 0.4
     kept = metrics["sparsity"]["compact_flop_fraction"]
     assert kept <= 0.4 and abs(kept - budget["reached"]) < 1e-6
-    assert "| ssl | 0.4 of the multiply-adds | " in (out / "report.md").read_text()
+    assert f"| ssl | 0.4 of the dense multiply-adds: {budget['reached']:.4f} | " in (out / "report.md").read_text()
     rows = _log_rows(out)   # the approach to the budget, epoch by epoch
     assert list(rows[0])[10:13] == ["budget_goal", "strength", "budget_reached"] and rows[0]["budget_goal"] == ""
     assert float(rows[1]["budget_goal"]) == pytest.approx(0.4) and float(rows[1]["strength"]) > 1

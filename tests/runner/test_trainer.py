@@ -201,6 +201,46 @@ def test_a_latency_budget_measures_its_table_once_saves_it_with_the_run_and_stee
     assert any("budget 0.7 of the dense latency" in line for line in lines)
 
 
+def test_a_per_layer_budget_steers_each_layer_to_its_own_target(tmp_path):
+    from structsparse.budget import layer_fractions
+    from structsparse.runner.runlog import csv_table, plot_history
+    from structsparse.runner.trainer import Trainer
+    phases = [PHASES[0], {"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": {"conv2": 0.3, "conv1": 0.5}}},
+              {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
+    recipe, splits = _tiny(phases)
+    assert recipe.phases[1].target == {"flops": {"conv1": 0.5, "conv2": 0.3}}          # in the model's order
+    assert recipe.phases[1].lambdas == {"conv1": {"filter": 1e-4, "channel": 1e-4},   # the targeted layers' groups
+                                        "conv2": {"filter": 1e-4, "channel": 1e-4}}
+    lines = []
+    t = Trainer(recipe, splits, progress=False, log=lines.append)
+    out = t.run()
+    model, x = t.finish(), splits["train"].images[:2]
+    fractions = layer_fractions(model, x)
+    budget = out["budget"]["ssl"]
+    assert fractions["conv1"] <= 0.5 and fractions["conv2"] <= 0.3 and budget["reached"] == {
+        "conv1": pytest.approx(fractions["conv1"]), "conv2": pytest.approx(fractions["conv2"])}
+    ssl = [r for r in t.history if r["phase"] == "ssl"]
+    assert set(ssl[0]["budget_goal"]) == set(ssl[0]["next_level"]) == {"conv1", "conv2"}
+    assert ssl[-1]["compact_layer_flop_fractions"]["conv2"] == pytest.approx(fractions["conv2"])
+    assert any("budget conv1 0.5 of its multiply-adds: " in line for line in lines)
+    header, rows = csv_table(t.history)
+    assert {"budget_goal_conv1", "next_strength_conv2"} - set(header) == {"next_strength_conv2"}
+    assert rows[1][header.index("budget_goal_conv2")] == ssl[0]["budget_goal"]["conv2"]
+    plot_history(tmp_path / "sparsity.png", t.history)
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"flops": {"pool1": 0.5}}, r"phases\[1\]\.target\.flops\.pool1: not a Conv2d or Linear layer of the model; "
+                                r"its layers: conv1, conv2, fc1, fc2"),
+    ({"flops": {"conv1": 0}}, r"phases\[1\]\.target\.flops\.conv1: must be > 0"),
+    ({"flops": {}}, r"phases\[1\]\.target\.flops: expected a fraction, or \{layer: fraction\}"),
+])
+def test_bad_per_layer_budgets_name_the_layer(target, message):
+    from structsparse.runner.recipe import RecipeError
+    with pytest.raises(RecipeError, match=message):
+        _tiny([PHASES[0], {**PHASES[1], "target": target}])
+
+
 def test_an_unreachable_budget_ends_the_phase_with_one_line_naming_the_target():
     from structsparse.budget import BudgetError
     from structsparse.runner.trainer import Trainer

@@ -171,3 +171,26 @@ def test_shrink_groups_matches_kind_by_kind(shape, groups, order, factored_from,
     transposed = w.clone().transpose(0, -1).contiguous().transpose(0, -1)  # a weight that is not contiguous
     shrink_groups_(transposed, steps, groups)
     assert torch.allclose(transposed, expected, atol=1e-6)
+
+
+def test_a_layers_strength_multiplies_its_lambdas_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3))
+    x = torch.rand(1, 2, 8, 8)
+    gl = GroupLasso(model, {"filter": 0.5, "channel": 0.5}, example_input=x)
+    whole = gl.penalty().item()
+    gl.layer_strength = {"0": 0.0}
+    only_second = gl.penalty().item()
+    gl.layer_strength = {"2": 0.0}
+    assert only_second + gl.penalty().item() == pytest.approx(whole) and 0 < only_second < whole
+    gl.layer_strength = {"0": 0.0, "2": 3.0}
+    first, second = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    gl.prox_step(lr=0.01)
+    assert torch.equal(model[0].weight, first) and not torch.equal(model[2].weight, second)
+    shrunk = GroupLasso(nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)), {"filter": 0.5,
+                                                                                          "channel": 0.5})
+    shrunk.model[2].weight.data.copy_(second)
+    shrunk.model[0].weight.data.copy_(first)
+    shrunk.layer_strength = {"0": 0.0}
+    shrunk.prox_step(lr=0.03)        # λ·lr·3 = λ·(3·lr): the layer's strength scales its step
+    assert torch.allclose(shrunk.model[2].weight, model[2].weight)
