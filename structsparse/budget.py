@@ -220,7 +220,7 @@ class _Probes:
         """(multiply-adds, parameters or seconds, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
-        return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer)  # a collapse is what makes k too many
+        return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer)  # a collapse: k is too many
 
 
 def _which(flops, params, latency) -> tuple[str, float]:

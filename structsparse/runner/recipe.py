@@ -31,7 +31,8 @@ the speedup at the end::
         target: {flops: 0.33}    # optional: at phase end, zero groups until the compacted model keeps at
                                  # most 0.33 of the dense multiply-adds (zero_to_budget_); or {params: f}, or
                                  # {latency: f}: of the dense model's time at batch 1 on the run's device, as a
-                                 # per-layer latency table (latency_table.json in the run) estimates it
+                                 # per-layer latency table (latency_table.json in the run) estimates it; or
+                                 # {flops: {conv1: 0.25, conv2: 0.076}}: each layer's own multiply-adds
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -108,7 +109,8 @@ class Phase:
     dropout: float | None = None                  # this phase's rate of the model's dropout layers; None: the model's
     target: dict | None = None                    # {"flops": f}, {"params": f} or {"latency": f}: at phase end,
                                                   # zero groups until the compacted model keeps at most f of the
-                                                  # dense count (latency: estimated, speed.table.LatencyTable)
+                                                  # dense count (latency: estimated, speed.table.LatencyTable);
+                                                  # {"flops": {layer: f}}: per layer, of its own multiply-adds
 
     @property
     def sparsifying(self) -> bool:

@@ -703,7 +703,8 @@ class Trainer:
         if self.latency_table is not None and small is not None:
             fractions["compact_latency_fraction"] = self.latency_table.fraction(small)
         if small is not None:
-            fractions["compact_layer_flop_fractions"] = {r["name"]: r["compact_flop_fraction"] for r in report.layers}
+            fractions["compact_layer_flop_fractions"] = {r["name"]: r.get("compact_flop_fraction")
+                                                         for r in report.layers}
         return fractions, report.kept()
 
     # ------------------------------------------------------------------ results
