@@ -7,12 +7,14 @@ steps, after a warm-up; the figure is the median over ``--repeats`` blocks of th
 (with / without) measured in the same block pair, plus the per-step medians.
 
     .venv/bin/python benchmarks/penalty_overhead.py [--threads N] [--repeats 30] [--method prox] [--profile]
+                                                    [--out FILE.json]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import datetime as dt
+import json
 import statistics
 import sys
 import time
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", choices=("penalty", "prox"), default="penalty",
                    help="penalty: gl.penalty() added to the loss (the default); prox: gl.prox_step() after opt.step()")
     p.add_argument("--profile", action="store_true", help="also profile the penalty step (torch.profiler)")
+    p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
 
@@ -104,10 +107,17 @@ def main(argv=None) -> int:
     print(f"  step with group term: {1e3 * mq:.3f} ms")
     print(f"  overhead: {100 * (ratio - 1):+.1f}%  (ratio {ratio:.3f}, q1-q3 {q[0]:.3f}-{q[2]:.3f}, "
           f"paired per block)")
-    m = machine_info()
-    print(f"  machine: {m['cpu']}, {m['platform']}, {torch.get_num_threads()} threads; torch {m['torch']}; "
-          f"{dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
-    print(f"  command: python benchmarks/penalty_overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    m = machine_info(measure_threads=torch.get_num_threads())
+    when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    command = f"python benchmarks/penalty_overhead.py {' '.join(sys.argv[1:] if argv is None else argv)}"
+    print(f"  machine: {m['cpu']}, {m['platform']}, {torch.get_num_threads()} threads; torch {m['torch']}; {when}")
+    print(f"  command: {command}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "command": command, "date": when, "machine": m, "model": args.model, "method": args.method,
+            "batch": args.batch, "groups": list(spec), "step_ms": 1e3 * mp, "step_with_term_ms": 1e3 * mq,
+            "overhead": ratio - 1, "ratio_quartiles": [q[0], q[2]], "ratios": ratios}, indent=1))
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
