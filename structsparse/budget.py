@@ -326,7 +326,6 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
         for name, target in targets.items():
             probe = _Probes(gl, example_input, "flops", layer=name)
             lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
-            probe.set(lo)
             zeroed, probes = zeroed + lo, probes + probe.count
     except BaseException:
         model.load_state_dict(saved)

@@ -170,3 +170,17 @@ def test_a_per_layer_budget_holds_each_named_layer_to_its_own_fraction_of_its_mu
     with pytest.raises(BudgetError, match=r"flops\.0: 0\.01 of 0's dense multiply-adds cannot be reached: .* "
                                           r"keeps 0\.2500"):
         zero_to_budget_(one, x, flops={"0": 0.01})
+
+
+def test_a_per_layer_budget_in_a_batchnorm_model_zeroes_the_filters_with_their_batchnorm_channels():
+    torch.manual_seed(0)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))).eval()
+    x = torch.rand(2, 3, 8, 8)
+    gl = GroupLasso(model, {"filter": 1e-3}, example_input=x)   # model-wide: γ, β join the filters
+    result = zero_to_budget_(gl, x, flops={"0": 0.5})
+    small = compact(model, x)
+    check_exact(model, small, x)
+    gone = model[1].weight.eq(0) & model[1].bias.eq(0)
+    assert result.reached["0"] <= 0.5 and int(gone.sum()) >= 4 and model[0].weight[gone].eq(0).all()

@@ -444,9 +444,8 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     )
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
-    if kw["target"] is not None and not kw["lambdas"]:
-        per_layer = kw["target"].get("flops")
-        kw["lambdas"] = ({name: dict(DEFAULT_TARGET_LAMBDAS) for name in per_layer} if isinstance(per_layer, dict)
+    if kw["target"] is not None and not kw["lambdas"]:  # per layer: model-wide, and the untargeted layers rest
+        kw["lambdas"] = (dict(DEFAULT_TARGET_LAMBDAS) if isinstance(kw["target"].get("flops"), dict)
                          else default_target_lambdas(net))
     if kw["freeze"] and kw["lambdas"]:
         c.fail(at("lambdas"), "a freeze phase fine-tunes with the group term off; leave lambdas out "

@@ -220,9 +220,11 @@ def budget_text(budget: dict) -> str:
 
 
 def set_strength(gl: GroupLasso, strength: float | dict[str, float]) -> None:
-    """A budget controller's strength into ``gl``: one for every λ, or one per layer (a per-layer budget)."""
+    """A budget controller's strength into ``gl``: one for every λ, or one per targeted layer (a per-layer budget:
+    the other regularised layers rest; with model-wide λs, a conv's filter groups then take in the BatchNorm after
+    it, so its groups are not scale-free)."""
     if isinstance(strength, dict):
-        gl.strength, gl.layer_strength = 1.0, dict(strength)
+        gl.strength, gl.layer_strength = 1.0, {**dict.fromkeys(gl.lambdas, 0.0), **strength}
     else:
         gl.strength = strength
 

@@ -76,7 +76,7 @@ class LatencyTable:
             inputs = _leaf_inputs(dense, x)[0]
             modules = dict(dense.named_modules())
             layers = {name: _curve(modules[name], inputs[name], macs, repeats, device)
-                      for name, macs in _layer_macs(dense, x).items() if name in inputs}
+                      for name, macs in _leaf_macs(dense, x).items() if name in inputs}
             whole = [statistics.median(t) for t in time_interleaved([lambda: dense(x), lambda: thin(x)], repeats,
                                                                     device=device)]
         finally:
@@ -99,7 +99,7 @@ class LatencyTable:
         network), each by its multiply-adds (interpolated; below its smallest point, that point's time: a layer's
         fixed cost stays); a layer the table lacks costs nothing here."""
         x = self._input(compacted)
-        return sum(_interpolate(self.layers.get(name, []), macs) for name, macs in _layer_macs(compacted, x).items())
+        return sum(_interpolate(self.layers.get(name, []), macs) for name, macs in _leaf_macs(compacted, x).items())
 
     @torch.no_grad()
     def estimate(self, compacted: nn.Module) -> float:
@@ -267,7 +267,7 @@ def _leaf_inputs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Ten
     return inputs, elements[0]
 
 
-def _layer_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+def _leaf_macs(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     """Multiply-adds of each leaf module of ``model`` that does any, on ``x``."""
     leaves = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
     return {n: v for n, v in count_macs(model, x, per_module=True).items() if n in leaves and v > 0}

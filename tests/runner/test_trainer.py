@@ -209,8 +209,7 @@ def test_a_per_layer_budget_steers_each_layer_to_its_own_target(tmp_path):
               {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
     recipe, splits = _tiny(phases)
     assert recipe.phases[1].target == {"flops": {"conv1": 0.5, "conv2": 0.3}}          # in the model's order
-    assert recipe.phases[1].lambdas == {"conv1": {"filter": 1e-4, "channel": 1e-4},   # the targeted layers' groups
-                                        "conv2": {"filter": 1e-4, "channel": 1e-4}}
+    assert recipe.phases[1].lambdas == {"filter": 1e-4, "channel": 1e-4}   # model-wide; untargeted layers rest
     lines = []
     t = Trainer(recipe, splits, progress=False, log=lines.append)
     out = t.run()
@@ -221,6 +220,9 @@ def test_a_per_layer_budget_steers_each_layer_to_its_own_target(tmp_path):
         "conv1": pytest.approx(fractions["conv1"]), "conv2": pytest.approx(fractions["conv2"])}
     ssl = [r for r in t.history if r["phase"] == "ssl"]
     assert set(ssl[0]["budget_goal"]) == set(ssl[0]["next_level"]) == {"conv1", "conv2"}
+    assert ssl[0]["strength"]["fc1"] == ssl[0]["strength"]["fc2"] == 0.0 < ssl[0]["strength"]["conv2"]
+    for w in (t.model.fc1.weight, t.model.fc2.weight):   # no group of theirs was zeroed
+        assert w.abs().sum(0).ne(0).all() and w.abs().sum(1).ne(0).all()
     assert ssl[-1]["compact_layer_flop_fractions"]["conv2"] == pytest.approx(fractions["conv2"])
     assert any("budget conv1 0.5 of its multiply-adds: " in line for line in lines)
     header, rows = csv_table(t.history)
