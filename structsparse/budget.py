@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import checks
-from .compaction import CollapseWarning, compact
+from .compaction import LOWERED_BELOW, CollapseWarning, compact
 from .graph import channel_units, trace_graph
 from .report import count_macs, count_params
 from .sparsity import GroupLasso
@@ -49,22 +49,22 @@ def _count(metric: str, model: nn.Module, example_input: torch.Tensor, table: La
 
 @torch.no_grad()
 def _compacted(model: nn.Module, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
-               layer: str | None = None) -> tuple[float, bool]:
-    """(multiply-adds, parameters or estimated seconds of ``compact(model, example_input)``, whether the model or
-    a layer's whole width collapsed); the collapse is returned, not warned about."""
+               layer: str | None = None, lowered_below: float | str = LOWERED_BELOW) -> tuple[float, bool]:
+    """(multiply-adds, parameters or estimated seconds of ``compact(model, example_input, lowered_below=...)``,
+    whether the model or a layer's whole width collapsed); the collapse is returned, not warned about."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CollapseWarning)
-        small = compact(model, example_input, check=False, channels_last=False)
+        small = compact(model, example_input, check=False, channels_last=False, lowered_below=lowered_below)
     return (_count(metric, small, example_input, table, compacted=True, layer=layer),
             any(issubclass(w.category, CollapseWarning) for w in caught))
 
 
 def kept_fraction(model: nn.Module, example_input: torch.Tensor, metric: str = "flops",
-                  table: LatencyTable | None = None) -> float:
+                  table: LatencyTable | None = None, lowered_below: float | str = LOWERED_BELOW) -> float:
     """The fraction of ``model``'s multiply-adds (``"flops"``), parameters (``"params"``) or latency
-    (``"latency"``, estimated by ``table``) that ``compact(model, example_input)`` keeps (a collapse is not warned
-    about here)."""
-    return (_compacted(model, example_input, metric, table)[0]
+    (``"latency"``, estimated by ``table``) that ``compact(model, example_input, lowered_below=...)`` keeps (a
+    collapse is not warned about here)."""
+    return (_compacted(model, example_input, metric, table, lowered_below=lowered_below)[0]
             / max(1e-12, _count(metric, model, example_input, table)))
 
 
@@ -206,8 +206,9 @@ class _Probes:
     zeroed, each from the model's saved state."""
 
     def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
-                 layer: str | None = None):
+                 layer: str | None = None, lowered_below: float | str = LOWERED_BELOW):
         self.gl, self.x, self.metric, self.table, self.layer, self.count = gl, example_input, metric, table, layer, 0
+        self.lowered_below = lowered_below
         self.order = _order(gl, example_input, metric, table, layer)
         self.saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
 
@@ -220,7 +221,8 @@ class _Probes:
         """(multiply-adds, parameters or seconds, whether the model or a layer's whole width collapsed)."""
         self.count += 1
         self.set(k)
-        return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer)  # a collapse: k is too many
+        # a collapse: k is too many
+        return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer, self.lowered_below)
 
 
 def _which(flops, params, latency) -> tuple[str, float]:
@@ -236,8 +238,8 @@ def _which(flops, params, latency) -> tuple[str, float]:
 
 @torch.no_grad()
 def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | Mapping[str, float] | None = None,
-                    params: float | None = None, latency: float | None = None,
-                    table: LatencyTable | None = None) -> BudgetResult:
+                    params: float | None = None, latency: float | None = None, table: LatencyTable | None = None,
+                    lowered_below: float | str = LOWERED_BELOW) -> BudgetResult:
     """Zero the fewest regularised groups of ``gl`` -- cheapest norm per unit of cost first (see
     :func:`group_costs`) -- so that ``compact(gl.model, example_input)`` does at most ``flops`` times the
     dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them (or has at most ``params`` times its
@@ -245,18 +247,18 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     :class:`~structsparse.speed.table.LatencyTable` built here at batch 1 when not given; give one of the three).
     ``flops={layer: f, ...}`` is a budget per layer instead: each named layer of the compacted model does at most f
     of that layer's dense multiply-adds, the layers taken in turn, each zeroing only its own groups (filters,
-    channels, shapes; the paper's per-layer FLOP). The count is of the compacted model itself, so the budget is
-    never exceeded; a group whose zeros would collapse the model or a layer's whole width is passed over. Raises
-    :class:`BudgetError`, naming the closest reachable fraction, when zeroing every other group is not enough (and
-    leaves the model as it was)."""
+    channels, shapes; the paper's per-layer FLOP). The count is of the compacted model itself (compacted with
+    ``lowered_below``, as :func:`~structsparse.compact` takes it), so the budget is never exceeded; a group whose
+    zeros would collapse the model or a layer's whole width is passed over. Raises :class:`BudgetError`, naming the
+    closest reachable fraction, when zeroing every other group is not enough (and leaves the model as it was)."""
     model, was_training = gl.model, gl.model.training
     if isinstance(flops, Mapping):
-        return _zero_layers_to_budget_(gl, example_input, flops)
+        return _zero_layers_to_budget_(gl, example_input, flops, lowered_below)
     metric, target = _which(flops, params, latency)
     if metric == "latency" and table is None:
         table = LatencyTable.build(model, example_input)
     dense = _count(metric, model, example_input, table) or 1
-    probe = _Probes(gl, example_input, metric, table)
+    probe = _Probes(gl, example_input, metric, table, lowered_below=lowered_below)
     try:
         lo, found = _fewest(probe, target, dense, metric, f"the dense {METRICS[metric]}")
     except BaseException:
@@ -292,13 +294,14 @@ def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) ->
         lo -= 1
 
 
-def layer_fractions(model: nn.Module, example_input: torch.Tensor) -> dict[str, float]:
-    """Per layer that does multiply-adds, the fraction of them ``compact(model, example_input)`` keeps (a layer
-    compaction removed keeps 0; a collapse is not warned about here)."""
+def layer_fractions(model: nn.Module, example_input: torch.Tensor,
+                    lowered_below: float | str = LOWERED_BELOW) -> dict[str, float]:
+    """Per layer that does multiply-adds, the fraction of them ``compact(model, example_input, lowered_below=...)``
+    keeps (a layer compaction removed keeps 0; a collapse is not warned about here)."""
     dense = _layer_macs(model, example_input)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CollapseWarning)
-        small = compact(model, example_input, check=False, channels_last=False)
+        small = compact(model, example_input, check=False, channels_last=False, lowered_below=lowered_below)
     kept = count_macs(small, example_input, per_module=True)
     return {name: kept.get(name, 0) / macs for name, macs in dense.items()}
 
@@ -310,7 +313,8 @@ def _layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
             if isinstance(m, (nn.Conv2d, nn.Linear)) and per_module.get(n)}
 
 
-def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: Mapping[str, float]) -> BudgetResult:
+def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: Mapping[str, float],
+                            lowered_below: float | str) -> BudgetResult:
     """:func:`zero_to_budget_` with ``flops={layer: f}``."""
     model, was_training = gl.model, gl.model.training
     dense = _layer_macs(model, example_input)
@@ -324,7 +328,7 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
     zeroed, probes = 0, 0
     try:
         for name, target in targets.items():
-            probe = _Probes(gl, example_input, "flops", layer=name)
+            probe = _Probes(gl, example_input, "flops", layer=name, lowered_below=lowered_below)
             lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
             zeroed, probes = zeroed + lo, probes + probe.count
     except BaseException:
@@ -332,7 +336,6 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
         raise
     finally:
         model.train(was_training)
-    small = compact(model, example_input, check=False, channels_last=False)  # a later layer's zeros can remove
-    kept = {name: _count("flops", small, example_input, layer=name) for name in targets}  # an earlier one's work
-    return BudgetResult(targets, {n: kept[n] / dense[n] for n in targets}, {n: dense[n] for n in targets}, kept,
-                        zeroed, probes, "flops")
+    reached = layer_fractions(model, example_input, lowered_below)  # a later layer's zeros can remove an earlier
+    return BudgetResult(targets, {n: reached[n] for n in targets}, {n: dense[n] for n in targets},  # one's work
+                        {n: round(reached[n] * dense[n]) for n in targets}, zeroed, probes, "flops")

@@ -184,3 +184,17 @@ def test_a_per_layer_budget_in_a_batchnorm_model_zeroes_the_filters_with_their_b
     check_exact(model, small, x)
     gone = model[1].weight.eq(0) & model[1].bias.eq(0)
     assert result.reached["0"] <= 0.5 and int(gone.sum()) >= 4 and model[0].weight[gone].eq(0).all()
+
+
+def test_the_budget_counts_the_model_compacted_as_the_run_compacts_it():
+    """A conv keeping few columns runs lowered (its multiply-adds: the kept columns only) when ``lowered_below``
+    says so; the budget then counts that, as the run's final compaction will."""
+    from structsparse.budget import layer_fractions
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :, 0] = 0                  # a third of conv 2's columns (one kernel row) gone
+    x = torch.rand(2, 2, 8, 8)
+    assert layer_fractions(model, x, lowered_below=0.0)["2"] == 1.0     # a plain conv: every multiply-add
+    assert layer_fractions(model, x, lowered_below=1.0)["2"] == pytest.approx(2 / 3)

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..compaction import LOWERED_BELOW, compact
+from ..compaction import compact
 from ..report import SparsityReport, sparsity_report
 from ..speed.measure import SAME_FORMS, SpeedReport, measure_speedup
 from ..storage.checkpoint import has_checkpoint
@@ -122,8 +122,7 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
     example = splits["test"].images[:1]
     _say("compacting the trained model")
     with torch.no_grad():
-        small = compact(model, example, lowered_below=(LOWERED_BELOW if recipe.lower_convs_below is None
-                                                       else recipe.lower_convs_below))
+        small = compact(model, example, lowered_below=recipe.lowered_below)
     report = sparsity_report(model, example, compacted=small)
     _say(f"test error of the compact model ({len(splits['test']):,} images)")
     test = {"original": results["test_error"], "compact": evaluate(small, splits["test"], recipe.eval_batch_size)}

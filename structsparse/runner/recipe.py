@@ -62,6 +62,7 @@ import yaml
 from torch import nn
 
 from .. import checks
+from ..compaction import LOWERED_BELOW
 from ..sparsity.groups import normalization_modules
 from ..sparsity.penalty import check_kinds, check_spec, resolve_spec
 from ..zoo.models import MODELS, build_model
@@ -155,6 +156,12 @@ class Recipe:
     test_subset: int | None = None
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     path: str | None = None   # the file it came from (not a recipe key)
+
+    @property
+    def lowered_below(self) -> float:
+        """What every compaction of the run takes as ``lowered_below``: ``lower_convs_below``, or compact()'s
+        default."""
+        return LOWERED_BELOW if self.lower_convs_below is None else self.lower_convs_below
 
     def to_dict(self) -> dict:
         """The recipe as plain JSON-able data (without ``path``), e.g. to check a resume."""

@@ -518,7 +518,7 @@ class Trainer:
             was_training = self.model.training
             try:
                 result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target,
-                                         table=self.latency_table)
+                                         table=self.latency_table, lowered_below=self.recipe.lowered_below)
             except BudgetError as e:
                 raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
             self.model.train(was_training)
@@ -585,7 +585,7 @@ class Trainer:
         metric, target = budget_of(phase)
         x = self.splits["train"].images[:1]
         if isinstance(target, dict):  # per layer: a layer at its target rests
-            reached = layer_fractions(self.model, x)
+            reached = layer_fractions(self.model, x, self.recipe.lowered_below)
             self.model.train()
             for name, t in target.items():
                 if gl.layer_strength.get(name) and reached.get(name, 0.0) <= t:
@@ -593,7 +593,7 @@ class Trainer:
                     self.log(f"[{phase.name} {e + 1}/{phase.epochs}] step {i + 1}/{steps}: {name} at its budget "
                              f"({reached.get(name, 0.0):.4f} of its multiply-adds); its group term rests")
             return
-        reached = kept_fraction(self.model, x, metric, self.latency_table)
+        reached = kept_fraction(self.model, x, metric, self.latency_table, self.recipe.lowered_below)
         self.model.train()
         if reached <= target:
             gl.strength = 0.0
@@ -694,7 +694,7 @@ class Trainer:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CollapseWarning)
                 try:
-                    small = compact(self.model, x, channels_last=False)  # for counting only
+                    small = compact(self.model, x, channels_last=False, lowered_below=self.recipe.lowered_below)
                 except UnsupportedModelError:
                     small = None
                 report = sparsity_report(self.model, x, with_compact=small is not None, compacted=small)

@@ -138,7 +138,7 @@ def test_the_brake_rests_the_group_term_within_the_epoch_the_target_is_reached(m
     from structsparse.runner import trainer as trainer_module
     from structsparse.runner.trainer import Trainer
     seen = iter([1.0, 0.95, 0.85] + [0.85] * 100)
-    monkeypatch.setattr(trainer_module, "kept_fraction", lambda model, x, metric, table: next(seen))
+    monkeypatch.setattr(trainer_module, "kept_fraction", lambda model, x, metric, table, lowered_below: next(seen))
     phases = [{"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": 0.9}}]
     recipe, splits = _tiny(phases)   # 4 steps an epoch: checked after every step
     lines = []
