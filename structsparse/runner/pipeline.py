@@ -163,19 +163,14 @@ def _latency_cell(measured: dict | None) -> str:
 
 
 def _measured_latency(budgets: dict[str, dict], speed: SpeedReport) -> dict[str, dict]:
-    """``budgets`` (phase → what its budget reached), a latency budget's with ``measured``: the compact model's
-    time over the dense model's and over the dense model's in the same forms, as measured at the end of the run
-    (the budget itself counts with the run's latency table)."""
-    out = {}
-    for name, b in budgets.items():
-        if b.get("metric") == "latency":
-            measured = {}
-            for scope in ("model", SAME_FORMS):
-                with contextlib.suppress(KeyError):  # a batch size or a row the run did not measure
-                    measured[scope] = 1 / speed.speedup(scope, LATENCY_BATCH)
-            b = {**b, "measured": measured}
-        out[name] = b
-    return out
+    """``budgets`` (phase → what its budget reached), each with ``measured``: the compact model's time at batch
+    :data:`LATENCY_BATCH` over the dense model's and over the dense model's in the same forms, as measured at the
+    end of the run (a latency budget itself counts with the run's latency table)."""
+    measured = {}
+    for scope in ("model", SAME_FORMS):
+        with contextlib.suppress(KeyError):  # a batch size or a row the run did not measure
+            measured[scope] = 1 / speed.speedup(scope, LATENCY_BATCH)
+    return {name: {**b, "measured": measured} for name, b in budgets.items()}
 
 
 def _say(what: str) -> None:
