@@ -71,14 +71,15 @@ def params(m):
     return sum(p.numel() for p in m.parameters())
 
 
-def proportional_table(model, x, *args, **kwargs):
-    """A :class:`LatencyTable` for ``model`` whose times are 1 ns per multiply-add and per activation element, with
-    no fixed costs (a measured one depends on the machine's load: a budget test on it could not be relied on).
-    Takes :meth:`LatencyTable.build`'s arguments, so it can stand in for it."""
+def proportional_table(model, x, batch=1, *args, **kwargs):
+    """A :class:`LatencyTable` for ``model`` at ``batch`` whose times are 1 ns per multiply-add and per activation
+    element, with no fixed costs (a measured one depends on the machine's load: a budget test on it could not be
+    relied on). Takes :meth:`LatencyTable.build`'s arguments, so it can stand in for it."""
     from structsparse import compact
-    from structsparse.speed.table import LatencyTable, _leaf_macs, _leaf_inputs
+    from structsparse.speed.table import LatencyTable, _leaf_inputs, _leaf_macs
     dense = compact(model, x, channels_last=False)
-    layers = {name: [[1, 1e-9], [macs, macs * 1e-9]] for name, macs in _leaf_macs(dense, x[:1]).items()}
-    elements = _leaf_inputs(dense, x[:1])[1]
-    return LatencyTable(1, "cpu", 1, torch.__version__, layers, [[1, 1e-9], [elements, elements * 1e-9]], 1e-3,
+    xb = torch.rand(batch, *x.shape[1:])
+    layers = {name: [[1, 1e-9], [macs, macs * 1e-9]] for name, macs in _leaf_macs(dense, xb).items()}
+    elements = _leaf_inputs(dense, xb)[1]
+    return LatencyTable(batch, "cpu", 1, torch.__version__, layers, [[1, 1e-9], [elements, elements * 1e-9]], 1e-3,
                         list(x.shape[1:]))

@@ -26,7 +26,7 @@ from . import distributed
 from .recipe import Recipe, load_recipe
 from .rundir import CHECKPOINT, COMPACT, TRAINED, RunError, locked, save_trained, write_results
 from .runlog import RunLog
-from .trainer import LATENCY_BATCH, Split, Trainer, budget_text, evaluate, load_splits
+from .trainer import Split, Trainer, budget_text, evaluate, load_splits
 
 __all__ = ["run_recipe"]
 
@@ -131,7 +131,7 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
     speed = measure_speedup(model, small, example, batch_sizes=m.batch_sizes, threads=m.threads,
                             repeats=m.repeats, warmup=m.warmup)
     if "budget" in results:
-        results = {**results, "budget": _measured_latency(results["budget"], speed)}
+        results = {**results, "budget": _measured_latency(results["budget"], speed, m.latency_batch)}
     save_compact(small, out_dir / COMPACT)
     save_trained(model, out_dir / TRAINED)
     run = {**run, "total_seconds": run["train_seconds"] + time.perf_counter() - start}
@@ -156,20 +156,20 @@ def _finish(recipe: Recipe, model: torch.nn.Module, splits: dict[str, Split], re
 
 
 def _latency_cell(measured: dict | None) -> str:
-    if not measured:
+    if not measured or "model" not in measured:
         return "-"
     same = measured.get(SAME_FORMS)
     return f"{measured.get('model', float('nan')):.3f}" + ("" if same is None else f" ({same:.3f})")
 
 
-def _measured_latency(budgets: dict[str, dict], speed: SpeedReport) -> dict[str, dict]:
+def _measured_latency(budgets: dict[str, dict], speed: SpeedReport, batch: int) -> dict[str, dict]:
     """``budgets`` (phase → what its budget reached), each with ``measured``: the compact model's time at batch
-    :data:`LATENCY_BATCH` over the dense model's and over the dense model's in the same forms, as measured at the
-    end of the run (a latency budget itself counts with the run's latency table)."""
-    measured = {}
+    ``batch`` over the dense model's and over the dense model's in the same forms, as measured at the end of the
+    run (a latency budget itself counts with the run's latency table, at that batch size)."""
+    measured = {"batch": batch}
     for scope in ("model", SAME_FORMS):
-        with contextlib.suppress(KeyError):  # a batch size or a row the run did not measure
-            measured[scope] = 1 / speed.speedup(scope, LATENCY_BATCH)
+        with contextlib.suppress(KeyError):  # a row the run did not measure
+            measured[scope] = 1 / speed.speedup(scope, batch)
     return {name: {**b, "measured": measured} for name, b in budgets.items()}
 
 
@@ -196,7 +196,7 @@ def _report_markdown(recipe: Recipe, run: dict, machine: dict, date: str, test: 
            if recipe.train_with_val else ""),
         *(["## Budget\n\n" + "\n".join(
             ["| phase | target and reached after compaction (of the dense model's) | measured: of the dense "
-             "model's latency (in the same forms) |", "|---|---|---|"]
+             f"model's latency at batch {recipe.measure.latency_batch} (in the same forms) |", "|---|---|---|"]
             + [f"| {name} | {budget_text(b)}{' (estimated)' if b.get('metric') == 'latency' else ''} | "
                f"{_latency_cell(b.get('measured'))} |" for name, b in results["budget"].items()])]
           if "budget" in results else []),

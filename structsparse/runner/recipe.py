@@ -30,8 +30,9 @@ the speedup at the end::
                                          # ({kind: r}: per kind)
         target: {flops: 0.33}    # optional: at phase end, zero groups until the compacted model keeps at
                                  # most 0.33 of the dense multiply-adds (zero_to_budget_); or {params: f}, or
-                                 # {latency: f}: of the dense model's time at batch 1 on the run's device, as a
-                                 # per-layer latency table (latency_table.json in the run) estimates it; or
+                                 # {latency: f}: of the dense model's time on the run's device at the first of
+                                 # measure.batch_sizes, as a per-layer latency table (latency_table.json in the
+                                 # run) estimates it; or
                                  # {flops: {conv1: 0.25, conv2: 0.076}}: each layer's own multiply-adds
       - name: finetune
         epochs: 2
@@ -125,6 +126,12 @@ class MeasureConfig:
     repeats: int = 30
     warmup: int = 5
     threads: int | None = None
+
+    @property
+    def latency_batch(self) -> int:
+        """The batch size a latency budget is measured at, and every budget's measured latency reported at: the
+        first of ``batch_sizes``."""
+        return self.batch_sizes[0]
 
 
 @dataclass(frozen=True)

@@ -168,7 +168,6 @@ BRAKE_EVERY = 1 / 8  # of an epoch: how often a budget phase checks whether it r
 REACHED = {"flops": "compact_flop_fraction", "params": "compact_params_fraction",  # an epoch's record, per budget
            "latency": "compact_latency_fraction"}
 LATENCY_TABLE = "latency_table.json"  # in the checkpoint directory: a latency budget's table, built once
-LATENCY_BATCH = 1  # the batch size a latency budget is measured at
 
 
 def budget_of(phase: Phase) -> tuple[str, float | dict[str, float]]:
@@ -443,6 +442,7 @@ class Trainer:
         here (same batch, device type, threads and torch), else built now (with every structure kept, so the
         zeros so far do not matter) and saved there."""
         threads = self.recipe.measure.threads or torch.get_num_threads()
+        batch = self.recipe.measure.latency_batch
         path = None if self.checkpoint_dir is None else self.checkpoint_dir / LATENCY_TABLE
         where = f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.latency"
         if self.world > 1:
@@ -450,7 +450,7 @@ class Trainer:
                              f"would time it differently); give flops or params, or run it without torchrun")
         if self.latency_table is None and path is not None and path.exists():
             table = LatencyTable.load(path)
-            if table.matches(LATENCY_BATCH, self.device, threads):
+            if table.matches(batch, self.device, threads):
                 self.latency_table = table
                 self.log(f"{phase.name}: the latency table of {path} ({len(table.layers)} layers)")
             else:
@@ -458,10 +458,9 @@ class Trainer:
                          f"torch {table.torch}); measuring again")
         if self.latency_table is not None:
             return
-        self.log(f"{phase.name}: measuring the latency table (batch {LATENCY_BATCH}, {threads} threads)")
+        self.log(f"{phase.name}: measuring the latency table (batch {batch}, {threads} threads)")
         try:
-            self.latency_table = LatencyTable.build(self.model, self.splits["train"].images[:2], LATENCY_BATCH,
-                                                    threads)
+            self.latency_table = LatencyTable.build(self.model, self.splits["train"].images[:2], batch, threads)
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from e
         if path is not None and self.rank == 0:

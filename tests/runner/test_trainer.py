@@ -176,7 +176,7 @@ def test_a_latency_budget_measures_its_table_once_saves_it_with_the_run_and_stee
     monkeypatch.setattr(LatencyTable, "build", proportional_table)   # the budget's plumbing, not the machine's load
     phases = [PHASES[0], {"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"latency": 0.7}},
               {"name": "tune", "epochs": 1, "lr": 0.01, "freeze": True}]
-    recipe, splits = _tiny(phases, measure={"threads": 1})
+    recipe, splits = _tiny(phases, measure={"threads": 1, "batch_sizes": [4, 1]})   # timed at the first
     lines = []
 
     def stop(trainer, p, e):
@@ -186,7 +186,7 @@ def test_a_latency_budget_measures_its_table_once_saves_it_with_the_run_and_stee
     with pytest.raises(_Stop):
         Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lines.append, on_epoch_end=stop).run()
     table = LatencyTable.load(tmp_path / LATENCY_TABLE)
-    assert any("ssl: measuring the latency table (batch 1, 1 threads)" in line for line in lines)
+    assert any("ssl: measuring the latency table (batch 4, 1 threads)" in line for line in lines) and table.batch == 4
     lines.clear()
     t = Trainer(recipe, splits, checkpoint_dir=tmp_path, progress=False, log=lines.append)
     out = t.run(resume=True)
