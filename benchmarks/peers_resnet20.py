@@ -59,7 +59,7 @@ from structsparse.timing import machine_info, ratio_interval, time_interleaved  
 from structsparse.zoo.models import build_model  # noqa: E402
 
 METHODS = ("ssl", "tp", "slim", "oto")
-SSL_LAMBDAS = None  # ours: the phase's lambdas (None: none, the model-wide default of a target phase)
+SSL_PHASE: dict = {}  # ours: more keys of the sparse phase (lambdas: none by default, a target phase's default)
 LABELS = {"ssl": "budget SSL (ours)", "tp": "Torch-Pruning GroupNormPruner", "slim": "network slimming",
           "oto": "OTO HESSO"}
 
@@ -75,9 +75,7 @@ def protocol(dense_run: Path, sparse_epochs: int, tune_epochs: int, target: floa
         dense["seed"] = seed
     sparse = {"name": "sparse", "epochs": sparse_epochs, "lr": 0.1, "weight_decay": 1e-4}
     if target is not None:
-        sparse["target"] = {"flops": target}
-        if SSL_LAMBDAS is not None:
-            sparse["lambdas"] = SSL_LAMBDAS
+        sparse.update(target={"flops": target}, **SSL_PHASE)
     tune = {"name": "tune", "epochs": tune_epochs, "lr": 0.02, "weight_decay": 1e-4,
             "lr_schedule": {"kind": "cosine"}, "freeze": target is not None}
     dense.pop("init_from", None)
@@ -370,9 +368,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/peers_resnet20/results"))
     ap.add_argument("--ssl-lambdas", type=json.loads, default=None,
                     help="ours: the sparse phase's lambdas as JSON (default: none, the target phase's default)")
+    ap.add_argument("--ssl-cost-weight", type=float, default=None,
+                    help="ours: the sparse phase's cost_weight (default: the recipe default)")
     args = ap.parse_args()
-    global SSL_LAMBDAS
-    SSL_LAMBDAS = args.ssl_lambdas
+    SSL_PHASE.update({k: v for k, v in (("lambdas", args.ssl_lambdas), ("cost_weight", args.ssl_cost_weight))
+                      if v is not None})
     if args.assemble:
         return assemble(args)
     splits = load_splits(protocol(args.dense, args.sparse_epochs, args.tune_epochs))

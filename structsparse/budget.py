@@ -28,7 +28,7 @@ from .sparsity import GroupLasso
 from .speed.table import LatencyTable
 
 __all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "layer_fractions",
-           "zero_to_budget_", "starting_strength"]
+           "zero_to_budget_", "starting_strength", "weigh_by_cost_"]
 
 START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
 
@@ -159,6 +159,26 @@ def starting_strength(gl: GroupLasso, lr: float, steps: int) -> float:
     if not ratios.numel() or lr <= 0 or steps < 1:
         return 1.0
     return float(ratios.quantile(START_QUANTILE)) / (lr * steps)
+
+
+@torch.no_grad()
+def weigh_by_cost_(gl: GroupLasso, example_input: torch.Tensor, metric: str = "flops",
+                   table: LatencyTable | None = None, power: float = 1.0) -> None:
+    """Weigh each regularised group's λ by what it costs (:func:`group_costs`), so that the group term shrinks
+    expensive structures first: ``gl.group_weights`` ← (cost / mean cost)^``power`` for every group that costs
+    something (the mean over those groups), 1 for the others (``power`` 0: no weighting)."""
+    if power < 0:
+        raise ValueError(f"power: the cost weighting's exponent is at least 0, got {power!r}")
+    gl.group_weights = {}
+    if power == 0:
+        return
+    costs = group_costs(gl, example_input, metric, table)
+    paid = torch.cat([c.flatten()[c.flatten() > 0] for c in costs]) if costs else torch.zeros(0)
+    if not paid.numel():
+        return
+    mean = paid.mean()
+    for fam, c in zip(gl.families(), costs):
+        gl.group_weights[(fam.name, fam.kind)] = torch.where(c > 0, (c / mean).pow(power), torch.ones_like(c))
 
 
 def _stays(gl: GroupLasso, example_input: torch.Tensor) -> dict[str, torch.Tensor]:

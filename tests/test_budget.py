@@ -198,3 +198,42 @@ def test_the_budget_counts_the_model_compacted_as_the_run_compacts_it():
     x = torch.rand(2, 2, 8, 8)
     assert layer_fractions(model, x, lowered_below=0.0)["2"] == 1.0     # a plain conv: every multiply-add
     assert layer_fractions(model, x, lowered_below=1.0)["2"] == pytest.approx(2 / 3)
+
+
+def test_cost_weights_multiply_each_groups_lambda_by_its_cost_over_the_mean_cost():
+    from structsparse.budget import weigh_by_cost_
+    from structsparse.sparsity.groups import group_norms
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.Flatten(),
+                          nn.Linear(5 * 6 * 6, 2))
+    x = torch.rand(1, 3, 8, 8)
+    gl = GroupLasso(model, {"filter": 0.1})
+    plain = gl.penalty().item()
+    weigh_by_cost_(gl, x)
+    costs = [3 * 9 * 64.0] * 4 + [4 * 9 * 36.0] * 5 + [180.0] * 2   # each filter's multiply-adds
+    mean = sum(costs) / len(costs)
+    expected = sum(0.1 * c / mean * n for c, n in zip(costs, torch.cat(
+        [group_norms(m.weight, "filter") for m in (model[0], model[2], model[4])]).tolist()))
+    assert gl.penalty().item() == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(plain)
+    before = [m.weight.detach().clone() for m in (model[0], model[4])]
+    gl.prox_step(lr=1.0)   # the proximal step shrinks by the same weighted λs
+    for m, w, c in zip((model[0], model[4]), before, (costs[0], costs[-1])):
+        n = group_norms(w, "filter")
+        assert torch.allclose(group_norms(m.weight, "filter"), (n - 0.1 * c / mean).clamp_min(0), atol=1e-6)
+    weigh_by_cost_(gl, x, power=0)
+    assert gl.group_weights == {}
+    with pytest.raises(ValueError, match="power"):
+        weigh_by_cost_(gl, x, power=-1)
+
+
+def test_cost_weights_reach_batchnorm_coupled_and_joined_groups():
+    from structsparse.budget import weigh_by_cost_
+    model = _trained_like()
+    x = torch.rand(1, 3, 16, 16)
+    for spec in ({"bn1": {"filter": 1e-3}, "channel": 1e-3}, {"filter": 1e-3}):
+        gl = GroupLasso(model, spec, example_input=x)
+        plain = gl.penalty().item()
+        weigh_by_cost_(gl, x)
+        fams = gl.families()
+        assert {(f.name, f.kind) for f in fams} == set(gl.group_weights)
+        expected = sum((f.lam * f.norms()).sum().item() for f in fams)   # lam: the weighted λ
+        assert gl.penalty().item() == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(plain)

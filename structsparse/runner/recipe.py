@@ -34,6 +34,7 @@ the speedup at the end::
                                  # measure.batch_sizes, as a per-layer latency table (latency_table.json in the
                                  # run) estimates it; or
                                  # {flops: {conv1: 0.25, conv2: 0.076}}: each layer's own multiply-adds
+        cost_weight: 1           # optional, with a target: each group's λ times (its cost / the mean cost)^1
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -113,6 +114,7 @@ class Phase:
                                                   # zero groups until the compacted model keeps at most f of the
                                                   # dense count (latency: estimated, speed.table.LatencyTable);
                                                   # {"flops": {layer: f}}: per layer, of its own multiply-adds
+    cost_weight: float = 0.0                      # a target phase: each group's λ × (its cost / the mean)^this
 
     @property
     def sparsifying(self) -> bool:
@@ -339,7 +341,7 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
         "train_with_val", "lower_convs_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
-          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target")
+          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target", "cost_weight")
 # A phase's budget: the fraction of the dense multiply-adds (flops), parameters (params) or latency its compacted
 # model may keep.
 _TARGET = ("flops", "params", "latency")
@@ -455,7 +457,10 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
         lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), net),
         target=_parse_target(c, p.get("target"), at("target"), net),
+        cost_weight=c.number(p.get("cost_weight", 0.0), at("cost_weight"), minimum=0, maximum=4),
     )
+    if kw["cost_weight"] and kw["target"] is None:
+        c.fail(at("cost_weight"), "weighs each group's λ by what it costs towards the budget; needs a target")
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
     if kw["target"] is not None and not kw["lambdas"]:  # per layer: model-wide, and the untargeted layers rest

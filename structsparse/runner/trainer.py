@@ -45,7 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import METRICS, BudgetError, kept_fraction, layer_fractions, starting_strength, zero_to_budget_
+from ..budget import (METRICS, BudgetError, kept_fraction, layer_fractions, starting_strength, weigh_by_cost_,
+                      zero_to_budget_)
 from ..compaction import CollapseWarning, compact
 from ..graph import UnsupportedModelError
 from ..report import sparsity_report
@@ -416,6 +417,8 @@ class Trainer:
         if phase.target is not None and "latency" in phase.target:
             self._latency_table(phase)
         if gl is not None and phase.target is not None:  # the controller starts λ-free, or goes on where it was
+            weigh_by_cost_(gl, self.splits["train"].images[:2], budget_of(phase)[0], self.latency_table,
+                           phase.cost_weight)
             steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
             self._budget_start[p] = starting_strength(gl, phase.lr, steps)
             set_strength(gl, self._budget_state(p)[1])

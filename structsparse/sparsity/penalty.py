@@ -134,11 +134,6 @@ class _Term:
         _scale_norm_(self.norm, scale)
 
 
-def _times(lambdas: dict, scale: float) -> dict:
-    """``lambdas`` (kind → λ) each times ``scale``."""
-    return lambdas if scale == 1.0 else {k: v * scale for k, v in lambdas.items()}
-
-
 @dataclass
 class _Heads:
     """The heads of a multi-head attention as groups: head h is the ``head_dim`` columns of the output
@@ -222,6 +217,9 @@ class GroupLasso:
         self.masks: Masks | None = None
         self.strength = 1.0  # multiplies every λ: what a budget controller steers
         self.layer_strength: dict[str, float] = {}  # further multiplies a layer's λs (per-layer budgets; default 1)
+        # (family name, kind) of :meth:`families` → one weight per group, shaped like the family's norms, that
+        # multiplies the groups' λs (budget.weigh_by_cost_: each group's λ by its cost); absent: 1
+        self.group_weights: dict[tuple[str, str], torch.Tensor] = {}
 
     def _join_norms(self, graph, spec: Mapping) -> None:
         """A layer with a model-wide ``filter`` λ whose output only an affine BatchNorm reads: its filter groups
@@ -263,19 +261,36 @@ class GroupLasso:
         total = torch.zeros((), device=p.device if p is not None else None)
         if not self.active:
             return total
-        s = self.layer_strength
         if self.terms:
-            total = group_lasso([(t.module.weight, _times(t.effective(), s.get(t.name, 1.0)), _groups(t.module))
-                                 for t in self.terms])
+            total = group_lasso([(t.module.weight, self._term_lambdas(t), _groups(t.module)) for t in self.terms])
         for t in self.terms:
             if t.norm is not None:
-                total = total + s.get(t.name, 1.0) * t.lambdas["filter"] * t.filter_norms().sum()
-        for grp in self._cross():
-            total = total + s.get(getattr(grp, "name", None), 1.0) * (grp.lambdas * grp.norms()).sum()
+                total = total + (self._lam(t.name, "filter", t.lambdas["filter"]) * t.filter_norms()).sum()
+        for name, kind, grp in self._cross_named():
+            total = total + (self._lam(name, kind, grp.lambdas) * grp.norms()).sum()
         for t in self.norm_terms:
-            total = total + s.get(t.name, 1.0) * sum(lam * norm_group_norms(t.module, k).sum()
-                                                     for k, lam in t.lambdas.items())
+            total = total + sum((self._lam(t.name, k, lam) * norm_group_norms(t.module, k)).sum()
+                                for k, lam in t.lambdas.items())
         return total * self.strength if self.strength != 1.0 else total
+
+    def _weighted(self, name: str, kind: str, lam):
+        """The λ (a number, or one per group) of family ``(name, kind)``'s groups, times their
+        :attr:`group_weights`."""
+        w = self.group_weights.get((name, kind))
+        return lam if w is None else lam * w
+
+    def _lam(self, name: str, kind: str, lam):
+        """:meth:`_weighted`, times layer ``name``'s strength (:attr:`layer_strength`)."""
+        return self._weighted(name, kind, lam) * self.layer_strength.get(name, 1.0)
+
+    def _term_lambdas(self, t: _Term) -> dict:
+        """λ per kind of a layer's fused term and proximal step (see :meth:`_Term.effective`), weighted."""
+        return {k: self._lam(t.name, k, v) for k, v in t.effective().items()}
+
+    def _cross_named(self) -> list:
+        """:meth:`_cross` as ``(family name, kind, groups)`` (the names and kinds of :meth:`families`)."""
+        return [("coupled", grp.kind, grp) if grp is self.coupled else (grp.name, "head", grp)
+                for grp in self._cross()]
 
     @torch.no_grad()
     def norms(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -305,28 +320,24 @@ class GroupLasso:
         elif lr is None:
             raise ValueError("prox_step needs lr or optimizer")
         lr = None if lr is None else lr * self.strength  # the step's λ·lr, every λ times the strength
-        s = self.layer_strength
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
             step = lrs.get(id(w), lr)
             if step is None:
                 continue
-            step = step * s.get(t.name, 1.0)
             if t.norm is not None:
-                t.scale_filters_(shrink_factor(t.filter_norms(), step * t.lambdas["filter"]))
-            shrink_groups_(w, [(kind, step * lam) for kind, lam in t.effective().items()], g)
-        for grp in self._cross():
+                t.scale_filters_(shrink_factor(t.filter_norms(), step * self._lam(t.name, "filter",
+                                                                                   t.lambdas["filter"])))
+            shrink_groups_(w, [(kind, step * lam) for kind, lam in self._term_lambdas(t).items()], g)
+        for name, kind, grp in self._cross_named():
             steps = [v for v in (lrs.get(id(w), lr) for w in grp.weights()) if v is not None]
             if steps:  # one step size per group: the smallest of its layers'
-                scale = s.get(getattr(grp, "name", None), 1.0)
-                grp.scale_(shrink_factor(grp.norms(), scale * min(steps) * grp.lambdas))
+                grp.scale_(shrink_factor(grp.norms(), min(steps) * self._lam(name, kind, grp.lambdas)))
         for t in self.norm_terms:
             m = t.module
             step = lrs.get(id(m.weight), lr)
-            step = None if step is None else step * s.get(t.name, 1.0)
             for kind, lam in ([] if step is None else t.lambdas.items()):
-                norms = norm_group_norms(m, kind)
-                _scale_norm_(m, shrink_factor(norms, step * lam))
+                _scale_norm_(m, shrink_factor(norm_group_norms(m, kind), step * self._lam(t.name, kind, lam)))
 
     @torch.no_grad()
     def zero_small_(self, threshold: float = 1e-4) -> None:
@@ -343,7 +354,8 @@ class GroupLasso:
     def families(self) -> list["_Family"]:
         """Every regularised group, as families of groups that one norm computation covers: a layer's groups of
         one kind (with a BatchNorm's γ/β where they join its filters), the coupled channels, a self-attention's
-        heads, a BatchNorm's own groups. Each family can give its norms and zero some of its groups."""
+        heads, a BatchNorm's own groups. Each family can give its norms and zero some of its groups; its ``lam`` is
+        the groups' λ times their :attr:`group_weights` (not times the strengths)."""
         out = []
         for t in self.terms:
             w, g = t.module.weight, _groups(t.module)
@@ -354,14 +366,15 @@ class GroupLasso:
                 out.append(_Family(t.name, kind, lambda w=w, kind=kind, g=g: group_norms(w, kind, g, keepdim=True),
                                    lambda s, w=w, g=g: (v := group_view(w, g)).masked_fill_(s.expand_as(v), 0.0),
                                    lam))
-        for grp in self._cross():
-            name = "coupled" if grp is self.coupled else grp.name
-            out.append(_Family(name, grp.kind if grp is self.coupled else "head", grp.norms,
-                               lambda s, grp=grp: grp.scale_((~s).to(grp.weights()[0].dtype)), grp.lambdas, grp.kind))
+        for name, kind, grp in self._cross_named():
+            out.append(_Family(name, kind, grp.norms, lambda s, grp=grp: grp.scale_((~s).to(grp.weights()[0].dtype)),
+                               grp.lambdas, grp.kind))
         for t in self.norm_terms:
             for kind, lam in t.lambdas.items():
                 out.append(_Family(t.name, kind, lambda m=t.module, kind=kind: norm_group_norms(m, kind),
                                    lambda s, m=t.module: _scale_norm_(m, (~s).to(m.weight.dtype)), lam))
+        for fam in out:  # each group's λ times its weight
+            fam.lam = self._weighted(fam.name, fam.kind, fam.lam)
         return out
 
     @torch.no_grad()

@@ -105,6 +105,26 @@ def test_bad_budgets_name_the_key(target, message):
         _tiny([PHASES[0], {**PHASES[1], "target": target}])
 
 
+def test_cost_weight_needs_a_target_and_a_bounded_exponent():
+    from structsparse.runner.recipe import RecipeError
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.cost_weight: weighs each group's λ .* needs a target"):
+        _tiny([PHASES[0], {**PHASES[1], "cost_weight": 1}])
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.cost_weight: must be >= 0"):
+        _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "cost_weight": -1}])
+
+
+def test_a_cost_weighted_target_phase_weighs_its_groups_by_cost(monkeypatch):
+    from structsparse.runner import trainer
+    phases = [PHASES[0], {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.5}, "cost_weight": 1}]
+    recipe, splits = _tiny(phases)
+    seen, weigh = [], trainer.weigh_by_cost_
+    monkeypatch.setattr(trainer, "weigh_by_cost_", lambda gl, *a: (weigh(gl, *a), seen.append(gl)))
+    trainer.Trainer(recipe, splits, progress=False, log=lambda s: None).run()
+    weights = seen[-1].group_weights
+    conv1, fc1 = weights["conv1", "filter"].flatten(), weights["fc1", "filter"].flatten()
+    assert conv1.min() > 1 > fc1.max()   # a conv1 filter does more multiply-adds than an fc1 row
+
+
 def test_a_target_phase_ends_at_or_under_its_budget_and_says_so():
     from structsparse import compact
     from structsparse.report import count_macs
