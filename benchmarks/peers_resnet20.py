@@ -64,6 +64,17 @@ LABELS = {"ssl": "budget SSL (ours)", "tp": "Torch-Pruning GroupNormPruner", "sl
           "oto": "OTO HESSO"}
 
 
+def label(rec: dict) -> str:
+    """A run's method as the tables and the plot name it; ours with the groups that shrink and its cost weighting
+    (a record without them is from before them: every group, λ unweighted)."""
+    if rec["method"] != "ssl":
+        return LABELS[rec["method"]]
+    weight = rec.get("cost_weight", 0.0)
+    groups = "chosen groups" if rec.get("shrink", "all") == "chosen" else "every group"
+    by_cost = "λ unweighted" if not weight else "λ × cost" if weight == 1 else f"λ × cost^{weight:g}"
+    return f"{LABELS['ssl'][:-1]}, {groups}, {by_cost})"
+
+
 def protocol(dense_run: Path, sparse_epochs: int, tune_epochs: int, target: float | None = None,
              seed: int | None = None):
     """The recipe every method trains through: phase 0 the dense start (not trained here), phase 1 the sparse
@@ -114,7 +125,8 @@ def run_method(method: str, target: float, seed: int, args, splits, log) -> tupl
     final.eval()
     dense_macs = count_macs(dense_model(args.dense, recipe), x)
     macs = count_macs(final, x)
-    return {"method": method, "target": target, "seed": recipe.seed, "macs": macs, "dense_macs": dense_macs,
+    extra = {"cost_weight": recipe.phases[1].cost_weight, "shrink": recipe.phases[1].shrink} if method == "ssl" else {}
+    return {"method": method, **extra, "target": target, "seed": recipe.seed, "macs": macs, "dense_macs": dense_macs,
             "flop_fraction": macs / dense_macs, "params": count_params(final),
             "test_error": evaluate(final, splits["test"]), "val_error": evaluate(final, splits["val"]),
             "train_seconds": seconds, "epochs": {"sparse": args.sparse_epochs, "tune": args.tune_epochs},
@@ -282,7 +294,7 @@ def assemble(args) -> None:
     rows = []
     for key, (rec, _) in records.items():
         rows.append({**rec, "latency": {str(b): speed[b][key] for b in speed}})
-    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"]), r.get("seed", 0)))
+    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"]), label(r), r.get("seed", 0)))
     splits = load_splits(recipe)
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "machine": machine_info(1),
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -309,23 +321,23 @@ def markdown(res: dict) -> str:
     for r in res["rows"]:
         sp = [r["latency"][b] for b in ("1", "64")]
         cells = [f"{s['speedup']:.2f}× [{s['speedup_ci'][0]:.2f}–{s['speedup_ci'][1]:.2f}]" for s in sp]
-        lines.append(f"| {r['target']:.0%} | {LABELS[r['method']]} | {r.get('seed', 0)} | "
+        lines.append(f"| {r['target']:.0%} | {label(r)} | {r.get('seed', 0)} | "
                      f"{100 * r['test_error']:.2f}% | {r['flop_fraction']:.1%} | {r['params']:,} | {cells[0]} | "
                      f"{cells[1]} | {r['train_seconds']:.0f} |")
     groups = _by_method(res["rows"])
     if any(len(errors) > 1 for errors in groups.values()):
         lines += ["\nOver the seeds: mean test error (lowest–highest).\n", "| target | method | runs | test error |",
                   "|---|---|---|---|"]
-        lines += [f"| {t:.0%} | {LABELS[m]} | {len(e)} | {100 * statistics.mean(e):.2f}% ({100 * min(e):.2f}–"
+        lines += [f"| {t:.0%} | {m} | {len(e)} | {100 * statistics.mean(e):.2f}% ({100 * min(e):.2f}–"
                   f"{100 * max(e):.2f}%) |" for (t, m), e in groups.items()]
     return "\n".join(lines) + "\n"
 
 
 def _by_method(rows: list[dict]) -> dict[tuple[float, str], list[float]]:
-    """The test errors of each (target, method), over its seeds."""
+    """The test errors of each (target, method as :func:`label` names it), over its seeds."""
     out: dict[tuple[float, str], list[float]] = {}
     for r in rows:
-        out.setdefault((r["target"], r["method"]), []).append(r["test_error"])
+        out.setdefault((r["target"], label(r)), []).append(r["test_error"])
     return out
 
 
@@ -334,14 +346,12 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for i, method in enumerate(METHODS):
-        rows = [r for r in res["rows"] if r["method"] == method]
-        if not rows:
-            continue
+    for i, name in enumerate(dict.fromkeys(label(r) for r in res["rows"])):
+        rows = [r for r in res["rows"] if label(r) == name]
         err = [100 * r["test_error"] for r in rows]  # every run a point; the line joins the seed-0 runs
         first = [r for r in rows if not r.get("seed")]
         for ax, x in ((axes[0], lambda r: r["flop_fraction"]), (axes[1], lambda r: 1 / r["latency"]["64"]["speedup"])):
-            ax.plot([x(r) for r in rows], err, "o", color=f"C{i}", label=LABELS[method] if ax is axes[0] else None)
+            ax.plot([x(r) for r in rows], err, "o", color=f"C{i}", label=name if ax is axes[0] else None)
             ax.plot([x(r) for r in first], [100 * r["test_error"] for r in first], "-", color=f"C{i}")
     for ax in axes:
         ax.axhline(100 * res["dense"]["test_error"], color="grey", ls=":", label="dense")
@@ -370,9 +380,11 @@ def main() -> None:
                     help="ours: the sparse phase's lambdas as JSON (default: none, the target phase's default)")
     ap.add_argument("--ssl-cost-weight", type=float, default=None,
                     help="ours: the sparse phase's cost_weight (default: the recipe default)")
+    ap.add_argument("--ssl-shrink", choices=("chosen", "all"), default=None,
+                    help="ours: the sparse phase's shrink (default: the recipe default)")
     args = ap.parse_args()
-    SSL_PHASE.update({k: v for k, v in (("lambdas", args.ssl_lambdas), ("cost_weight", args.ssl_cost_weight))
-                      if v is not None})
+    SSL_PHASE.update({k: v for k, v in (("lambdas", args.ssl_lambdas), ("cost_weight", args.ssl_cost_weight),
+                                        ("shrink", args.ssl_shrink)) if v is not None})
     if args.assemble:
         return assemble(args)
     splits = load_splits(protocol(args.dense, args.sparse_epochs, args.tune_epochs))

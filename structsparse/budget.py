@@ -6,7 +6,9 @@ multiply-adds (``flops``), of its parameters (``params``), or of its latency (``
 ::
 
     gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
-    ...                                        # SSL training
+    weigh_by_cost_(gl, x)                      # optional: each group's λ times its cost over the mean
+    ...                                        # SSL training (now and then, to shrink only what the budget
+                                               # would cut: chosen_groups(gl, x, flops=0.33) into gl.group_weights)
     result = zero_to_budget_(gl, x, flops=0.33)
     small = compact(model, x)                  # at most a third of the dense multiply-adds
 """
@@ -28,7 +30,7 @@ from .sparsity import GroupLasso
 from .speed.table import LatencyTable
 
 __all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fraction", "layer_fractions",
-           "zero_to_budget_", "starting_strength", "weigh_by_cost_"]
+           "zero_to_budget_", "starting_strength", "weigh_by_cost_", "chosen_groups"]
 
 START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
 
@@ -289,12 +291,27 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     return BudgetResult(target, found / dense, dense, found, lo, probe.count, metric)
 
 
+@torch.no_grad()
+def chosen_groups(gl: GroupLasso, example_input: torch.Tensor, *, table: LatencyTable | None = None,
+                  lowered_below: float | str = LOWERED_BELOW, **budget) -> list[torch.Tensor]:
+    """The groups that :func:`zero_to_budget_` ``(gl, example_input, **budget)`` would leave zero now (those zero
+    already among them): one boolean tensor per family of :meth:`GroupLasso.families`, shaped like its norms. The
+    model is left as it was. A budget that cannot be reached chooses every group."""
+    saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
+    try:
+        zero_to_budget_(gl, example_input, table=table, lowered_below=lowered_below, **budget)
+        return [fam.norms().detach().eq(0) for fam in gl.families()]
+    except BudgetError:
+        return [torch.ones_like(fam.norms(), dtype=torch.bool) for fam in gl.families()]
+    finally:
+        gl.model.load_state_dict(saved)
+
+
 def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) -> tuple[int, float]:
     """The fewest groups of ``probe``'s order to zero for a count at most ``target × dense`` without a collapse, and
     that count; the model is left with them zeroed. ``key`` and ``of`` name the budget in a :class:`BudgetError`."""
-    lo = 0
+    lo, hi = 0, len(probe.order)
     while True:  # the fewest groups that reach the budget or collapse (both only grow with k)
-        hi = len(probe.order)
         while lo < hi:
             mid = (lo + hi) // 2
             count, collapsed = probe(mid)
@@ -311,7 +328,19 @@ def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) ->
             raise BudgetError(f"{key}: {target:g} of {of} cannot be reached: with every regularised group "
                               f"zeroed the compact model keeps {count / dense:.4f}")
         del probe.order[lo - 1]  # the group that collapses it stays; go on from there
-        lo -= 1
+        lo, hi = _gallop(probe, lo - 1, target * dense)
+
+
+def _gallop(probe: "_Probes", lo: int, limit: float) -> tuple[int, int]:
+    """``(lo, hi)`` around the fewest groups of ``probe``'s order (at least ``lo``) that reach ``limit`` or collapse,
+    probing lo, lo + 1, lo + 3, lo + 7, ...: after a collapsing group is passed over the answer is mostly near."""
+    hi, step = lo, 1
+    while hi < len(probe.order):
+        count, collapsed = probe(hi)
+        if collapsed or count <= limit:
+            break
+        lo, hi, step = hi + 1, hi + step, 2 * step
+    return lo, min(hi, len(probe.order))
 
 
 def layer_fractions(model: nn.Module, example_input: torch.Tensor,

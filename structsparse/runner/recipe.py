@@ -34,7 +34,10 @@ the speedup at the end::
                                  # measure.batch_sizes, as a per-layer latency table (latency_table.json in the
                                  # run) estimates it; or
                                  # {flops: {conv1: 0.25, conv2: 0.076}}: each layer's own multiply-adds
-        cost_weight: 1           # optional, with a target: each group's λ times (its cost / the mean cost)^1
+        cost_weight: 1           # with a target: each group's λ times (its cost / the mean cost)^1 (the
+                                 # default; 0: every group at its λ)
+        shrink: chosen           # with a target: only the groups the end of the phase would zero now shrink,
+                                 # chosen again 4 times an epoch (the default); all: every regularised group
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -115,6 +118,9 @@ class Phase:
                                                   # dense count (latency: estimated, speed.table.LatencyTable);
                                                   # {"flops": {layer: f}}: per layer, of its own multiply-adds
     cost_weight: float = 0.0                      # a target phase: each group's λ × (its cost / the mean)^this
+                                                  # (a recipe's target phase: 1 unless it says otherwise)
+    shrink: str = "all"                           # a target phase: "chosen" shrinks only the groups the end of
+                                                  # the phase would zero now (a recipe's target phase: chosen)
 
     @property
     def sparsifying(self) -> bool:
@@ -341,10 +347,12 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
         "train_with_val", "lower_convs_below", "train_subset", "val_subset", "test_subset", "phases", "measure")
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
-          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target", "cost_weight")
+          "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target",
+          "cost_weight", "shrink")
 # A phase's budget: the fraction of the dense multiply-adds (flops), parameters (params) or latency its compacted
 # model may keep.
 _TARGET = ("flops", "params", "latency")
+SHRINK = ("chosen", "all")  # a target phase's groups that shrink: those the budget would zero now, or all
 DEFAULT_TARGET_LAMBDAS = {"filter": 1e-4, "channel": 1e-4}  # a target phase without lambdas
 
 
@@ -457,10 +465,14 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
         lr_schedule=_parse_schedule(c, p.get("lr_schedule"), at("lr_schedule"), p.get("epochs")),
         lambdas=_parse_lambdas(c, p.get("lambdas"), at("lambdas"), net),
         target=_parse_target(c, p.get("target"), at("target"), net),
-        cost_weight=c.number(p.get("cost_weight", 0.0), at("cost_weight"), minimum=0, maximum=4),
+        cost_weight=c.number(p.get("cost_weight", 1.0 if p.get("target") is not None else 0.0), at("cost_weight"),
+                             minimum=0, maximum=4),
     )
-    if kw["cost_weight"] and kw["target"] is None:
-        c.fail(at("cost_weight"), "weighs each group's λ by what it costs towards the budget; needs a target")
+    kw["shrink"] = c.choice(p.get("shrink", "chosen" if kw["target"] is not None else "all"), at("shrink"), SHRINK,
+                            "shrink")
+    for key, off in (("cost_weight", 0.0), ("shrink", "all")):
+        if kw[key] != off and kw["target"] is None:
+            c.fail(at(key), "weighs the groups' λs towards the budget; needs a target")
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
     if kw["target"] is not None and not kw["lambdas"]:  # per layer: model-wide, and the untargeted layers rest

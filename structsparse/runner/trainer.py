@@ -45,8 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import (METRICS, BudgetError, kept_fraction, layer_fractions, starting_strength, weigh_by_cost_,
-                      zero_to_budget_)
+from ..budget import (METRICS, BudgetError, chosen_groups, kept_fraction, layer_fractions, starting_strength,
+                      weigh_by_cost_, zero_to_budget_)
 from ..compaction import CollapseWarning, compact
 from ..graph import UnsupportedModelError
 from ..report import sparsity_report
@@ -164,6 +164,7 @@ def budget_goal(target: float, epoch: int, epochs: int) -> float:
 
 STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
 BRAKE_EVERY = 1 / 8  # of an epoch: how often a budget phase checks whether it reached its target
+CHOOSE_EVERY = 1 / 4  # of an epoch: how often a budget phase with shrink: chosen chooses its groups again
 
 
 REACHED = {"flops": "compact_flop_fraction", "params": "compact_params_fraction",  # an epoch's record, per budget
@@ -332,6 +333,7 @@ class Trainer:
         self.masks: Masks | None = None
         self.history: list[dict] = []
         self.budgets: dict[str, dict] = {}  # phase → what zero_to_budget_ reached (also in its last history record)
+        self._cost_weights: dict = {}  # a budget phase's group weights by cost (see _choose)
         self._budget_start: dict[int, float] = {}  # budget phase → its controller's starting strength
         self.latency_table: LatencyTable | None = None  # a latency budget's (see _latency_table)
 
@@ -419,6 +421,7 @@ class Trainer:
         if gl is not None and phase.target is not None:  # the controller starts λ-free, or goes on where it was
             weigh_by_cost_(gl, self.splits["train"].images[:2], budget_of(phase)[0], self.latency_table,
                            phase.cost_weight)
+            self._cost_weights = dict(gl.group_weights)
             steps = max(1, len(self.splits["train"]) // self.recipe.batch_size) * budget_ramp(phase.epochs)
             self._budget_start[p] = starting_strength(gl, phase.lr, steps)
             set_strength(gl, self._budget_state(p)[1])
@@ -553,6 +556,7 @@ class Trainer:
             for i, (x, y) in enumerate(loader):
                 if per_step_lr:
                     _set_lr(opt, lr_at(phase, e, i, steps))
+                self._choose(phase, gl, i, steps)
                 sums.add(i, *self._step(x, y, opt, gl, phase, aug_gen, use_penalty))
                 self._brake(phase, gl, e, i, steps)
                 if (i % _CHECK_EVERY == 0 or i == steps - 1) and sums.bad_step.item() >= 0:
@@ -577,6 +581,19 @@ class Trainer:
         seen = max(sums.seen, 1)
         return {"train_loss": sums.loss.item() / seen, "train_error": 1 - sums.correct.item() / seen,
                 "penalty": penalty, "lr": opt.param_groups[0]["lr"], "train_s": time.perf_counter() - t0}
+
+    def _choose(self, phase: Phase, gl: GroupLasso | None, i: int, steps: int) -> None:
+        """In a budget phase with ``shrink: chosen``, at the start of each epoch and every ``CHOOSE_EVERY`` of it while
+        the group term works: only the groups the end of the phase would zero now (:func:`chosen_groups`) keep their
+        λs (by cost); the others rest, so the term does not shrink what the budget keeps."""
+        if (phase.target is None or phase.shrink != "chosen" or gl is None or not term_works(gl)
+                or i % max(1, round(steps * CHOOSE_EVERY))):
+            return
+        chosen = chosen_groups(gl, self.splits["train"].images[:1], table=self.latency_table,
+                               lowered_below=self.recipe.lowered_below, **phase.target)
+        self.model.train()
+        gl.group_weights = {(f.name, f.kind): self._cost_weights.get((f.name, f.kind), 1.0) * c.to(f.norms().dtype)
+                            for f, c in zip(gl.families(), chosen)}
 
     def _brake(self, phase: Phase, gl: GroupLasso | None, e: int, i: int, steps: int) -> None:
         """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model

@@ -105,17 +105,21 @@ def test_bad_budgets_name_the_key(target, message):
         _tiny([PHASES[0], {**PHASES[1], "target": target}])
 
 
-def test_cost_weight_needs_a_target_and_a_bounded_exponent():
+def test_cost_weight_and_shrink_need_a_target_and_good_values():
     from structsparse.runner.recipe import RecipeError
-    with pytest.raises(RecipeError, match=r"phases\[1\]\.cost_weight: weighs each group's λ .* needs a target"):
-        _tiny([PHASES[0], {**PHASES[1], "cost_weight": 1}])
+    for key, value in (("cost_weight", 1), ("shrink", "chosen")):
+        with pytest.raises(RecipeError, match=rf"phases\[1\]\.{key}: weighs the groups' λs .* needs a target"):
+            _tiny([PHASES[0], {**PHASES[1], key: value}])
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.shrink: unknown shrink 'some' \(str\); known: chosen, all"):
+        _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "shrink": "some"}])
     with pytest.raises(RecipeError, match=r"phases\[1\]\.cost_weight: must be >= 0"):
         _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "cost_weight": -1}])
 
 
 def test_a_cost_weighted_target_phase_weighs_its_groups_by_cost(monkeypatch):
     from structsparse.runner import trainer
-    phases = [PHASES[0], {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.5}, "cost_weight": 1}]
+    phases = [PHASES[0], {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.5}, "cost_weight": 1,
+                          "shrink": "all"}]
     recipe, splits = _tiny(phases)
     seen, weigh = [], trainer.weigh_by_cost_
     monkeypatch.setattr(trainer, "weigh_by_cost_", lambda gl, *a: (weigh(gl, *a), seen.append(gl)))
@@ -123,6 +127,23 @@ def test_a_cost_weighted_target_phase_weighs_its_groups_by_cost(monkeypatch):
     weights = seen[-1].group_weights
     conv1, fc1 = weights["conv1", "filter"].flatten(), weights["fc1", "filter"].flatten()
     assert conv1.min() > 1 > fc1.max()   # a conv1 filter does more multiply-adds than an fc1 row
+
+
+def test_a_chosen_shrink_phase_weighs_only_the_groups_the_budget_would_zero(monkeypatch):
+    from structsparse.runner import trainer
+    phases = [PHASES[0], {"name": "ssl", "epochs": 1, "lr": 0.05, "target": {"flops": 0.5}}]
+    recipe, splits = _tiny(phases)
+    assert (recipe.phases[1].shrink, recipe.phases[1].cost_weight) == ("chosen", 1.0)   # a target phase's defaults
+    seen, choose = [], trainer.chosen_groups
+    monkeypatch.setattr(trainer, "chosen_groups", lambda gl, *a, **k: seen.append((gl, choose(gl, *a, **k)))
+                        or seen[-1][1])
+    t = trainer.Trainer(recipe, splits, progress=False, log=lambda s: None)
+    t.run()
+    gl, chosen = seen[-1]
+    assert 0 < sum(int(c.sum()) for c in chosen) < sum(c.numel() for c in chosen)
+    for fam, c in zip(gl.families(), chosen):   # the chosen keep their weight by cost, the others rest
+        w = gl.group_weights[fam.name, fam.kind]
+        assert torch.equal(w, t._cost_weights[fam.name, fam.kind] * c) and bool((w[c] > 0).all())
 
 
 def test_a_target_phase_ends_at_or_under_its_budget_and_says_so():
@@ -240,7 +261,7 @@ def test_a_per_layer_budget_steers_each_layer_to_its_own_target(tmp_path):
         "conv1": pytest.approx(fractions["conv1"]), "conv2": pytest.approx(fractions["conv2"])}
     ssl = [r for r in t.history if r["phase"] == "ssl"]
     assert set(ssl[0]["budget_goal"]) == set(ssl[0]["next_level"]) == {"conv1", "conv2"}
-    assert ssl[0]["strength"]["fc1"] == ssl[0]["strength"]["fc2"] == 0.0 < ssl[0]["strength"]["conv2"]
+    assert ssl[0]["strength"]["fc1"] == ssl[0]["strength"]["fc2"] == 0.0 < ssl[0]["next_level"]["conv2"]
     for w in (t.model.fc1.weight, t.model.fc2.weight):   # no group of theirs was zeroed
         assert w.abs().sum(0).ne(0).all() and w.abs().sum(1).ne(0).all()
     assert ssl[-1]["compact_layer_flop_fractions"]["conv2"] == pytest.approx(fractions["conv2"])
@@ -315,7 +336,8 @@ class _Stop(Exception):
 
 def test_a_resumed_budget_phase_goes_on_with_the_strength_it_had(tmp_path):
     from structsparse.runner.trainer import Trainer
-    phases = [{"name": "ssl", "epochs": 3, "lr": 0.05, "target": {"flops": 0.3}}]
+    # unweighted λs: this tiny phase then does not reach its target early, and no brake rests the strengths
+    phases = [{"name": "ssl", "epochs": 3, "lr": 0.05, "target": {"flops": 0.3}, "cost_weight": 0}]
     recipe, splits = _tiny(phases)
     whole = Trainer(recipe, splits, progress=False, log=lambda s: None).run()["history"]
     assert whole[0]["strength"] > 1.0      # the starting strength, from the groups' norms (λ = 1e-4 is tiny)
