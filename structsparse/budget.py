@@ -310,8 +310,9 @@ def chosen_groups(gl: GroupLasso, example_input: torch.Tensor, *, table: Latency
 def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) -> tuple[int, float]:
     """The fewest groups of ``probe``'s order to zero for a count at most ``target × dense`` without a collapse, and
     that count; the model is left with them zeroed. ``key`` and ``of`` name the budget in a :class:`BudgetError`."""
-    lo, hi = 0, len(probe.order)
+    lo = 0
     while True:  # the fewest groups that reach the budget or collapse (both only grow with k)
+        hi = len(probe.order)
         while lo < hi:
             mid = (lo + hi) // 2
             count, collapsed = probe(mid)
@@ -328,19 +329,7 @@ def _fewest(probe: "_Probes", target: float, dense: float, key: str, of: str) ->
             raise BudgetError(f"{key}: {target:g} of {of} cannot be reached: with every regularised group "
                               f"zeroed the compact model keeps {count / dense:.4f}")
         del probe.order[lo - 1]  # the group that collapses it stays; go on from there
-        lo, hi = _gallop(probe, lo - 1, target * dense)
-
-
-def _gallop(probe: "_Probes", lo: int, limit: float) -> tuple[int, int]:
-    """``(lo, hi)`` around the fewest groups of ``probe``'s order (at least ``lo``) that reach ``limit`` or collapse,
-    probing lo, lo + 1, lo + 3, lo + 7, ...: after a collapsing group is passed over the answer is mostly near."""
-    hi, step = lo, 1
-    while hi < len(probe.order):
-        count, collapsed = probe(hi)
-        if collapsed or count <= limit:
-            break
-        lo, hi, step = hi + 1, hi + step, 2 * step
-    return lo, min(hi, len(probe.order))
+        lo -= 1
 
 
 def layer_fractions(model: nn.Module, example_input: torch.Tensor,

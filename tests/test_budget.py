@@ -237,3 +237,23 @@ def test_cost_weights_reach_batchnorm_coupled_and_joined_groups():
         assert {(f.name, f.kind) for f in fams} == set(gl.group_weights)
         expected = sum((f.lam * f.norms()).sum().item() for f in fams)   # lam: the weighted λ
         assert gl.penalty().item() == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(plain)
+
+
+def test_the_fewest_groups_pass_over_each_collapsing_group_and_find_the_same_answer_as_trying_every_count():
+    from structsparse.budget import _fewest
+
+    class Probe:   # group g saves g + 1; zeroing a group in `pins` collapses the model
+        def __init__(self, n, pins):
+            self.order, self.pins, self.count = list(range(n)), pins, 0
+
+        def __call__(self, k):
+            self.count += 1
+            chosen = self.order[:k]
+            return 1000 - sum(g + 1 for g in chosen), any(g in self.pins for g in chosen)
+
+    for pins in (set(), {3}, {3, 4, 5, 30}, set(range(0, 40, 3))):
+        probe = Probe(45, pins)
+        k, count = _fewest(probe, 0.5, 1000, "flops", "x")
+        order = [g for g in range(45) if g not in pins]   # trying every count of the groups that do not collapse
+        expected = next(j for j in range(len(order) + 1) if 1000 - sum(g + 1 for g in order[:j]) <= 500)
+        assert (k, probe.order[:k]) == (expected, order[:expected]) and count <= 500
