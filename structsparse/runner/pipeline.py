@@ -159,7 +159,7 @@ def _latency_cell(measured: dict | None) -> str:
     if not measured or "model" not in measured:
         return "-"
     same = measured.get(SAME_FORMS)
-    return f"{measured.get('model', float('nan')):.3f}" + ("" if same is None else f" ({same:.3f})")
+    return f"{measured['model']:.3f}" + ("" if same is None else f" ({same:.3f})")
 
 
 def _measured_latency(budgets: dict[str, dict], speed: SpeedReport, batch: int) -> dict[str, dict]:

@@ -592,8 +592,8 @@ class Trainer:
         chosen = chosen_groups(gl, self.splits["train"].images[:1], table=self.latency_table,
                                lowered_below=self.recipe.lowered_below, **phase.target)
         self.model.train()
-        gl.group_weights = {(f.name, f.kind): self._cost_weights.get((f.name, f.kind), 1.0) * c.to(f.norms().dtype)
-                            for f, c in zip(gl.families(), chosen)}
+        gl.group_weights = {(f.name, f.kind): self._cost_weights.get((f.name, f.kind), 1.0) * c
+                            for f, c in zip(gl.families(), chosen)}  # a weight times a boolean: 0 where not chosen
 
     def _brake(self, phase: Phase, gl: GroupLasso | None, e: int, i: int, steps: int) -> None:
         """In a budget phase, every ``BRAKE_EVERY`` of an epoch while the group term works: once the compacted model
