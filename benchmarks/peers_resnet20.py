@@ -65,14 +65,14 @@ LABELS = {"ssl": "budget SSL (ours)", "tp": "Torch-Pruning GroupNormPruner", "sl
 
 
 def label(rec: dict) -> str:
-    """A run's method as the tables and the plot name it; ours with the groups that shrink and its cost weighting
-    (a record without them is from before them: every group, λ unweighted)."""
+    """A run's method as the tables and the plot name it; ours with the groups that shrink, its cost weighting and
+    whether it holds its zeros (a record without them is from before them: every group, λ unweighted, not held)."""
     if rec["method"] != "ssl":
         return LABELS[rec["method"]]
     weight = rec.get("cost_weight", 0.0)
     groups = "chosen groups" if rec.get("shrink", "all") == "chosen" else "every group"
     by_cost = "λ unweighted" if not weight else "λ × cost" if weight == 1 else f"λ × cost^{weight:g}"
-    return f"{LABELS['ssl'][:-1]}, {groups}, {by_cost})"
+    return f"{LABELS['ssl'][:-1]}, {groups}, {by_cost}{', zeros held' * rec.get('hold', False)})"
 
 
 def protocol(dense_run: Path, sparse_epochs: int, tune_epochs: int, target: float | None = None,
@@ -125,7 +125,8 @@ def run_method(method: str, target: float, seed: int, args, splits, log) -> tupl
     final.eval()
     dense_macs = count_macs(dense_model(args.dense, recipe), x)
     macs = count_macs(final, x)
-    extra = {"cost_weight": recipe.phases[1].cost_weight, "shrink": recipe.phases[1].shrink} if method == "ssl" else {}
+    ssl = recipe.phases[1]
+    extra = {"cost_weight": ssl.cost_weight, "shrink": ssl.shrink, "hold": ssl.hold} if method == "ssl" else {}
     return {"method": method, **extra, "target": target, "seed": recipe.seed, "macs": macs, "dense_macs": dense_macs,
             "flop_fraction": macs / dense_macs, "params": count_params(final),
             "test_error": evaluate(final, splits["test"]), "val_error": evaluate(final, splits["val"]),
@@ -382,9 +383,13 @@ def main() -> None:
                     help="ours: the sparse phase's cost_weight (default: the recipe default)")
     ap.add_argument("--ssl-shrink", choices=("chosen", "all"), default=None,
                     help="ours: the sparse phase's shrink (default: the recipe default)")
+    ap.add_argument("--ssl-hold", choices=("true", "false"), default=None,
+                    help="ours: the sparse phase's hold (default: the recipe default)")
     args = ap.parse_args()
     SSL_PHASE.update({k: v for k, v in (("lambdas", args.ssl_lambdas), ("cost_weight", args.ssl_cost_weight),
-                                        ("shrink", args.ssl_shrink)) if v is not None})
+                                        ("shrink", args.ssl_shrink),
+                                        ("hold", None if args.ssl_hold is None else args.ssl_hold == "true"))
+                       if v is not None})
     if args.assemble:
         return assemble(args)
     splits = load_splits(protocol(args.dense, args.sparse_epochs, args.tune_epochs))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ __all__ = ["BudgetError", "BudgetResult", "METRICS", "group_costs", "kept_fracti
            "zero_to_budget_", "starting_strength", "weigh_by_cost_", "chosen_groups"]
 
 START_QUANTILE = 0.05  # the share of groups the starting strength alone would shrink to zero over the ramp
+GIVE_BACK = 32  # after a budget's cut, how many of the groups it zeroed (the most valuable) it tries to give back
 
 # What a budget counts, and in what unit (for messages).
 METRICS = {"flops": "multiply-adds", "params": "parameters", "latency": "latency"}
@@ -78,8 +79,9 @@ class BudgetError(ValueError):
 class BudgetResult:
     """What :func:`zero_to_budget_` did: the target and reached fractions of the dense model's multiply-adds,
     parameters or latency (``metric``; as the compacted model counts them, latency in estimated seconds), the dense
-    and the reached counts, and how many groups it zeroed (on top of those already zero). A per-layer budget gives
-    ``target``, ``reached``, ``dense`` and ``kept`` as ``{layer: value}``."""
+    and the reached counts, how many groups it zeroed (on top of those already zero) and how many of those its cut
+    first took it gave back (the budget still kept). A per-layer budget gives ``target``, ``reached``, ``dense``
+    and ``kept`` as ``{layer: value}``."""
     target: float | dict[str, float]
     reached: float | dict[str, float]
     dense: float | dict[str, float]
@@ -87,6 +89,7 @@ class BudgetResult:
     groups_zeroed: int
     probes: int
     metric: str = "flops"
+    given_back: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -212,11 +215,12 @@ def _order(gl: GroupLasso, example_input: torch.Tensor, metric: str, table: Late
     return [where[i] for i in order.tolist()]
 
 
-def _zero_first(gl: GroupLasso, order: list[tuple[int, int]], k: int) -> None:
+def _zero(gl: GroupLasso, groups: list[tuple[int, int]]) -> None:
+    """Zero the ``groups`` (family, index) of ``gl``."""
     families = gl.families()
     norms = [fam.norms() for fam in families]
     masks = [torch.zeros(n.numel(), dtype=torch.bool, device=n.device) for n in norms]
-    for f, i in order[:k]:
+    for f, i in groups:
         masks[f][i] = True
     for fam, n, mask in zip(families, norms, masks):
         if bool(mask.any()):
@@ -225,7 +229,7 @@ def _zero_first(gl: GroupLasso, order: list[tuple[int, int]], k: int) -> None:
 
 class _Probes:
     """The compacted model's multiply-adds, parameters or estimated seconds with the first k groups of an order
-    zeroed, each from the model's saved state."""
+    zeroed (but those of ``back``, the positions in the order given back), each from the model's saved state."""
 
     def __init__(self, gl: GroupLasso, example_input: torch.Tensor, metric: str, table: LatencyTable | None = None,
                  layer: str | None = None, lowered_below: float | str = LOWERED_BELOW):
@@ -235,9 +239,9 @@ class _Probes:
         self.saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
 
     @torch.no_grad()
-    def set(self, k: int) -> None:
+    def set(self, k: int, back: frozenset[int] = frozenset()) -> None:
         self.gl.model.load_state_dict(self.saved)
-        _zero_first(self.gl, self.order, k)
+        _zero(self.gl, [g for j, g in enumerate(self.order[:k]) if j not in back])
 
     def __call__(self, k: int) -> tuple[float, bool]:
         """(multiply-adds, parameters or seconds, whether the model or a layer's whole width collapsed)."""
@@ -245,6 +249,21 @@ class _Probes:
         self.set(k)
         # a collapse: k is too many
         return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer, self.lowered_below)
+
+
+def _give_back(probe: _Probes, k: int, fits: Callable[[], bool]) -> int:
+    """After the cut of the first ``k`` groups of ``probe.order``: give back (their weights as saved), the most
+    valuable first, those among the last :data:`GIVE_BACK` of them whose return ``fits()`` the budget still (on
+    the model as it then is): the cut's fixed order overshoots where a whole channel goes that a few filters
+    would have paid for. Returns how many; the model is left with the others zeroed."""
+    back: frozenset[int] = frozenset()
+    for j in range(k - 1, max(k - GIVE_BACK, 0) - 1, -1):
+        probe.set(k, back | {j})
+        probe.count += 1
+        if fits():
+            back |= {j}
+    probe.set(k, back)
+    return len(back)
 
 
 def _which(flops, params, latency) -> tuple[str, float]:
@@ -282,13 +301,20 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     dense = _count(metric, model, example_input, table) or 1
     probe = _Probes(gl, example_input, metric, table, lowered_below=lowered_below)
     try:
-        lo, found = _fewest(probe, target, dense, metric, f"the dense {METRICS[metric]}")
+        lo, _ = _fewest(probe, target, dense, metric, f"the dense {METRICS[metric]}")
+
+        def fits() -> bool:
+            count, collapsed = _compacted(model, example_input, metric, table, lowered_below=lowered_below)
+            return not collapsed and count <= target * dense
+
+        back = _give_back(probe, lo, fits)
+        found = _compacted(model, example_input, metric, table, lowered_below=lowered_below)[0]
     except BaseException:
         model.load_state_dict(probe.saved)
         raise
     finally:
         model.train(was_training)
-    return BudgetResult(target, found / dense, dense, found, lo, probe.count, metric)
+    return BudgetResult(target, found / dense, dense, found, lo - back, probe.count, metric, back)
 
 
 @torch.no_grad()
@@ -336,12 +362,19 @@ def layer_fractions(model: nn.Module, example_input: torch.Tensor,
                     lowered_below: float | str = LOWERED_BELOW) -> dict[str, float]:
     """Per layer that does multiply-adds, the fraction of them ``compact(model, example_input, lowered_below=...)``
     keeps (a layer compaction removed keeps 0; a collapse is not warned about here)."""
+    return _layer_fractions(model, example_input, lowered_below)[0]
+
+
+def _layer_fractions(model: nn.Module, example_input: torch.Tensor,
+                     lowered_below: float | str) -> tuple[dict[str, float], bool]:
+    """:func:`layer_fractions`, and whether the model or a layer's whole width collapsed."""
     dense = _layer_macs(model, example_input)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CollapseWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CollapseWarning)
         small = compact(model, example_input, check=False, channels_last=False, lowered_below=lowered_below)
     kept = count_macs(small, example_input, per_module=True)
-    return {name: kept.get(name, 0) / macs for name, macs in dense.items()}
+    return ({name: kept.get(name, 0) / macs for name, macs in dense.items()},
+            any(issubclass(w.category, CollapseWarning) for w in caught))
 
 
 def _layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]:
@@ -363,12 +396,19 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
                              f"multiply-adds (layers: {', '.join(dense)})")
         targets[name] = _which(value, None, None)[1]
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    zeroed, probes = 0, 0
+    zeroed, probes, given_back, done = 0, 0, 0, {}
+
+    def fits() -> bool:  # every layer cut so far within its budget: a later layer's give-back can revive them
+        reached, collapsed = _layer_fractions(model, example_input, lowered_below)
+        return not collapsed and all(reached[n] <= t for n, t in done.items())
+
     try:
         for name, target in targets.items():
             probe = _Probes(gl, example_input, "flops", layer=name, lowered_below=lowered_below)
             lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
-            zeroed, probes = zeroed + lo, probes + probe.count
+            done[name] = target
+            back = _give_back(probe, lo, fits)
+            zeroed, probes, given_back = zeroed + lo - back, probes + probe.count, given_back + back
     except BaseException:
         model.load_state_dict(saved)
         raise
@@ -376,4 +416,4 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
         model.train(was_training)
     reached = layer_fractions(model, example_input, lowered_below)  # a later layer's zeros can remove an earlier
     return BudgetResult(targets, {n: reached[n] for n in targets}, {n: dense[n] for n in targets},  # one's work
-                        {n: round(reached[n] * dense[n]) for n in targets}, zeroed, probes, "flops")
+                        {n: round(reached[n] * dense[n]) for n in targets}, zeroed, probes, "flops", given_back)

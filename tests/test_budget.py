@@ -49,8 +49,33 @@ def test_fewer_groups_would_not_do():
     gl2 = GroupLasso(before, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
     from structsparse.budget import _Probes
     probe = _Probes(gl2, x, "flops")
-    macs, collapsed = probe(result.groups_zeroed - 1)
+    macs, collapsed = probe(result.groups_zeroed + result.given_back - 1)
     assert collapsed or macs > 0.5 * result.dense   # one group fewer (in the same order) is over
+
+
+def test_the_cut_gives_back_the_groups_the_budget_still_pays_for():
+    """Its fixed order took a weak channel, three weak filters and another channel to get under 0.34 of the
+    layer (0.25); one of the filters fits again (1/3)."""
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(),
+                          nn.Linear(6 * 6 * 6, 2)).eval()
+    with torch.no_grad():
+        chain[2].weight.fill_(1.0)
+        chain[2].weight[:3] *= 0.4     # three weak filters
+        chain[2].weight[:, 0] *= 0.3   # and a weak channel
+    x = torch.rand(2, 3, 8, 8)
+    before = copy.deepcopy(chain)
+    for budget in ({"flops": {"2": 0.34}}, {"flops": 0.5}):
+        model = copy.deepcopy(before)
+        gl = GroupLasso(model, {"2": {"filter": 1e-3, "channel": 1e-3}}, example_input=x)
+        result = zero_to_budget_(gl, x, **budget)
+        check_exact(model, compact(model, x), x)
+        assert result.given_back >= 1
+        if isinstance(budget["flops"], dict):
+            assert result.reached == {"2": pytest.approx(1 / 3)} and result.groups_zeroed == 4
+            assert model[2].weight[2].abs().sum() > 0 and model[2].weight[:2].abs().sum() == 0
+        else:
+            assert result.reached <= 0.5 and count_macs(compact(model, x), x) == result.kept
 
 
 def test_a_parameter_budget_counts_the_compacted_models_parameters():

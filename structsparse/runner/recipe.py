@@ -38,6 +38,9 @@ the speedup at the end::
                                  # default; 0: every group at its λ)
         shrink: chosen           # with a target: only the groups the end of the phase would zero now shrink,
                                  # chosen again 4 times an epoch (the default); all: every regularised group
+        hold: true               # with a target: the controller steers until the target is reached, and the
+                                 # zeros made are then held (the default); false: after its ramp the end of
+                                 # the phase closes what is left, and resting zeros are left to the gradient
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -121,6 +124,8 @@ class Phase:
                                                   # (a recipe's target phase: 1 unless it says otherwise)
     shrink: str = "all"                           # a target phase: "chosen" shrinks only the groups the end of
                                                   # the phase would zero now (a recipe's target phase: chosen)
+    hold: bool = False                            # a target phase: steer on after the ramp while over the target,
+                                                  # and hold the zeros once at it (a recipe's target phase: true)
 
     @property
     def sparsifying(self) -> bool:
@@ -198,15 +203,18 @@ class Recipe:
 ALIASES = {"top": {"lowered_below": "lower_convs_below"},
            "phase": {"zero_below": "zero_weights_below", "group_threshold": "zero_groups_below",
                      "relative_threshold": "zero_groups_below_relative"}}
+# Phase keys added later, at the value that was the behaviour before they existed (a checkpoint without them).
+ADDED = {"cost_weight": 0.0, "shrink": "all", "hold": False}
 
 
 def upgrade_keys(d: Mapping) -> dict:
     """A recipe dict (as :meth:`Recipe.to_dict` wrote it, e.g. into a checkpoint before the keys were
-    renamed) with the new key names, so that it compares equal to today's ``to_dict()``."""
+    renamed, or before a phase key of :data:`ADDED` existed) with the new key names, so that it compares equal to
+    today's ``to_dict()``."""
     d = {ALIASES["top"].get(k, k): v for k, v in d.items()}
     if "phases" in d and isinstance(d["phases"], list):
-        d["phases"] = [{ALIASES["phase"].get(k, k): v for k, v in p.items()} if isinstance(p, Mapping) else p
-                       for p in d["phases"]]
+        d["phases"] = [{**ADDED, **{ALIASES["phase"].get(k, k): v for k, v in p.items()}} if isinstance(p, Mapping)
+                       else p for p in d["phases"]]
     return d
 
 
@@ -348,7 +356,7 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
           "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target",
-          "cost_weight", "shrink")
+          "cost_weight", "shrink", "hold")
 # A phase's budget: the fraction of the dense multiply-adds (flops), parameters (params) or latency its compacted
 # model may keep.
 _TARGET = ("flops", "params", "latency")
@@ -470,9 +478,10 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     )
     kw["shrink"] = c.choice(p.get("shrink", "chosen" if kw["target"] is not None else "all"), at("shrink"), SHRINK,
                             "shrink")
-    for key, off in (("cost_weight", 0.0), ("shrink", "all")):
+    kw["hold"] = c.boolean(p.get("hold", kw["target"] is not None), at("hold"))
+    for key, off in (("cost_weight", 0.0), ("shrink", "all"), ("hold", False)):
         if kw[key] != off and kw["target"] is None:
-            c.fail(at(key), "weighs the groups' λs towards the budget; needs a target")
+            c.fail(at(key), "steers the group term towards the phase's budget; needs a target")
     if kw["target"] is not None and kw["freeze"]:
         c.fail(at("target"), "a freeze phase fine-tunes; put the target on the phase that sparsifies")
     if kw["target"] is not None and not kw["lambdas"]:  # per layer: model-wide, and the untargeted layers rest

@@ -163,6 +163,7 @@ def budget_goal(target: float, epoch: int, epochs: int) -> float:
 
 
 STEER_UP, STEER_MAX, STEER_BAND, STEER_RANGE = 1.5, 2.0, 0.02, (1e-3, 1e3)
+STEER_BAND_HELD = 0.1  # with hold, after the ramp: the band is at most this fraction of the target
 BRAKE_EVERY = 1 / 8  # of an epoch: how often a budget phase checks whether it reached its target
 CHOOSE_EVERY = 1 / 4  # of an epoch: how often a budget phase with shrink: chosen chooses its groups again
 
@@ -183,15 +184,19 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None, target:
     """The budget's controller, once per epoch, from the fraction of the dense multiply-adds (or parameters: the
     phase's budget) the compacted model keeps (``reached``). Its level multiplies every λ: while the model keeps
     more than the goal (:func:`budget_goal`) plus ``STEER_BAND``, the level grows ``STEER_UP``-fold for each 0.1
-    of the gap (at least once, at most ``STEER_MAX``-fold an epoch; only until the goal reaches the target: after
-    that the end of the phase closes what is left, without overshooting); while it keeps less than the goal minus
-    the band, it shrinks the same way. At or under the target itself the group term rests (strength 0) until the model is
-    over it again: the zeros are made, and the end of the phase holds the budget exactly. Returns what the
-    epoch's record keeps. ``target``: one layer's, under a per-layer budget (see :func:`steer_layers`)."""
+    of the gap (at least once, at most ``STEER_MAX``-fold an epoch; with ``phase.hold`` on to the phase's end,
+    the brake keeping it from overshooting, and after the ramp with a band of at most ``STEER_BAND_HELD`` of the
+    target, so that a small target is not left to the end's cut; else only until the goal reaches the target:
+    after that the end of the phase closes what is left); while it keeps less than the goal minus the band, it shrinks the same way. At or
+    under the target itself the group term rests (strength 0; with ``phase.hold`` the zeros made are held, see
+    :meth:`Trainer._hold`) until the model is over it again: the end of the phase holds the budget exactly.
+    Returns what the epoch's record keeps. ``target``: one layer's, under a per-layer budget (see
+    :func:`steer_layers`)."""
     target = budget_of(phase)[1] if target is None else target
     goal = budget_goal(target, epoch, phase.epochs)
     ramping = epoch + 1 < budget_ramp(phase.epochs)
-    if reached is not None and abs(reached - goal) > STEER_BAND and (ramping or reached < goal):
+    band = STEER_BAND if ramping or not phase.hold else min(STEER_BAND, STEER_BAND_HELD * target)
+    if reached is not None and abs(reached - goal) > band and (ramping or reached < goal or phase.hold):
         factor = min(STEER_MAX, STEER_UP ** max(1.0, abs(reached - goal) / 0.1))
         level = level * factor if reached > goal else level / factor
         level = min(max(level, STEER_RANGE[0]), STEER_RANGE[1])
@@ -343,11 +348,31 @@ class Trainer:
         """Masks of the zero structures of the layers regularised by the latest phase before ``p``
         with lambdas, combined with the masks already in force."""
         source = next(q for q in reversed(self.recipe.phases[:p]) if q.sparsifying)
-        masks = GroupLasso(self.model, source.lambdas, example_input=self.splits["train"].images[:2]).zero_masks()
+        return self._in_force(GroupLasso(self.model, source.lambdas,
+                                         example_input=self.splits["train"].images[:2]).zero_masks())
+
+    def _in_force(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``masks`` combined with the masks already in force."""
         if self.masks is not None:
             for name, old in self.masks.state_dict().items():
                 masks[name] = masks[name] & old if name in masks else old
         return masks
+
+    def _hold(self, phase: Phase, gl: GroupLasso, reached: float | dict[str, float]) -> bool:
+        """With ``phase.hold``, once the group term rests at its budget: the zeros made so far stay zero, as masks
+        like a freeze's (kept in the checkpoint, in force in the later phases), so that the gradient does not bring
+        them back while the term rests. ``reached``: the compacted model's fraction, or ``{layer: fraction}`` of
+        the resting layers under a per-layer budget (only their zeros are held). A collapse (0) is not held: the
+        gradient may yet undo it. Returns whether anything is held."""
+        if not phase.hold:
+            return False
+        masks = gl.zero_masks()
+        if isinstance(reached, dict):
+            masks = {name: m for name, m in masks.items() if reached.get(name)}
+        if not masks or not reached:
+            return False
+        self._set_masks(self._in_force(masks))
+        return True
 
     def _set_masks(self, masks: dict[str, torch.Tensor] | None) -> None:
         if self.masks is not None:
@@ -609,15 +634,19 @@ class Trainer:
             for name, t in target.items():
                 if gl.layer_strength.get(name) and reached.get(name, 0.0) <= t:
                     gl.layer_strength[name] = 0.0
+                    held = self._hold(phase, gl, {name: reached.get(name, 0.0)})
                     self.log(f"[{phase.name} {e + 1}/{phase.epochs}] step {i + 1}/{steps}: {name} at its budget "
-                             f"({reached.get(name, 0.0):.4f} of its multiply-adds); its group term rests")
+                             f"({reached.get(name, 0.0):.4f} of its multiply-adds); its group term rests"
+                             + ", its zeros held" * held)
             return
         reached = kept_fraction(self.model, x, metric, self.latency_table, self.recipe.lowered_below)
         self.model.train()
         if reached <= target:
             gl.strength = 0.0
+            held = self._hold(phase, gl, reached)
             self.log(f"[{phase.name} {e + 1}/{phase.epochs}] step {i + 1}/{steps}: at the budget "
-                     f"({reached:.4f} of the dense {METRICS[metric]}); the group term rests")
+                     f"({reached:.4f} of the dense {METRICS[metric]}); the group term rests"
+                     + ", its zeros held" * held)
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, gl: GroupLasso | None,
               phase: Phase, aug_gen: torch.Generator | None, use_penalty: bool):
@@ -673,6 +702,10 @@ class Trainer:
             else:
                 rec.update(strength=gl.strength, **steer(level, phase, e, fractions[REACHED[metric]]))
             set_strength(gl, rec["next_strength"])
+            if isinstance(target, dict):   # the resting layers', or the model's zeros are held
+                self._hold(phase, gl, {n: rec["budget_reached"][n] for n, v in rec["next_strength"].items() if not v})
+            elif not rec["next_strength"]:
+                self._hold(phase, gl, rec["budget_reached"])
         back = came_back(self.history[-1].get("kept", {}), kept) if self.history and phase.sparsifying else {}
         if back:
             rec["came_back"] = back

@@ -105,15 +105,17 @@ def test_bad_budgets_name_the_key(target, message):
         _tiny([PHASES[0], {**PHASES[1], "target": target}])
 
 
-def test_cost_weight_and_shrink_need_a_target_and_good_values():
+def test_cost_weight_shrink_and_hold_need_a_target_and_good_values():
     from structsparse.runner.recipe import RecipeError
-    for key, value in (("cost_weight", 1), ("shrink", "chosen")):
-        with pytest.raises(RecipeError, match=rf"phases\[1\]\.{key}: weighs the groups' λs .* needs a target"):
+    for key, value in (("cost_weight", 1), ("shrink", "chosen"), ("hold", True)):
+        with pytest.raises(RecipeError, match=rf"phases\[1\]\.{key}: steers the group term .* needs a target"):
             _tiny([PHASES[0], {**PHASES[1], key: value}])
     with pytest.raises(RecipeError, match=r"phases\[1\]\.shrink: unknown shrink 'some' \(str\); known: chosen, all"):
         _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "shrink": "some"}])
     with pytest.raises(RecipeError, match=r"phases\[1\]\.cost_weight: must be >= 0"):
         _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "cost_weight": -1}])
+    with pytest.raises(RecipeError, match=r"phases\[1\]\.hold: expected true or false"):
+        _tiny([PHASES[0], {**PHASES[1], "target": {"flops": 0.5}, "hold": "yes"}])
 
 
 def test_a_cost_weighted_target_phase_weighs_its_groups_by_cost(monkeypatch):
@@ -185,8 +187,28 @@ def test_the_brake_rests_the_group_term_within_the_epoch_the_target_is_reached(m
     lines = []
     t = Trainer(recipe, splits, progress=False, log=lines.append)
     t.run()
-    assert "[ssl 1/2] step 3/4: at the budget (0.8500 of the dense multiply-adds); the group term rests" in lines
+    assert ("[ssl 1/2] step 3/4: at the budget (0.8500 of the dense multiply-adds); the group term rests, "
+            "its zeros held") in lines
     assert t.history[0]["strength"] == 0.0   # what the term had at the end of the epoch
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_held_budget_keeps_its_zeros_while_the_term_rests(monkeypatch, hold):
+    from structsparse.runner import trainer as trainer_module
+    from structsparse.runner.trainer import Trainer
+    monkeypatch.setattr(trainer_module, "kept_fraction", lambda *a: 0.85)   # at the target from the first check
+    phases = [{"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": 0.9}, "hold": hold,
+               "lambdas": {"conv2": {"filter": 1e-4}}, "zero_weights_below": None}]
+    recipe, splits = _tiny(phases)
+    after_epoch_1 = []
+    t = Trainer(recipe, splits, progress=False, log=lambda s: None,
+                on_epoch_end=lambda tr, p, e: after_epoch_1.append(tr.model.conv2.weight[0].abs().sum().item()))
+    with torch.no_grad():   # a zero filter whose output the loss still reads (its bias passes the ReLU)
+        t.model.conv2.weight[0] = 0.0
+        t.model.conv2.bias[0] = 0.5
+    t.run()
+    assert (after_epoch_1[0] == 0.0) == hold   # held; else the gradient brings it back while the term rests
+    assert (t.masks is not None) == hold
 
 
 def test_a_parameter_budget_steers_on_the_compacted_models_parameters():
@@ -353,12 +375,18 @@ def test_a_resumed_budget_phase_goes_on_with_the_strength_it_had(tmp_path):
     assert [r["strength"] for r in resumed["history"]] == [r["strength"] for r in whole]
 
 
-def test_after_the_ramp_the_controller_no_longer_strengthens():
+def test_after_the_ramp_the_controller_strengthens_only_when_it_holds():
     from structsparse.runner.recipe import Phase
     from structsparse.runner.trainer import steer
     phase = Phase("ssl", 4, 0.1, target={"flops": 0.25})   # the ramp is 3 epochs: the goal is 0.25 from epoch 3
     assert steer(2.0, phase, 2, 0.5)["next_level"] == 2.0   # over: the end of the phase closes the gap
     assert steer(2.0, phase, 1, 0.8)["next_level"] == 4.0   # still ramping (goal 0.5): stronger
+    held = Phase("ssl", 4, 0.1, target={"flops": 0.25}, hold=True)
+    assert steer(2.0, held, 2, 0.5)["next_level"] == 4.0    # over: on towards the target
+    assert steer(2.0, held, 3, 0.26)["next_level"] == 2.0   # within the band
+    small = Phase("ssl", 4, 0.1, target={"flops": 0.08}, hold=True)
+    assert steer(2.0, small, 3, 0.095)["next_level"] == 3.0  # a tenth of a small target is the band
+    assert steer(2.0, small, 1, 0.40)["next_level"] == 2.0   # while ramping (goal 0.387): 0.02
 
 
 
