@@ -187,11 +187,11 @@ def steer(level: float, phase: Phase, epoch: int, reached: float | None, target:
     of the gap (at least once, at most ``STEER_MAX``-fold an epoch; with ``phase.hold`` on to the phase's end,
     the brake keeping it from overshooting, and after the ramp with a band of at most ``STEER_BAND_HELD`` of the
     target, so that a small target is not left to the end's cut; else only until the goal reaches the target:
-    after that the end of the phase closes what is left); while it keeps less than the goal minus the band, it shrinks the same way. At or
-    under the target itself the group term rests (strength 0; with ``phase.hold`` the zeros made are held, see
-    :meth:`Trainer._hold`) until the model is over it again: the end of the phase holds the budget exactly.
-    Returns what the epoch's record keeps. ``target``: one layer's, under a per-layer budget (see
-    :func:`steer_layers`)."""
+    after that the end of the phase closes what is left); while it keeps less than the goal minus the band, it
+    shrinks the same way. At or under the target itself the group term rests (strength 0; with ``phase.hold``
+    the zeros made are held, see :meth:`Trainer._hold`) until the model is over it again: the end of the phase
+    holds the budget exactly. Returns what the epoch's record keeps. ``target``: one layer's, under a per-layer
+    budget (see :func:`steer_layers`)."""
     target = budget_of(phase)[1] if target is None else target
     goal = budget_goal(target, epoch, phase.epochs)
     ramping = epoch + 1 < budget_ramp(phase.epochs)
