@@ -251,17 +251,23 @@ class _Probes:
         return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer, self.lowered_below)
 
 
-def _give_back(probe: _Probes, k: int, fits: Callable[[], bool]) -> int:
+def _give_back(probe: _Probes, k: int, spend: Callable[[], float | None]) -> int:
     """After the cut of the first ``k`` groups of ``probe.order``: give back (their weights as saved), the most
-    valuable first, those among the last :data:`GIVE_BACK` of them whose return ``fits()`` the budget still (on
-    the model as it then is): the cut's fixed order overshoots where a whole channel goes that a few filters
-    would have paid for. Returns how many; the model is left with the others zeroed."""
+    valuable first, those among the last :data:`GIVE_BACK` of them whose return the budget still pays for and
+    that the compacted model uses: ``spend()``, on the model as it then is, is what the budget counts, or None
+    over it (or collapsed); a group is given back when that grows. The cut's fixed order overshoots where a whole
+    channel goes that a few filters would have paid for; a group whose return costs nothing (its channel goes
+    unread anyway) stays zero, where the trainer's chosen groups shrink it. Returns how many; the model is left
+    with the others zeroed."""
     back: frozenset[int] = frozenset()
+    probe.set(k)
+    spent = spend()
     for j in range(k - 1, max(k - GIVE_BACK, 0) - 1, -1):
         probe.set(k, back | {j})
         probe.count += 1
-        if fits():
-            back |= {j}
+        more = spend()
+        if more is not None and spent is not None and more > spent:
+            back, spent = back | {j}, more
     probe.set(k, back)
     return len(back)
 
@@ -303,11 +309,11 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     try:
         lo, _ = _fewest(probe, target, dense, metric, f"the dense {METRICS[metric]}")
 
-        def fits() -> bool:
+        def spend() -> float | None:
             count, collapsed = _compacted(model, example_input, metric, table, lowered_below=lowered_below)
-            return not collapsed and count <= target * dense
+            return None if collapsed or count > target * dense else count
 
-        back = _give_back(probe, lo, fits)
+        back = _give_back(probe, lo, spend)
         found = _compacted(model, example_input, metric, table, lowered_below=lowered_below)[0]
     except BaseException:
         model.load_state_dict(probe.saved)
@@ -398,16 +404,17 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     zeroed, probes, given_back, done = 0, 0, 0, {}
 
-    def fits() -> bool:  # every layer cut so far within its budget: a later layer's give-back can revive them
-        reached, collapsed = _layer_fractions(model, example_input, lowered_below)
-        return not collapsed and all(reached[n] <= t for n, t in done.items())
+    def spend() -> float | None:  # the layers cut so far, each within its budget (a later one's give-back can
+        reached, collapsed = _layer_fractions(model, example_input, lowered_below)  # revive their channels)
+        fits = not collapsed and all(reached[n] <= t for n, t in done.items())
+        return sum(reached[n] * dense[n] for n in done) if fits else None
 
     try:
         for name, target in targets.items():
             probe = _Probes(gl, example_input, "flops", layer=name, lowered_below=lowered_below)
             lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
             done[name] = target
-            back = _give_back(probe, lo, fits)
+            back = _give_back(probe, lo, spend)
             zeroed, probes, given_back = zeroed + lo - back, probes + probe.count, given_back + back
     except BaseException:
         model.load_state_dict(saved)
