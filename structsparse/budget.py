@@ -251,9 +251,9 @@ class _Probes:
         return _compacted(self.gl.model, self.x, self.metric, self.table, self.layer, self.lowered_below)
 
 
-def _give_back(probe: _Probes, k: int, spend: Callable[[], float | None]) -> int:
+def _give_back(probe: _Probes, k: int, spend: Callable[[], float | None], limit: int = GIVE_BACK) -> int:
     """After the cut of the first ``k`` groups of ``probe.order``: give back (their weights as saved), the most
-    valuable first, those among the last :data:`GIVE_BACK` of them whose return the budget still pays for and
+    valuable first, those among the last ``limit`` of them whose return the budget still pays for and
     that the compacted model uses: ``spend()``, on the model as it then is, is what the budget counts, or None
     over it (or collapsed); a group is given back when that grows. The cut's fixed order overshoots where a whole
     channel goes that a few filters would have paid for; a group whose return costs nothing (its channel goes
@@ -262,7 +262,7 @@ def _give_back(probe: _Probes, k: int, spend: Callable[[], float | None]) -> int
     back: frozenset[int] = frozenset()
     probe.set(k)
     spent = spend()
-    for j in range(k - 1, max(k - GIVE_BACK, 0) - 1, -1):
+    for j in range(k - 1, max(k - limit, 0) - 1, -1):
         probe.set(k, back | {j})
         probe.count += 1
         more = spend()
@@ -286,7 +286,7 @@ def _which(flops, params, latency) -> tuple[str, float]:
 @torch.no_grad()
 def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float | Mapping[str, float] | None = None,
                     params: float | None = None, latency: float | None = None, table: LatencyTable | None = None,
-                    lowered_below: float | str = LOWERED_BELOW) -> BudgetResult:
+                    lowered_below: float | str = LOWERED_BELOW, give_back: int = GIVE_BACK) -> BudgetResult:
     """Zero the fewest regularised groups of ``gl`` -- cheapest norm per unit of cost first (see
     :func:`group_costs`) -- so that ``compact(gl.model, example_input)`` does at most ``flops`` times the
     dense model's multiply-adds, as ``torch.utils.flop_counter`` counts them (or has at most ``params`` times its
@@ -296,11 +296,13 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
     of that layer's dense multiply-adds, the layers taken in turn, each zeroing only its own groups (filters,
     channels, shapes; the paper's per-layer FLOP). The count is of the compacted model itself (compacted with
     ``lowered_below``, as :func:`~structsparse.compact` takes it), so the budget is never exceeded; a group whose
-    zeros would collapse the model or a layer's whole width is passed over. Raises :class:`BudgetError`, naming the
-    closest reachable fraction, when zeroing every other group is not enough (and leaves the model as it was)."""
+    zeros would collapse the model or a layer's whole width is passed over. Then, of the last ``give_back`` groups
+    it zeroed, those the budget still pays for are given back (see :func:`_give_back`; 0: none). Raises
+    :class:`BudgetError`, naming the closest reachable fraction, when zeroing every other group is not enough (and
+    leaves the model as it was)."""
     model, was_training = gl.model, gl.model.training
     if isinstance(flops, Mapping):
-        return _zero_layers_to_budget_(gl, example_input, flops, lowered_below)
+        return _zero_layers_to_budget_(gl, example_input, flops, lowered_below, give_back)
     metric, target = _which(flops, params, latency)
     if metric == "latency" and table is None:
         table = LatencyTable.build(model, example_input)
@@ -313,7 +315,7 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
             count, collapsed = _compacted(model, example_input, metric, table, lowered_below=lowered_below)
             return None if collapsed or count > target * dense else count
 
-        back = _give_back(probe, lo, spend)
+        back = _give_back(probe, lo, spend, give_back)
         found = _compacted(model, example_input, metric, table, lowered_below=lowered_below)[0]
     except BaseException:
         model.load_state_dict(probe.saved)
@@ -325,13 +327,14 @@ def zero_to_budget_(gl: GroupLasso, example_input: torch.Tensor, *, flops: float
 
 @torch.no_grad()
 def chosen_groups(gl: GroupLasso, example_input: torch.Tensor, *, table: LatencyTable | None = None,
-                  lowered_below: float | str = LOWERED_BELOW, **budget) -> list[torch.Tensor]:
+                  lowered_below: float | str = LOWERED_BELOW, give_back: int = GIVE_BACK,
+                  **budget) -> list[torch.Tensor]:
     """The groups that :func:`zero_to_budget_` ``(gl, example_input, **budget)`` would leave zero now (those zero
     already among them): one boolean tensor per family of :meth:`GroupLasso.families`, shaped like its norms. The
     model is left as it was. A budget that cannot be reached chooses every group."""
     saved = {k: v.clone() for k, v in gl.model.state_dict().items()}
     try:
-        zero_to_budget_(gl, example_input, table=table, lowered_below=lowered_below, **budget)
+        zero_to_budget_(gl, example_input, table=table, lowered_below=lowered_below, give_back=give_back, **budget)
         return [fam.norms().detach().eq(0) for fam in gl.families()]
     except BudgetError:
         return [torch.ones_like(fam.norms(), dtype=torch.bool) for fam in gl.families()]
@@ -391,7 +394,7 @@ def _layer_macs(model: nn.Module, example_input: torch.Tensor) -> dict[str, int]
 
 
 def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: Mapping[str, float],
-                            lowered_below: float | str) -> BudgetResult:
+                            lowered_below: float | str, give_back: int) -> BudgetResult:
     """:func:`zero_to_budget_` with ``flops={layer: f}``."""
     model, was_training = gl.model, gl.model.training
     dense = _layer_macs(model, example_input)
@@ -414,7 +417,7 @@ def _zero_layers_to_budget_(gl: GroupLasso, example_input: torch.Tensor, flops: 
             probe = _Probes(gl, example_input, "flops", layer=name, lowered_below=lowered_below)
             lo, _ = _fewest(probe, target, dense[name], f"flops.{name}", f"{name}'s dense multiply-adds")
             done[name] = target
-            back = _give_back(probe, lo, spend)
+            back = _give_back(probe, lo, spend, give_back)
             zeroed, probes, given_back = zeroed + lo - back, probes + probe.count, given_back + back
     except BaseException:
         model.load_state_dict(saved)

@@ -76,6 +76,9 @@ def test_the_cut_gives_back_the_groups_the_budget_still_pays_for():
             assert model[2].weight[2].abs().sum() > 0 and model[2].weight[:2].abs().sum() == 0
         else:
             assert result.reached <= 0.5 and count_macs(compact(model, x), x) == result.kept
+    gl = GroupLasso(copy.deepcopy(before), {"2": {"filter": 1e-3, "channel": 1e-3}}, example_input=x)
+    off = zero_to_budget_(gl, x, flops={"2": 0.34}, give_back=0)
+    assert off.given_back == 0 and off.reached == {"2": 0.25}
     with torch.no_grad():   # the weak channel unread (its conv 0 filter zero): zeroed for free, it stays zero
         before[0].weight[0] = 0.0
         before[0].bias[0] = 0.0

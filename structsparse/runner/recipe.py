@@ -38,9 +38,10 @@ the speedup at the end::
                                  # default; 0: every group at its λ)
         shrink: chosen           # with a target: only the groups the end of the phase would zero now shrink,
                                  # chosen again 4 times an epoch (the default); all: every regularised group
-        hold: true               # with a target: the controller steers until the target is reached, and the
-                                 # zeros made are then held (the default); false: after its ramp the end of
-                                 # the phase closes what is left, and resting zeros are left to the gradient
+        hold: true               # with a target: the controller steers until the target is reached, the
+                                 # zeros made are then held, and the end's cut gives back what the budget
+                                 # still pays for (the default); false: after its ramp the end of the phase
+                                 # closes what is left, and resting zeros are left to the gradient
       - name: finetune
         epochs: 2
         lr: 0.001
@@ -125,7 +126,8 @@ class Phase:
     shrink: str = "all"                           # a target phase: "chosen" shrinks only the groups the end of
                                                   # the phase would zero now (a recipe's target phase: chosen)
     hold: bool = False                            # a target phase: steer on after the ramp while over the target,
-                                                  # and hold the zeros once at it (a recipe's target phase: true)
+                                                  # hold the zeros once at it, the cut gives back (a recipe's
+                                                  # target phase: true)
 
     @property
     def sparsifying(self) -> bool:

@@ -45,8 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from ..budget import (METRICS, BudgetError, chosen_groups, kept_fraction, layer_fractions, starting_strength,
-                      weigh_by_cost_, zero_to_budget_)
+from ..budget import (GIVE_BACK, METRICS, BudgetError, chosen_groups, kept_fraction, layer_fractions,
+                      starting_strength, weigh_by_cost_, zero_to_budget_)
 from ..compaction import CollapseWarning, compact
 from ..graph import UnsupportedModelError
 from ..report import sparsity_report
@@ -548,7 +548,8 @@ class Trainer:
             was_training = self.model.training
             try:
                 result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target,
-                                         table=self.latency_table, lowered_below=self.recipe.lowered_below)
+                                         table=self.latency_table, lowered_below=self.recipe.lowered_below,
+                                         give_back=GIVE_BACK if phase.hold else 0)
             except BudgetError as e:
                 raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
             self.model.train(was_training)
@@ -615,7 +616,8 @@ class Trainer:
                 or i % max(1, round(steps * CHOOSE_EVERY))):
             return
         chosen = chosen_groups(gl, self.splits["train"].images[:1], table=self.latency_table,
-                               lowered_below=self.recipe.lowered_below, **phase.target)
+                               lowered_below=self.recipe.lowered_below, give_back=GIVE_BACK if phase.hold else 0,
+                               **phase.target)
         self.model.train()
         gl.group_weights = {(f.name, f.kind): self._cost_weights.get((f.name, f.kind), 1.0) * c
                             for f, c in zip(gl.families(), chosen)}  # a weight times a boolean: 0 where not chosen

@@ -197,6 +197,9 @@ def test_a_held_budget_keeps_its_zeros_while_the_term_rests(monkeypatch, hold):
     from structsparse.runner import trainer as trainer_module
     from structsparse.runner.trainer import Trainer
     monkeypatch.setattr(trainer_module, "kept_fraction", lambda *a: 0.85)   # at the target from the first check
+    cuts, cut = [], trainer_module.zero_to_budget_
+    monkeypatch.setattr(trainer_module, "zero_to_budget_", lambda *a, **kw: (cuts.append(kw["give_back"]),
+                                                                             cut(*a, **kw))[1])
     phases = [{"name": "ssl", "epochs": 2, "lr": 0.05, "target": {"flops": 0.9}, "hold": hold,
                "lambdas": {"conv2": {"filter": 1e-4}}, "zero_weights_below": None}]
     recipe, splits = _tiny(phases)
@@ -209,6 +212,7 @@ def test_a_held_budget_keeps_its_zeros_while_the_term_rests(monkeypatch, hold):
     t.run()
     assert (after_epoch_1[0] == 0.0) == hold   # held; else the gradient brings it back while the term rests
     assert (t.masks is not None) == hold
+    assert cuts == [32 if hold else 0]   # the end's cut gives back only when the phase holds
 
 
 def test_a_parameter_budget_steers_on_the_compacted_models_parameters():
