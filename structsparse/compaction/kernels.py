@@ -7,13 +7,16 @@ and gathers only those K' rows straight from the (padded) input, then runs one d
 Unfolding everything and then indexing would copy all C·M·K rows first and throw most of the
 gain away.
 
-Two forms of the gather and the GEMM, both exact. On the CPU each layer times both at each input shape
-it meets, once, and keeps the faster (:func:`structsparse.timing.fastest`; off with
+Three forms of the gather and the GEMM, all exact (up to float rounding). On the CPU each layer times them at
+each input shape and layout it meets, once, and keeps the fastest (:func:`structsparse.timing.fastest`; off with
 ``STRUCTSPARSE_TUNE=0``); elsewhere, and as the form timing starts from, a rule on the index size decides:
 
 * positions (the default): every output position's K' entries, gathered with one flat index
-  (positions × K'), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
+  (positions × K') from the input as it lies (N × C × H × W, or channels-last, as a lowered conv's output
+  is), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
   It is also the form used while tracing for export (it needs no strided view);
+* the same with oneDNN's GEMM (on the CPU): the gathered entries as a channels-last image of K' channels, by a
+  1×1 conv;
 * columns, where that flat index would be large (positions × K' over :data:`COLUMN_FORM_FROM`,
   so that reading it costs more than the gather): each kept column's im2col row is a strided
   window of one input channel, copied for the whole batch by one indexing of a strided view of
@@ -92,25 +95,29 @@ class LoweredConv2d(nn.Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    def _gather_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """Flat index into the padded input (C·Hp·Wp) of every kept im2col entry, positions × K'.
+    def _gather_index(self, h: int, w: int, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+        """Flat index into the padded input of every kept im2col entry, positions × K': into its C·Hp·Wp
+        entries, or with ``channels_last`` its Hp·Wp·C.
 
-        Cached per input size in eager mode. While tracing (torch.export, torch.compile, the
+        Cached per input size and layout in eager mode. While tracing (torch.export, torch.compile, the
         ONNX exporters) it is computed from the ``columns`` buffer in the graph and not cached,
         so that no traced value is kept and the exported graph does not depend on earlier calls.
         """
         tracing = _is_compiling() or torch.jit.is_tracing()
-        key = (h, w, device)
+        key = (h, w, device, channels_last)
         index = None if tracing else self._index_cache.get(key)
         if index is None:
             (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
             hp, wp = h + 2 * ph, w + 2 * pw
             ho, wo = self.output_size(h, w)
             c, m, k = self._split_columns(device)
-            start = c * hp * wp + m * dh * wp + k * dw  # K'
             oh = torch.arange(ho, device=device) * sh * wp
             ow = torch.arange(wo, device=device) * sw
-            offsets = (oh[:, None] + ow[None, :]).flatten()  # positions
+            offsets = (oh[:, None] + ow[None, :]).flatten()  # positions, in pixels of the padded input
+            if channels_last:  # entry (c, y, x) at (y·Wp + x)·C + c
+                start, offsets = (m * dh * wp + k * dw) * self.in_channels + c, offsets * self.in_channels
+            else:  # at c·Hp·Wp + y·Wp + x
+                start = c * hp * wp + m * dh * wp + k * dw  # K'
             index = (offsets[:, None] + start[None, :]).flatten()
             if not tracing:  # int32: half the index bytes to read, 1.1-1.3x faster at batch 1 to 4, same at 64
                 self._index_cache[key] = index = index.int() if self.in_channels * hp * wp < 2 ** 31 else index
@@ -142,11 +149,12 @@ class LoweredConv2d(nn.Module):
         return torch.baddbmm(self.bias.view(1, -1, 1), weight, cols).view(n, self.out_channels, ho, wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """One of two forms with the same values: the positions form, one GEMM, (N·positions × K') by
-        (K' × filters), written channels-last and returned as an N × filters × Ho × Wo view
-        (``torch.channels_last`` memory format); or the column form. On the CPU the faster of the two at this
-        input's shape is kept, timed once (:func:`structsparse.layers.tunable`); otherwise the column form runs
-        where the positions form's gather index would be large, and never while tracing."""
+        """One of the forms with the same values (up to float rounding): the positions form, one GEMM,
+        (N·positions × K') by (K' × filters), written channels-last and returned as an N × filters × Ho × Wo view
+        (``torch.channels_last`` memory format); the same with oneDNN's GEMM (CPU only); or the column form. On
+        the CPU the fastest at this input's shape is kept, timed once (:func:`structsparse.layers.tunable`);
+        otherwise the column form runs where the positions form's gather index would be large, and never while
+        tracing."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
         h, w = x.shape[2:]
@@ -157,14 +165,27 @@ class LoweredConv2d(nn.Module):
         positions, columns = lambda: self._positions_form(x, h, w, ho, wo), lambda: self._column_form(x, ho, wo)
         rule = ho * wo * self.weight.shape[1] > COLUMN_FORM_FROM  # the column form, by the size of the index
         if _is_compiling() or torch.jit.is_tracing():
-            return positions()
+            return self._positions_form(x, h, w, ho, wo, tracing=True)
         forms = (columns, positions) if rule else (positions, columns)  # the rule's choice first
+        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
+            forms += (lambda: self._positions_form(x, h, w, ho, wo, onednn=True),)
         return forms[remembered_choice(self, x, lambda: fastest(self._tuning_key(x), forms)) or 0]()
 
-    def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
-        """Every output position's K' entries by one flat index, then one GEMM (channels-last output)."""
+    def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int, onednn: bool = False,
+                        tracing: bool = False) -> torch.Tensor:
+        """Every output position's K' entries by one flat index, then one GEMM (channels-last output); with
+        ``onednn``, the GEMM is oneDNN's 1×1 conv of the gathered entries as a channels-last image (its kernels
+        ran 1.15-1.25× the speed of ``addmm``'s on AlexNet's conv3-conv5 at batch 64, the same at batch 1, but
+        each call has a fixed cost: timed, see :meth:`forward`)."""
         n = x.shape[0]
-        cols = x.reshape(n, -1).index_select(1, self._gather_index(h, w, x.device))
+        # a channels-last input (a lowered conv's output is) gathered in place: a copy to N×C×H×W first took
+        # 1.7-2.6x the time of the gather from it (AlexNet's conv3-conv5, batch 1 and 64)
+        last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not tracing
+        flat = x.permute(0, 2, 3, 1).reshape(n, -1) if last else x.reshape(n, -1)
+        cols = flat.index_select(1, self._gather_index(h, w, x.device, last))
+        if onednn:
+            cols = cols.view(n, ho, wo, self.weight.shape[1]).permute(0, 3, 1, 2)
+            return F.conv2d(cols, self.weight[:, :, None, None], self.bias)
         cols = cols.view(n * ho * wo, self.weight.shape[1])
         if self.bias is not None:
             out = torch.addmm(self.bias, cols, self.weight.t())

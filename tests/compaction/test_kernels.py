@@ -38,14 +38,21 @@ def test_lowered_conv_matches_conv2d(stride, padding, dilation):
 
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("column_form_from", [0, 1 << 40])  # the column form everywhere, and nowhere
-def test_both_forms_read_any_layout_and_train(padding, bias, column_form_from, monkeypatch):
-    """Both forms are exact on images inside a batch (views with an offset, read in place when unpadded),
-    channels-last input, strides and dilation, after the cached indices move dtype, and in gradients."""
+@pytest.mark.parametrize("column_form_from", [0, 1 << 40, None])  # the column form everywhere, nowhere; oneDNN's
+def test_every_form_reads_any_layout_and_trains(padding, bias, column_form_from, monkeypatch):
+    """Every form is exact on images inside a batch (views with an offset, read in place when unpadded),
+    channels-last input (gathered in place by the positions forms), strides and dilation, after the cached
+    indices move dtype, and in gradients."""
     from structsparse import layers
     from structsparse.compaction import kernels
+    if column_form_from is None:  # the positions form with oneDNN's GEMM: the last form, as if timed fastest
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN in this torch build")
+        monkeypatch.setattr(kernels, "fastest", lambda key, forms: len(forms) - 1)
+        column_form_from = 1 << 40
+    else:
+        monkeypatch.setattr(layers, "TUNE", False)  # the rule, not timing, picks the form
     monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", column_form_from)
-    monkeypatch.setattr(layers, "TUNE", False)  # the rule, not timing, picks the form
     torch.manual_seed(2)
     for stride, dilation in ((1, 1), ((2, 1), 2)):
         conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
