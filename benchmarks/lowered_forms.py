@@ -1,10 +1,10 @@
-"""The two forms of LoweredConv2d on the AlexNet Table 4 layers (SSL row 2), against dense conv2d.
+"""The forms of LoweredConv2d on the AlexNet Table 4 layers (SSL row 2), against dense conv2d.
 
-Per layer and batch size: dense ``F.conv2d``, the positions form and the column form of the same compact layer
-(see :mod:`structsparse.compaction.kernels`), timed in interleaved repetitions on one thread after a warm-up.
-Prints each form's speedup over conv2d (ratio of medians), the column form's gain over the positions form
-(median of the paired per-round ratios), which form ``LoweredConv2d`` picks by its rule, and the layer as
-compact models run it (each form timed once on the first call, the faster kept) with the form it kept.
+Per layer and batch size: dense ``F.conv2d`` and each form of the same compact layer (positions, columns, the
+GEMM by filters, oneDNN's GEMM; see :mod:`structsparse.compaction.kernels`), timed in interleaved repetitions on
+one thread after a warm-up. Prints each form's speedup over conv2d (ratio of medians), which form
+``LoweredConv2d`` picks by its rule, and the layer as compact models run it (the forms timed once on the first
+call, the fastest kept unless the rule's is within 10% of it) with the form it kept.
 
     .venv/bin/python benchmarks/lowered_forms.py [--repeats 30] [--batch 1,64]
 """
@@ -23,7 +23,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from structsparse import layers  # noqa: E402
-from structsparse.compaction import kernels  # noqa: E402
 from structsparse.paper import ALEXNET, PAPER_TABLE4  # noqa: E402
 from structsparse.speed.layer_bench import _GroupedCompact, sparse_conv_weight  # noqa: E402
 from structsparse.timing import machine_info  # noqa: E402
@@ -31,12 +30,13 @@ from structsparse.timing import machine_info  # noqa: E402
 
 def forced(module, x, form: str):
     """``module(x)`` in one form, whatever the rule would pick."""
-    kept, tune = kernels.COLUMN_FORM_FROM, layers.TUNE
-    kernels.COLUMN_FORM_FROM, layers.TUNE = (0 if form == "column" else 1 << 62), False
+    tune = layers.TUNE
+    layers.TUNE, module._rule = False, lambda x, ho, wo: form
     try:
         return module(x)
     finally:
-        kernels.COLUMN_FORM_FROM, layers.TUNE = kept, tune
+        layers.TUNE = tune
+        del module._rule
 
 
 def rounds(fns, repeats: int, warmup: int = 3) -> list[list[float]]:
@@ -61,9 +61,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     row = PAPER_TABLE4[2]
-    print("| layer | batch | positions × K' | rule picks | positions speedup | column speedup | column / positions "
-          "| timing kept | its speedup |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    forms = ("positions", "columns", "filters") + ("onednn",) * torch.backends.mkldnn.is_available()
+    print(f"| layer | batch | positions × K' | rule picks | {' | '.join(forms)} | timing kept | its speedup |")
+    print("|---|---|---|---|" + "---|" * len(forms) + "---|---|")
     for li in range(1, 5):
         shape = ALEXNET[li]
         w = sparse_conv_weight(shape, 1, row["row"][li], row["column"][li], seed=li)
@@ -73,16 +73,16 @@ def main(argv=None) -> int:
         entries = out * out * m.weight.shape[1]
         for batch in (int(v) for v in args.batch.split(",")):
             x = torch.rand(batch, shape.in_channels, shape.in_size, shape.in_size)
-            t = rounds([lambda: F.conv2d(x, w, b, shape.stride, shape.padding), lambda: forced(m, x, "positions"),
-                        lambda: forced(m, x, "column"), lambda: m(x)],
-                       args.repeats if batch == 1 else max(5, args.repeats // 3))
+            fns = [lambda: F.conv2d(x, w, b, shape.stride, shape.padding)]
+            fns += [(lambda f: lambda: forced(m, x, f))(f) for f in forms] + [lambda: m(x)]
+            t = rounds(fns, args.repeats if batch == 1 else max(5, args.repeats // 3))
             med = [statistics.median(v) for v in t]
-            gain = statistics.median(a / c for a, c in zip(t[1], t[2]))
-            picks = "column" if entries > kernels.COLUMN_FORM_FROM else "positions"
-            kept = [v for k, v in m._choices.items() if k[0][0] == batch]  # 0: the rule's form, 1: the other
-            timed = "?" if not kept else picks if kept[0] == 0 else ({"column", "positions"} - {picks}).pop()
-            print(f"| {shape.name} | {batch} | {entries:,} | {picks} | {med[0] / med[1]:.2f} | {med[0] / med[2]:.2f} | "
-                  f"{gain:.2f} | {timed} | {med[0] / med[3]:.2f} |", flush=True)
+            names = m.form_names(x)
+            kept = [v for k, v in m._choices.items() if k[0][0] == batch]  # an index into names
+            timed = names[kept[0]] if kept else "?"
+            speedups = " | ".join(f"{med[0] / v:.2f}" for v in med[1:-1])
+            print(f"| {shape.name} | {batch} | {entries:,} | {names[0]} | {speedups} | {timed} | "
+                  f"{med[0] / med[-1]:.2f} |", flush=True)
     m = machine_info()
     when = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"\n{m['cpu']}, 1 thread, torch {m['torch']}, {when}; "

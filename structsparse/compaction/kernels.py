@@ -7,24 +7,28 @@ and gathers only those K' rows straight from the (padded) input, then runs one d
 Unfolding everything and then indexing would copy all C·M·K rows first and throw most of the
 gain away.
 
-Three forms of the gather and the GEMM, all exact (up to float rounding). On the CPU each layer times them at
-each input shape and layout it meets, once, and keeps the fastest (:func:`structsparse.timing.fastest`; off with
-``STRUCTSPARSE_TUNE=0``); elsewhere, and as the form timing starts from, a rule on the index size decides:
+Four forms of the gather and the GEMM, all exact (up to float rounding). On the CPU each layer times them at
+each input shape and layout it meets, once, and keeps the fastest unless the rule's form is within 10% of it
+(:func:`structsparse.timing.fastest`; off with ``STRUCTSPARSE_TUNE=0``); elsewhere the rule decides
+(:meth:`LoweredConv2d._rule`):
 
-* positions (the default): every output position's K' entries, gathered with one flat index
-  (positions × K') from the input as it lies (N × C × H × W, or channels-last, as a lowered conv's output
-  is), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
-  It is also the form used while tracing for export (it needs no strided view);
-* the same with oneDNN's GEMM (on the CPU): the gathered entries as a channels-last image of K' channels, by a
-  1×1 conv;
-* columns, where that flat index would be large (positions × K' over :data:`COLUMN_FORM_FROM`,
+* positions: every output position's K' entries, gathered with one flat index (positions × K') from the
+  unpadded input as it lies (N × C × H × W, or channels-last, as a lowered conv's output is; the entries in
+  the padding are then set to zero), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
+  It is also the form used while tracing for export (there from the padded input: no data-dependent step);
+* filters (the rule's at batch 1): the same gather, then W by cols (K' × positions) per image, N × C × H × W;
+* oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU): the same gather,
+  then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels;
+* columns (the rule's where the flat index would be large, positions × K' over :data:`COLUMN_FORM_FROM`,
   so that reading it costs more than the gather): each kept column's im2col row is a strided
   window of one input channel, copied for the whole batch by one indexing of a strided view of
-  the input (three K'-long indices), then W (N × K') by cols (K' × positions) per image, written
-  in N × C × H × W order. On AlexNet's conv2 (729 positions, 883 of 2400 columns kept) this is
-  1.29× the positions form's speed at batch 1 and 1.12× at batch 64; on conv3–conv5 (169
-  positions, index 90–113k) 0.77–0.99× in five of six cases (1.23× on conv4 at batch 1), hence
-  the rule (``benchmarks/lowered_forms.py``, 2-core Xeon VM, one thread).
+  the padded input (three K'-long indices), then W (N × K') by cols (K' × positions) per image, written
+  in N × C × H × W order.
+
+On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.07–1.21× the positions form's
+speed, and at batch 64 oneDNN's at 1.07–1.19×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
+644k) the column form ran at 1.10× the positions form's at batch 1 (``python benchmarks/lowered_forms.py
+--repeats 21``, 2-core Xeon VM, one thread, 2026-12-04; results/speed/lowered_forms.md).
 """
 from __future__ import annotations
 
@@ -36,11 +40,13 @@ from torch.nn.modules.utils import _pair
 from ..layers import _is_compiling, remembered_choice
 from ..timing import fastest
 
-__all__ = ["LoweredConv2d", "COLUMN_FORM_FROM"]
+__all__ = ["LoweredConv2d", "COLUMN_FORM_FROM", "ONEDNN_FROM"]
 
 # Above this many entries (positions × kept columns) of the positions form's flat gather index, the
 # column form runs instead (see the module's docstring).
 COLUMN_FORM_FROM = 1 << 18
+# From this many multiply-adds a call (batch > 1, CPU), the positions form with oneDNN's GEMM runs first.
+ONEDNN_FROM = 1 << 26
 
 
 class LoweredConv2d(nn.Module):
@@ -95,33 +101,41 @@ class LoweredConv2d(nn.Module):
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    def _gather_index(self, h: int, w: int, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-        """Flat index into the padded input of every kept im2col entry, positions × K': into its C·Hp·Wp
-        entries, or with ``channels_last`` its Hp·Wp·C.
+    def _gather_index(self, h: int, w: int, device: torch.device, channels_last: bool = False,
+                      padded: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Flat index into an h × w input of every kept im2col entry, positions × K': into its C·H·W entries,
+        or with ``channels_last`` its H·W·C; and the entries (of positions × K') that fall in the padding, which
+        index entry 0 and are then to be set to zero (None where none do). With ``padded`` the input comes padded
+        (h, w its size before), and nothing falls outside.
 
         Cached per input size and layout in eager mode. While tracing (torch.export, torch.compile, the
         ONNX exporters) it is computed from the ``columns`` buffer in the graph and not cached,
         so that no traced value is kept and the exported graph does not depend on earlier calls.
         """
         tracing = _is_compiling() or torch.jit.is_tracing()
-        key = (h, w, device, channels_last)
-        index = None if tracing else self._index_cache.get(key)
-        if index is None:
-            (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
-            hp, wp = h + 2 * ph, w + 2 * pw
-            ho, wo = self.output_size(h, w)
-            c, m, k = self._split_columns(device)
-            oh = torch.arange(ho, device=device) * sh * wp
-            ow = torch.arange(wo, device=device) * sw
-            offsets = (oh[:, None] + ow[None, :]).flatten()  # positions, in pixels of the padded input
-            if channels_last:  # entry (c, y, x) at (y·Wp + x)·C + c
-                start, offsets = (m * dh * wp + k * dw) * self.in_channels + c, offsets * self.in_channels
-            else:  # at c·Hp·Wp + y·Wp + x
-                start = c * hp * wp + m * dh * wp + k * dw  # K'
-            index = (offsets[:, None] + start[None, :]).flatten()
-            if not tracing:  # int32: half the index bytes to read, 1.1-1.3x faster at batch 1 to 4, same at 64
-                self._index_cache[key] = index = index.int() if self.in_channels * hp * wp < 2 ** 31 else index
-        return index
+        key = (h, w, device, channels_last, padded)
+        cached = None if tracing else self._index_cache.get(key)
+        if cached is not None:
+            return cached
+        (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
+        ho, wo = self.output_size(h, w)
+        if padded:
+            h, w, ph, pw = h + 2 * ph, w + 2 * pw, 0, 0
+        c, m, k = self._split_columns(device)
+        y = (torch.arange(ho, device=device) * sh - ph)[:, None, None] + (m * dh)  # ho × 1 × K'
+        x = (torch.arange(wo, device=device) * sw - pw)[None, :, None] + (k * dw)  # 1 × wo × K'
+        pixel = y * w + x
+        index = (pixel * self.in_channels + c if channels_last else c * h * w + pixel).flatten()
+        outside = None
+        if not padded:
+            inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w)).flatten()
+            index = index.where(inside, 0)
+            if not bool(inside.all()):
+                outside = (~inside).nonzero().flatten()
+        if not tracing:  # int32: half the index bytes to read, 1.1-1.3x faster at batch 1 to 4, same at 64
+            index = index.int() if self.in_channels * h * w < 2 ** 31 else index
+            self._index_cache[key] = index, outside
+        return index, outside
 
     def _split_columns(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Channel, kernel row and kernel column of every kept column, from the ``columns`` buffer."""
@@ -151,41 +165,79 @@ class LoweredConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One of the forms with the same values (up to float rounding): the positions form, one GEMM,
         (N·positions × K') by (K' × filters), written channels-last and returned as an N × filters × Ho × Wo view
-        (``torch.channels_last`` memory format); the same with oneDNN's GEMM (CPU only); or the column form. On
-        the CPU the fastest at this input's shape is kept, timed once (:func:`structsparse.layers.tunable`);
-        otherwise the column form runs where the positions form's gather index would be large, and never while
-        tracing."""
+        (``torch.channels_last`` memory format); the same gather with the GEMM by filters (N × C × H × W out) or
+        with oneDNN's (CPU only); or the column form. On the CPU the fastest at this input's shape is kept, timed
+        once (:func:`structsparse.layers.tunable`); otherwise :meth:`_rule` chooses, and while tracing the
+        positions form runs."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
         h, w = x.shape[2:]
         ho, wo = self.output_size(h, w)
-        ph, pw = self.padding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph))
-        positions, columns = lambda: self._positions_form(x, h, w, ho, wo), lambda: self._column_form(x, ho, wo)
-        rule = ho * wo * self.weight.shape[1] > COLUMN_FORM_FROM  # the column form, by the size of the index
-        if _is_compiling() or torch.jit.is_tracing():
-            return self._positions_form(x, h, w, ho, wo, tracing=True)
-        forms = (columns, positions) if rule else (positions, columns)  # the rule's choice first
-        if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
-            forms += (lambda: self._positions_form(x, h, w, ho, wo, onednn=True),)
-        return forms[remembered_choice(self, x, lambda: fastest(self._tuning_key(x), forms)) or 0]()
+        if _is_compiling() or torch.jit.is_tracing() or x.is_meta:  # no data-dependent steps (meta: a check)
+            return self._positions_form(self._pad(x), h, w, ho, wo, padded=True)
+        forms = {"positions": lambda: self._positions_form(x, h, w, ho, wo),
+                 "columns": lambda: self._column_form(self._pad(x), ho, wo),
+                 "filters": lambda: self._positions_form(x, h, w, ho, wo, gemm="filters"),
+                 "onednn": lambda: self._positions_form(x, h, w, ho, wo, gemm="onednn")}
+        names = self.form_names(x)
+        choice = remembered_choice(self, x, lambda: fastest(self._tuning_key(x), [forms[f] for f in names]))
+        return forms[names[choice or 0]]()
 
-    def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int, onednn: bool = False,
-                        tracing: bool = False) -> torch.Tensor:
-        """Every output position's K' entries by one flat index, then one GEMM (channels-last output); with
-        ``onednn``, the GEMM is oneDNN's 1×1 conv of the gathered entries as a channels-last image (its kernels
-        ran 1.15-1.25× the speed of ``addmm``'s on AlexNet's conv3-conv5 at batch 64, the same at batch 1, but
-        each call has a fixed cost: timed, see :meth:`forward`)."""
+    def form_names(self, x: torch.Tensor) -> list[str]:
+        """The forms :meth:`forward` may run on ``x``, the rule's first; the index of the one it keeps (timed, for
+        this input's shape, layout and thread count) is in ``self._choices``. The same order for the same shapes,
+        so that the choice timed for a key means one form."""
+        ho, wo = self.output_size(*x.shape[2:])
+        first = self._rule(x, ho, wo)
+        onednn = x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+        return [first, *(f for f in ("positions", "columns", "filters", "onednn")[:3 + onednn] if f != first)]
+
+    def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
+        """The form that runs without timing, and that timing keeps unless another takes under 0.9 of its time:
+        the column form where the positions form's index would be large; else at batch 1 the GEMM by filters,
+        at larger batches oneDNN's from :data:`ONEDNN_FROM` multiply-adds, else the GEMM by positions (the
+        fastest of each on AlexNet's conv3-conv5 at batch 1 and 64; oneDNN's fixed cost rules it out of small
+        calls: about 130 µs in the CPU build the README installs)."""
+        n, kept = x.shape[0], self.weight.shape[1]
+        if ho * wo * kept > COLUMN_FORM_FROM:
+            return "columns"
+        if n == 1:
+            return "filters"
+        if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and x.device.type == "cpu" \
+                and torch.backends.mkldnn.is_available():
+            return "onednn"
+        return "positions"
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+
+    def _positions_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int, gemm: str = "positions",
+                        padded: bool = False) -> torch.Tensor:
+        """Every output position's K' entries by one flat index, then one GEMM: ``gemm`` "positions", (positions
+        × K') by Wᵀ, a channels-last output; "filters", W by (K' × positions) per image, N × C × H × W (on
+        AlexNet's conv2 at batch 1, 729 positions, the GEMM took 0.84 of the other's time); "onednn", oneDNN's
+        1×1 conv of the gathered entries as a channels-last image (1.15-1.25× the speed of ``addmm``'s on AlexNet's
+        conv3-conv5 at batch 64, the same at batch 1, but each call has a fixed cost). Which is fastest is timed,
+        see :meth:`forward`. The entries that fall in the padding are set to
+        zero after the gather, unless ``x`` comes padded (as while tracing): on AlexNet's conv3-conv5 (a tenth of
+        the entries in the padding) padding first took 1.2-1.6× the time at batch 64, 1.15-1.3× at batch 1."""
         n = x.shape[0]
         # a channels-last input (a lowered conv's output is) gathered in place: a copy to N×C×H×W first took
         # 1.7-2.6x the time of the gather from it (AlexNet's conv3-conv5, batch 1 and 64)
-        last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not tracing
+        last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not padded
         flat = x.permute(0, 2, 3, 1).reshape(n, -1) if last else x.reshape(n, -1)
-        cols = flat.index_select(1, self._gather_index(h, w, x.device, last))
-        if onednn:
+        index, outside = self._gather_index(h, w, x.device, last, padded)
+        cols = flat.index_select(1, index)
+        if outside is not None:
+            cols = cols.index_fill_(1, outside, 0)
+        if gemm == "onednn":
             cols = cols.view(n, ho, wo, self.weight.shape[1]).permute(0, 3, 1, 2)
             return F.conv2d(cols, self.weight[:, :, None, None], self.bias)
+        if gemm == "filters":
+            cols, weight = cols.view(n, ho * wo, -1).transpose(1, 2), self.weight.expand(n, -1, -1)
+            out = torch.bmm(weight, cols) if self.bias is None else torch.baddbmm(self.bias[:, None], weight, cols)
+            return out.view(n, self.out_channels, ho, wo)
         cols = cols.view(n * ho * wo, self.weight.shape[1])
         if self.bias is not None:
             out = torch.addmm(self.bias, cols, self.weight.t())

@@ -38,21 +38,16 @@ def test_lowered_conv_matches_conv2d(stride, padding, dilation):
 
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("column_form_from", [0, 1 << 40, None])  # the column form everywhere, nowhere; oneDNN's
-def test_every_form_reads_any_layout_and_trains(padding, bias, column_form_from, monkeypatch):
+@pytest.mark.parametrize("form", ["columns", "positions", "filters", "onednn"])
+def test_every_form_reads_any_layout_and_trains(padding, bias, form, monkeypatch):
     """Every form is exact on images inside a batch (views with an offset, read in place when unpadded),
     channels-last input (gathered in place by the positions forms), strides and dilation, after the cached
     indices move dtype, and in gradients."""
     from structsparse import layers
-    from structsparse.compaction import kernels
-    if column_form_from is None:  # the positions form with oneDNN's GEMM: the last form, as if timed fastest
-        if not torch.backends.mkldnn.is_available():
-            pytest.skip("no oneDNN in this torch build")
-        monkeypatch.setattr(kernels, "fastest", lambda key, forms: len(forms) - 1)
-        column_form_from = 1 << 40
-    else:
-        monkeypatch.setattr(layers, "TUNE", False)  # the rule, not timing, picks the form
-    monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", column_form_from)
+    if form == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(layers, "TUNE", False)  # the rule, not timing, picks the form
+    monkeypatch.setattr(LoweredConv2d, "_rule", lambda self, x, ho, wo: form)
     torch.manual_seed(2)
     for stride, dilation in ((1, 1), ((2, 1), 2)):
         conv = nn.Conv2d(4, 5, 3, stride=stride, padding=padding, dilation=dilation, bias=bias)
@@ -60,7 +55,7 @@ def test_every_form_reads_any_layout_and_trains(padding, bias, column_form_from,
             conv.weight.view(5, -1)[:, torch.randperm(36)[:20]] = 0
         lowered = LoweredConv2d.from_conv(conv)
         x = torch.randn(3, 4, 9, 8)
-        assert lowered(x).is_contiguous() == (column_form_from == 0)  # the column form writes N×C×H×W
+        assert lowered(x).is_contiguous() == (form in ("columns", "filters"))  # these write N×C×H×W
         for image in (x, x[2:3], x[1:].contiguous(memory_format=torch.channels_last), x[:, :, :, 1:][1:2]):
             assert torch.allclose(lowered(image), conv(image), atol=1e-5)
         x.requires_grad_(True)
@@ -73,6 +68,23 @@ def test_every_form_reads_any_layout_and_trains(padding, bias, column_form_from,
         assert torch.allclose(lowered.weight.grad, conv.weight.grad.view(5, -1)[:, kept], atol=1e-4)
     lowered.to(torch.float64)
     assert torch.allclose(lowered(x[:1].double()), conv.double()(x[:1].double()), atol=1e-9)
+
+
+def test_the_rule_picks_a_form_by_batch_and_size(monkeypatch):
+    """Without timing: the GEMM by filters at batch 1, by positions at small batches, oneDNN's from ONEDNN_FROM
+    multiply-adds, and the column form where the positions form's index would be large."""
+    from structsparse import layers
+    from structsparse.compaction import kernels
+    monkeypatch.setattr(layers, "TUNE", False)
+    lowered = LoweredConv2d(8, 16, 3, torch.arange(0, 72, 3), padding=1)   # 24 of 72 columns
+    x = torch.rand(4, 8, 10, 10)
+    assert lowered.form_names(x[:1])[0] == "filters" and lowered.form_names(x)[0] == "positions"
+    monkeypatch.setattr(kernels, "ONEDNN_FROM", 4 * 100 * 24 * 16)
+    assert lowered.form_names(x)[0] == ("onednn" if torch.backends.mkldnn.is_available() else "positions")
+    monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", 100 * 24 - 1)
+    assert lowered.form_names(x)[0] == "columns" and sorted(lowered.form_names(x)) == sorted(set(
+        lowered.form_names(x)))
+    assert lowered(x).is_contiguous()   # the column form writes N × C × H × W
 
 
 @pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
