@@ -19,16 +19,17 @@ each input shape and layout it meets, once, and keeps the fastest unless the rul
 * filters (the rule's at batch 1): the same gather, then W by cols (K' × positions) per image, N × C × H × W;
 * oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU): the same gather,
   then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels;
-* columns (the rule's where the flat index would be large, positions × K' over :data:`COLUMN_FORM_FROM`,
-  so that reading it costs more than the gather): each kept column's im2col row is a strided
+* columns (the rule's at other batches > 1 where the flat index would be large, positions × K' over
+  :data:`COLUMN_FORM_FROM`, so that reading it costs more than the gather): each kept column's im2col row is a strided
   window of one input channel, copied for the whole batch by one indexing of a strided view of
   the padded input (three K'-long indices), then W (N × K') by cols (K' × positions) per image, written
   in N × C × H × W order.
 
-On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.07–1.21× the positions form's
-speed, and at batch 64 oneDNN's at 1.07–1.19×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
-644k) the column form ran at 1.10× the positions form's at batch 1 (``python benchmarks/lowered_forms.py
---repeats 21``, 2-core Xeon VM, one thread, 2026-12-04; results/speed/lowered_forms.md).
+On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.12–1.25× the positions form's
+speed, and at batch 64 oneDNN's at 1.10–1.22×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
+644k), where the column form had been the fastest, the GEMM by filters ran at 1.10× its speed at batch 1 and
+oneDNN's at 1.21× at batch 64 (``python benchmarks/lowered_forms.py --repeats 21``, 2-core Xeon VM, one thread,
+2026-12-04; results/speed/lowered_forms.md).
 """
 from __future__ import annotations
 
@@ -194,19 +195,17 @@ class LoweredConv2d(nn.Module):
 
     def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
         """The form that runs without timing, and that timing keeps unless another takes under 0.9 of its time:
-        the column form where the positions form's index would be large; else at batch 1 the GEMM by filters,
-        at larger batches oneDNN's from :data:`ONEDNN_FROM` multiply-adds, else the GEMM by positions (the
-        fastest of each on AlexNet's conv3-conv5 at batch 1 and 64; oneDNN's fixed cost rules it out of small
-        calls: about 130 µs in the CPU build the README installs)."""
+        at batch 1 the GEMM by filters; at larger batches oneDNN's from :data:`ONEDNN_FROM` multiply-adds, else
+        the column form where the positions form's index would be large, else the GEMM by positions. These were
+        the fastest on AlexNet's conv2-conv5 at batch 1 and 64 (oneDNN's fixed cost rules it out of small calls:
+        about 130 µs in the CPU build the README installs)."""
         n, kept = x.shape[0], self.weight.shape[1]
-        if ho * wo * kept > COLUMN_FORM_FROM:
-            return "columns"
         if n == 1:
             return "filters"
         if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and x.device.type == "cpu" \
                 and torch.backends.mkldnn.is_available():
             return "onednn"
-        return "positions"
+        return "columns" if ho * wo * kept > COLUMN_FORM_FROM else "positions"
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
@@ -217,7 +216,7 @@ class LoweredConv2d(nn.Module):
         """Every output position's K' entries by one flat index, then one GEMM: ``gemm`` "positions", (positions
         × K') by Wᵀ, a channels-last output; "filters", W by (K' × positions) per image, N × C × H × W (on
         AlexNet's conv2 at batch 1, 729 positions, the GEMM took 0.84 of the other's time); "onednn", oneDNN's
-        1×1 conv of the gathered entries as a channels-last image (1.15-1.25× the speed of ``addmm``'s on AlexNet's
+        1×1 conv of the gathered entries as a channels-last image (1.11-1.23× the speed of ``addmm``'s on AlexNet's
         conv3-conv5 at batch 64, the same at batch 1, but each call has a fixed cost). Which is fastest is timed,
         see :meth:`forward`. The entries that fall in the padding are set to
         zero after the gather, unless ``x`` comes padded (as while tracing): on AlexNet's conv3-conv5 (a tenth of
@@ -228,9 +227,10 @@ class LoweredConv2d(nn.Module):
         last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not padded
         flat = x.permute(0, 2, 3, 1).reshape(n, -1) if last else x.reshape(n, -1)
         index, outside = self._gather_index(h, w, x.device, last, padded)
-        cols = flat.index_select(1, index)
+        dim = 0 if n == 1 else 1  # one image's as a 1-d gather: along dim 1 of a single row took 1.3-1.6x the time
+        cols = (flat.reshape(-1) if n == 1 else flat).index_select(dim, index)
         if outside is not None:
-            cols = cols.index_fill_(1, outside, 0)
+            cols = cols.index_fill_(dim, outside, 0)
         if gemm == "onednn":
             cols = cols.view(n, ho, wo, self.weight.shape[1]).permute(0, 3, 1, 2)
             return F.conv2d(cols, self.weight[:, :, None, None], self.bias)

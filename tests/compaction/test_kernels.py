@@ -71,20 +71,21 @@ def test_every_form_reads_any_layout_and_trains(padding, bias, form, monkeypatch
 
 
 def test_the_rule_picks_a_form_by_batch_and_size(monkeypatch):
-    """Without timing: the GEMM by filters at batch 1, by positions at small batches, oneDNN's from ONEDNN_FROM
-    multiply-adds, and the column form where the positions form's index would be large."""
+    """Without timing: the GEMM by filters at batch 1; at larger batches oneDNN's from ONEDNN_FROM multiply-adds,
+    else the column form where the positions form's index would be large, else the GEMM by positions."""
     from structsparse import layers
     from structsparse.compaction import kernels
     monkeypatch.setattr(layers, "TUNE", False)
     lowered = LoweredConv2d(8, 16, 3, torch.arange(0, 72, 3), padding=1)   # 24 of 72 columns
     x = torch.rand(4, 8, 10, 10)
     assert lowered.form_names(x[:1])[0] == "filters" and lowered.form_names(x)[0] == "positions"
-    monkeypatch.setattr(kernels, "ONEDNN_FROM", 4 * 100 * 24 * 16)
-    assert lowered.form_names(x)[0] == ("onednn" if torch.backends.mkldnn.is_available() else "positions")
     monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", 100 * 24 - 1)
-    assert lowered.form_names(x)[0] == "columns" and sorted(lowered.form_names(x)) == sorted(set(
-        lowered.form_names(x)))
+    assert lowered.form_names(x)[0] == "columns" and lowered.form_names(x[:1])[0] == "filters"
     assert lowered(x).is_contiguous()   # the column form writes N × C × H × W
+    monkeypatch.setattr(kernels, "ONEDNN_FROM", 4 * 100 * 24 * 16)
+    names = lowered.form_names(x)
+    assert names[0] == ("onednn" if torch.backends.mkldnn.is_available() else "columns")
+    assert len(names) == len(set(names)) == 3 + torch.backends.mkldnn.is_available()
 
 
 @pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
