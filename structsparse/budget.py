@@ -261,6 +261,8 @@ def _give_back(probe: _Probes, k: int, spend: Callable[[], float | None], limit:
     with the others zeroed."""
     back: frozenset[int] = frozenset()
     probe.set(k)
+    if limit <= 0:
+        return 0
     spent = spend()
     for j in range(k - 1, max(k - limit, 0) - 1, -1):
         probe.set(k, back | {j})

@@ -218,9 +218,9 @@ class LoweredConv2d(nn.Module):
         AlexNet's conv2 at batch 1, 729 positions, the GEMM took 0.84 of the other's time); "onednn", oneDNN's
         1×1 conv of the gathered entries as a channels-last image (1.11-1.23× the speed of ``addmm``'s on AlexNet's
         conv3-conv5 at batch 64, the same at batch 1, but each call has a fixed cost). Which is fastest is timed,
-        see :meth:`forward`. The entries that fall in the padding are set to
-        zero after the gather, unless ``x`` comes padded (as while tracing): on AlexNet's conv3-conv5 (a tenth of
-        the entries in the padding) padding first took 1.2-1.6× the time at batch 64, 1.15-1.3× at batch 1."""
+        see :meth:`forward`. The entries that fall in the padding are set to zero after the gather, unless ``x``
+        comes padded (as while tracing): on AlexNet's conv3-conv5 (a tenth of the entries in the padding)
+        padding first took 1.2-1.6× the time at batch 64, 1.15-1.3× at batch 1."""
         n = x.shape[0]
         # a channels-last input (a lowered conv's output is) gathered in place: a copy to N×C×H×W first took
         # 1.7-2.6x the time of the gather from it (AlexNet's conv3-conv5, batch 1 and 64)
