@@ -1,7 +1,7 @@
 """The forms of LoweredConv2d on the AlexNet Table 4 layers (SSL row 2), against dense conv2d.
 
 Per layer and batch size: dense ``F.conv2d`` and each form of the same compact layer (positions, columns, the
-GEMM by filters, oneDNN's GEMM; see :mod:`structsparse.compaction.kernels`), timed in interleaved repetitions on
+GEMM by filters, image by image, oneDNN's GEMM; see :mod:`structsparse.compaction.kernels`), timed in interleaved repetitions on
 one thread after a warm-up. Prints each form's speedup over conv2d (ratio of medians), which form
 ``LoweredConv2d`` picks by its rule, and the layer as compact models run it (the forms timed once on the first
 call, the fastest kept unless the rule's is within 10% of it) with the form it kept.
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     row = PAPER_TABLE4[2]
-    forms = ("positions", "columns", "filters") + ("onednn",) * torch.backends.mkldnn.is_available()
+    forms = ("positions", "columns", "filters", "images") + ("onednn",) * torch.backends.mkldnn.is_available()
     print(f"| layer | batch | positions × K' | rule picks | {' | '.join(forms)} | timing kept | its speedup |")
     print("|---|---|---|---|" + "---|" * len(forms) + "---|---|")
     for li in range(1, 5):

@@ -7,7 +7,7 @@ and gathers only those K' rows straight from the (padded) input, then runs one d
 Unfolding everything and then indexing would copy all C·M·K rows first and throw most of the
 gain away.
 
-Four forms of the gather and the GEMM, all exact (up to float rounding). On the CPU each layer times them at
+Five forms of the gather and the GEMM, all exact (up to float rounding). On the CPU each layer times them at
 each input shape and layout it meets, once, and keeps the fastest unless the rule's form is within 10% of it
 (:func:`structsparse.timing.fastest`; off with ``STRUCTSPARSE_TUNE=0``); elsewhere the rule decides
 (:meth:`LoweredConv2d._rule`):
@@ -19,17 +19,19 @@ each input shape and layout it meets, once, and keeps the fastest unless the rul
 * filters (the rule's at batch 1): the same gather, then W by cols (K' × positions) per image, N × C × H × W;
 * oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU): the same gather,
   then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels;
-* columns (the rule's at other batches > 1 where the flat index would be large, positions × K' over
-  :data:`COLUMN_FORM_FROM`, so that reading it costs more than the gather): each kept column's im2col row is a strided
-  window of one input channel, copied for the whole batch by one indexing of a strided view of
-  the padded input (three K'-long indices), then W (N × K') by cols (K' × positions) per image, written
-  in N × C × H × W order.
+* images (the rule's at batches > 1 where the flat index is large, positions × K' over
+  :data:`LARGE_INDEX_FROM`): the filters form image by image, each image gathered alone, so that the index is
+  read while it is in the cache;
+* columns: each kept column's im2col row is a strided window of one input channel, copied for the whole batch
+  by one indexing of a strided view of the padded input (three K'-long indices), then W (N × K') by cols
+  (K' × positions) per image, written in N × C × H × W order. It was the fastest form on AlexNet's conv2 until
+  the forms above; now only timing picks it.
 
 On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.12–1.25× the positions form's
 speed, and at batch 64 oneDNN's at 1.10–1.22×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
-644k), where the column form had been the fastest, the GEMM by filters ran at 1.10× its speed at batch 1 and
-oneDNN's at 1.21× at batch 64 (``python benchmarks/lowered_forms.py --repeats 21``, 2-core Xeon VM, one thread,
-2026-12-04; results/speed/lowered_forms.md).
+644k) the GEMM by filters ran at 1.10× the column form's speed at batch 1 and the images form at 1.2× the
+batched forms' at batch 64 (``python benchmarks/lowered_forms.py``, 2-core Xeon VM, one thread, 2026-12-04;
+results/speed/lowered_forms.md).
 """
 from __future__ import annotations
 
@@ -41,13 +43,20 @@ from torch.nn.modules.utils import _pair
 from ..layers import _is_compiling, remembered_choice
 from ..timing import fastest
 
-__all__ = ["LoweredConv2d", "COLUMN_FORM_FROM", "ONEDNN_FROM"]
+__all__ = ["LoweredConv2d", "LARGE_INDEX_FROM", "ONEDNN_FROM"]
 
-# Above this many entries (positions × kept columns) of the positions form's flat gather index, the
-# column form runs instead (see the module's docstring).
-COLUMN_FORM_FROM = 1 << 18
+# Above this many entries (positions × kept columns) of the positions form's flat gather index, the images
+# form runs first at batches > 1 (see the module's docstring).
+LARGE_INDEX_FROM = 1 << 18
 # From this many multiply-adds a call (batch > 1, CPU), the positions form with oneDNN's GEMM runs first.
 ONEDNN_FROM = 1 << 26
+
+
+def _take(rows: torch.Tensor, index: torch.Tensor, outside: torch.Tensor | None) -> torch.Tensor:
+    """``rows`` (one image's entries, or a row of them per image) at ``index`` along the last dim, the entries
+    listed in ``outside`` (those in the padding) zero."""
+    cols = rows.index_select(rows.dim() - 1, index)
+    return cols if outside is None else cols.index_fill_(rows.dim() - 1, outside, 0)
 
 
 class LoweredConv2d(nn.Module):
@@ -179,7 +188,8 @@ class LoweredConv2d(nn.Module):
         forms = {"positions": lambda: self._positions_form(x, h, w, ho, wo),
                  "columns": lambda: self._column_form(self._pad(x), ho, wo),
                  "filters": lambda: self._positions_form(x, h, w, ho, wo, gemm="filters"),
-                 "onednn": lambda: self._positions_form(x, h, w, ho, wo, gemm="onednn")}
+                 "onednn": lambda: self._positions_form(x, h, w, ho, wo, gemm="onednn"),
+                 "images": lambda: self._images_form(x, h, w, ho, wo)}
         names = self.form_names(x)
         choice = remembered_choice(self, x, lambda: fastest(self._tuning_key(x), [forms[f] for f in names]))
         return forms[names[choice or 0]]()
@@ -191,21 +201,24 @@ class LoweredConv2d(nn.Module):
         ho, wo = self.output_size(*x.shape[2:])
         first = self._rule(x, ho, wo)
         onednn = x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        return [first, *(f for f in ("positions", "columns", "filters", "onednn")[:3 + onednn] if f != first)]
+        forms = ("positions", "columns", "filters", "images") + ("onednn",) * onednn
+        return [first, *(f for f in forms if f != first)]
 
     def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
         """The form that runs without timing, and that timing keeps unless another takes under 0.9 of its time:
-        at batch 1 the GEMM by filters; at larger batches oneDNN's from :data:`ONEDNN_FROM` multiply-adds, else
-        the column form where the positions form's index would be large, else the GEMM by positions. These were
-        the fastest on AlexNet's conv2-conv5 at batch 1 and 64 (oneDNN's fixed cost rules it out of small calls:
-        about 130 µs in the CPU build the README installs)."""
+        at batch 1 the GEMM by filters; at larger batches image by image where the positions form's index would
+        be large (over :data:`LARGE_INDEX_FROM` entries), else oneDNN's GEMM from :data:`ONEDNN_FROM`
+        multiply-adds, else the GEMM by positions. These were the fastest on AlexNet's conv2-conv5 at batch 1 and
+        64 (oneDNN's fixed cost rules it out of small calls: about 130 µs in the CPU build the README installs)."""
         n, kept = x.shape[0], self.weight.shape[1]
         if n == 1:
             return "filters"
+        if ho * wo * kept > LARGE_INDEX_FROM:
+            return "images"
         if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and x.device.type == "cpu" \
                 and torch.backends.mkldnn.is_available():
             return "onednn"
-        return "columns" if ho * wo * kept > COLUMN_FORM_FROM else "positions"
+        return "positions"
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         ph, pw = self.padding
@@ -222,15 +235,9 @@ class LoweredConv2d(nn.Module):
         comes padded (as while tracing): on AlexNet's conv3-conv5 (a tenth of the entries in the padding)
         padding first took 1.2-1.6× the time at batch 64, 1.15-1.3× at batch 1."""
         n = x.shape[0]
-        # a channels-last input (a lowered conv's output is) gathered in place: a copy to N×C×H×W first took
-        # 1.7-2.6x the time of the gather from it (AlexNet's conv3-conv5, batch 1 and 64)
-        last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not padded
-        flat = x.permute(0, 2, 3, 1).reshape(n, -1) if last else x.reshape(n, -1)
-        index, outside = self._gather_index(h, w, x.device, last, padded)
-        dim = 0 if n == 1 else 1  # one image's as a 1-d gather: along dim 1 of a single row took 1.3-1.6x the time
-        cols = (flat.reshape(-1) if n == 1 else flat).index_select(dim, index)
-        if outside is not None:
-            cols = cols.index_fill_(dim, outside, 0)
+        flat, index, outside = self._source(x, h, w, padded)
+        # one image's as a 1-d gather: along dim 1 of a single row took 1.3-1.6x the time
+        cols = _take(flat[0] if n == 1 else flat, index, outside)
         if gemm == "onednn":
             cols = cols.view(n, ho, wo, self.weight.shape[1]).permute(0, 3, 1, 2)
             return F.conv2d(cols, self.weight[:, :, None, None], self.bias)
@@ -244,6 +251,33 @@ class LoweredConv2d(nn.Module):
         else:
             out = torch.mm(cols, self.weight.t())
         return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def _images_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
+        """Image by image: one image's kept entries by a 1-d gather, then W by them (K' × positions), written
+        N × C × H × W (in place where no gradient is asked for). Where the positions form's index is larger
+        than the cache (AlexNet's conv2: 644k entries an image) this ran at 1.2× the batched forms' speed at
+        batch 64: the batched gather re-reads the index for every image, 1.3 ms an image against 0.4 alone."""
+        flat, index, outside = self._source(x, h, w)
+        n, bias = x.shape[0], (None if self.bias is None else self.bias[:, None])
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, bias))
+        out = None if grad else torch.empty(n, self.out_channels, ho * wo, dtype=x.dtype, device=x.device)
+        outs = []
+        for i in range(n):
+            cols = _take(flat[i], index, outside).view(ho * wo, -1).t()
+            kw = {} if out is None else {"out": out[i]}
+            outs.append(torch.mm(self.weight, cols, **kw) if bias is None else torch.addmm(bias, self.weight, cols,
+                                                                                          **kw))
+        return (torch.stack(outs) if out is None else out).view(n, self.out_channels, ho, wo)
+
+    def _source(self, x: torch.Tensor, h: int, w: int,
+                padded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x`` as one row of entries per image, and :meth:`_gather_index`'s index and padding entries into it.
+        A channels-last input (a lowered conv's output is) is read in place: a copy to N×C×H×W first took
+        1.7-2.6x the time of the gather from it (AlexNet's conv3-conv5, batch 1 and 64)."""
+        n = x.shape[0]
+        last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) and not padded
+        flat = x.permute(0, 2, 3, 1).reshape(n, -1) if last else x.reshape(n, -1)
+        return (flat, *self._gather_index(h, w, x.device, last, padded))
 
     def _tuning_key(self, x: torch.Tensor) -> tuple:
         """What the two forms' times depend on: the layer's settings, its kept columns and the input's shape."""

@@ -38,7 +38,7 @@ def test_lowered_conv_matches_conv2d(stride, padding, dilation):
 
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("form", ["columns", "positions", "filters", "onednn"])
+@pytest.mark.parametrize("form", ["columns", "positions", "filters", "onednn", "images"])
 def test_every_form_reads_any_layout_and_trains(padding, bias, form, monkeypatch):
     """Every form is exact on images inside a batch (views with an offset, read in place when unpadded),
     channels-last input (gathered in place by the positions forms), strides and dilation, after the cached
@@ -55,9 +55,11 @@ def test_every_form_reads_any_layout_and_trains(padding, bias, form, monkeypatch
             conv.weight.view(5, -1)[:, torch.randperm(36)[:20]] = 0
         lowered = LoweredConv2d.from_conv(conv)
         x = torch.randn(3, 4, 9, 8)
-        assert lowered(x).is_contiguous() == (form in ("columns", "filters"))  # these write N×C×H×W
+        assert lowered(x).is_contiguous() == (form in ("columns", "filters", "images"))  # these write N×C×H×W
         for image in (x, x[2:3], x[1:].contiguous(memory_format=torch.channels_last), x[:, :, :, 1:][1:2]):
             assert torch.allclose(lowered(image), conv(image), atol=1e-5)
+            with torch.no_grad():   # the images form writes in place here
+                assert torch.allclose(lowered(image), conv(image), atol=1e-5)
         x.requires_grad_(True)
         lowered(x).square().sum().backward()
         grad_x = x.grad.clone()
@@ -71,21 +73,21 @@ def test_every_form_reads_any_layout_and_trains(padding, bias, form, monkeypatch
 
 
 def test_the_rule_picks_a_form_by_batch_and_size(monkeypatch):
-    """Without timing: the GEMM by filters at batch 1; at larger batches oneDNN's from ONEDNN_FROM multiply-adds,
-    else the column form where the positions form's index would be large, else the GEMM by positions."""
+    """Without timing: the GEMM by filters at batch 1; at larger batches image by image where the positions
+    form's index would be large, else oneDNN's GEMM from ONEDNN_FROM multiply-adds, else the GEMM by positions."""
     from structsparse import layers
     from structsparse.compaction import kernels
     monkeypatch.setattr(layers, "TUNE", False)
     lowered = LoweredConv2d(8, 16, 3, torch.arange(0, 72, 3), padding=1)   # 24 of 72 columns
     x = torch.rand(4, 8, 10, 10)
     assert lowered.form_names(x[:1])[0] == "filters" and lowered.form_names(x)[0] == "positions"
-    monkeypatch.setattr(kernels, "COLUMN_FORM_FROM", 100 * 24 - 1)
-    assert lowered.form_names(x)[0] == "columns" and lowered.form_names(x[:1])[0] == "filters"
-    assert lowered(x).is_contiguous()   # the column form writes N × C × H × W
     monkeypatch.setattr(kernels, "ONEDNN_FROM", 4 * 100 * 24 * 16)
+    assert lowered.form_names(x)[0] == ("onednn" if torch.backends.mkldnn.is_available() else "positions")
+    monkeypatch.setattr(kernels, "LARGE_INDEX_FROM", 100 * 24 - 1)
+    assert lowered.form_names(x)[0] == "images" and lowered.form_names(x[:1])[0] == "filters"
+    assert lowered(x).is_contiguous()   # the images form writes N × C × H × W
     names = lowered.form_names(x)
-    assert names[0] == ("onednn" if torch.backends.mkldnn.is_available() else "columns")
-    assert len(names) == len(set(names)) == 3 + torch.backends.mkldnn.is_available()
+    assert len(names) == len(set(names)) == 4 + torch.backends.mkldnn.is_available()
 
 
 @pytest.mark.parametrize("kernel", [2, 3, (2, 3)])
