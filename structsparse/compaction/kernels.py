@@ -27,11 +27,11 @@ each input shape and layout it meets, once, and keeps the fastest unless the rul
   (K' × positions) per image, written in N × C × H × W order. It was the fastest form on AlexNet's conv2 until
   the forms above; now only timing picks it.
 
-On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.12–1.25× the positions form's
-speed, and at batch 64 oneDNN's at 1.10–1.22×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
-644k) the GEMM by filters ran at 1.10× the column form's speed at batch 1 and the images form at 1.2× the
-batched forms' at batch 64 (``python benchmarks/lowered_forms.py``, 2-core Xeon VM, one thread, 2026-12-04;
-results/speed/lowered_forms.md).
+On AlexNet's conv3–conv5 (SSL row 2) at batch 1 the GEMM by filters ran at 1.11–1.25× the positions form's
+speed, and at batch 64 oneDNN's at 1.09–1.48×; on conv2 (729 positions, 883 of 2400 columns kept, an index of
+644k) the GEMM by filters ran at 1.14× the column form's speed at batch 1, and the images form at 1.14× the
+fastest batched form's (oneDNN's) at batch 64 (``python benchmarks/lowered_forms.py --repeats 21``, 2-core Xeon
+VM, one thread, 2026-12-04; results/speed/lowered_forms.md).
 """
 from __future__ import annotations
 
@@ -255,8 +255,8 @@ class LoweredConv2d(nn.Module):
     def _images_form(self, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
         """Image by image: one image's kept entries by a 1-d gather, then W by them (K' × positions), written
         N × C × H × W (in place where no gradient is asked for). Where the positions form's index is larger
-        than the cache (AlexNet's conv2: 644k entries an image) this ran at 1.2× the batched forms' speed at
-        batch 64: the batched gather re-reads the index for every image, 1.3 ms an image against 0.4 alone."""
+        than the cache (AlexNet's conv2: 644k entries an image) this ran at 1.14× the fastest batched form's speed
+        at batch 64: the batched gather re-reads the index for every image, 1.3 ms an image against 0.4 alone."""
         flat, index, outside = self._source(x, h, w)
         n, bias = x.shape[0], (None if self.bias is None else self.bias[:, None])
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, bias))
