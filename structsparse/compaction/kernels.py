@@ -176,9 +176,9 @@ class LoweredConv2d(nn.Module):
         """One of the forms with the same values (up to float rounding): the positions form, one GEMM,
         (N·positions × K') by (K' × filters), written channels-last and returned as an N × filters × Ho × Wo view
         (``torch.channels_last`` memory format); the same gather with the GEMM by filters (N × C × H × W out) or
-        with oneDNN's (CPU only); or the column form. On the CPU the fastest at this input's shape is kept, timed
-        once (:func:`structsparse.layers.tunable`); otherwise :meth:`_rule` chooses, and while tracing the
-        positions form runs."""
+        with oneDNN's (CPU only); the GEMM by filters image by image; or the column form. On the CPU the fastest
+        at this input's shape is kept, timed once (:func:`structsparse.layers.tunable`); otherwise :meth:`_rule`
+        chooses, and while tracing the positions form runs."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"LoweredConv2d expects N×{self.in_channels}×H×W input, got {list(x.shape)}")
         h, w = x.shape[2:]
@@ -265,8 +265,10 @@ class LoweredConv2d(nn.Module):
         for i in range(n):
             cols = _take(flat[i], index, outside).view(ho * wo, -1).t()
             kw = {} if out is None else {"out": out[i]}
-            outs.append(torch.mm(self.weight, cols, **kw) if bias is None else torch.addmm(bias, self.weight, cols,
-                                                                                          **kw))
+            if bias is None:
+                outs.append(torch.mm(self.weight, cols, **kw))
+            else:
+                outs.append(torch.addmm(bias, self.weight, cols, **kw))
         return (torch.stack(outs) if out is None else out).view(n, self.out_channels, ho, wo)
 
     def _source(self, x: torch.Tensor, h: int, w: int,
