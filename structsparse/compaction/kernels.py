@@ -19,7 +19,7 @@ each input shape and layout it meets, once, and keeps the fastest unless the rul
 * filters (the rule's at batch 1): the same gather, then W by cols (K' × positions) per image, N × C × H × W;
 * oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU): the same gather,
   then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels;
-* images (the rule's at batches > 1 where the flat index is large, positions × K' over
+* images (the rule's on the CPU at batches > 1 where the flat index is large, positions × K' over
   :data:`LARGE_INDEX_FROM`): the filters form image by image, each image gathered alone, so that the index is
   read while it is in the cache;
 * columns: each kept column's im2col row is a strided window of one input channel, copied for the whole batch
@@ -213,7 +213,7 @@ class LoweredConv2d(nn.Module):
         n, kept = x.shape[0], self.weight.shape[1]
         if n == 1:
             return "filters"
-        if ho * wo * kept > LARGE_INDEX_FROM:
+        if ho * wo * kept > LARGE_INDEX_FROM and x.device.type == "cpu":  # a CPU cache's matter
             return "images"
         if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and x.device.type == "cpu" \
                 and torch.backends.mkldnn.is_available():
