@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": machine_info(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                     "command": "python3 benchmarks/gpu_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    md = [f"GPU check on {result['gpu']}, torch {result['torch']}, {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-          ""]
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    md = [f"GPU check on {result['gpu']}, torch {result['torch']}, {when}", ""]
     try:
         t4 = alexnet_table4(rows=(2, 5, 1), batch_sizes=(1, 64), threads=(1,), groups=("1",), repeats=args.repeats,
                             warmup=3, device="cuda", progress=lambda r: print(json.dumps(
