@@ -2,9 +2,10 @@
 
 Per layer and batch size: dense ``F.conv2d`` and each form of the same compact layer (positions, columns, the
 GEMM by filters, image by image, oneDNN's GEMM; see :mod:`structsparse.compaction.kernels`), timed in
-interleaved repetitions on one thread after a warm-up (``--device cuda``: on the GPU). Prints each form's speedup over conv2d (ratio of medians), which form
-``LoweredConv2d`` picks by its rule, and the layer as compact models run it (the forms timed once on the first
-call, the fastest kept unless the rule's is within 10% of it) with the form it kept.
+interleaved repetitions on one thread after a warm-up (``--device cuda``: on the GPU). Prints each form's
+speedup over conv2d (ratio of medians), which form ``LoweredConv2d`` picks by its rule, and the layer as compact
+models run it (the forms timed once on the first call, the fastest kept unless the rule's is within 10% of it)
+with the form it kept.
 
     .venv/bin/python benchmarks/lowered_forms.py [--repeats 30] [--batch 1,64]
 """
