@@ -17,8 +17,9 @@ each input shape and layout it meets, once, and keeps the fastest unless the rul
   the padding are then set to zero), then cols (N·positions × K') by Wᵀ, returned as a channels-last view.
   It is also the form used while tracing for export (there from the padded input: no data-dependent step);
 * filters (the rule's at batch 1): the same gather, then W by cols (K' × positions) per image, N × C × H × W;
-* oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU): the same gather,
-  then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels;
+* oneDNN (the rule's at larger batches from :data:`ONEDNN_FROM` multiply-adds, on the CPU and on CUDA): the same
+  gather, then the entries as a channels-last image of K' channels by a 1×1 conv, oneDNN's kernels (cuDNN's on
+  CUDA);
 * images (the rule's on the CPU at batches > 1 where the flat index is large, positions × K' over
   :data:`LARGE_INDEX_FROM`): the filters form image by image, each image gathered alone, so that the index is
   read while it is in the cache;
@@ -50,6 +51,12 @@ __all__ = ["LoweredConv2d", "LARGE_INDEX_FROM", "ONEDNN_FROM"]
 LARGE_INDEX_FROM = 1 << 18
 # From this many multiply-adds a call (batch > 1, CPU), the positions form with oneDNN's GEMM runs first.
 ONEDNN_FROM = 1 << 26
+
+
+def _conv_gemm(x: torch.Tensor) -> bool:
+    """Whether the GEMM as a 1×1 conv is a form for ``x``: oneDNN's on the CPU, cuDNN's on CUDA (on an H200 it
+    was the fastest form at batch 64 on AlexNet's conv2, conv4 and conv5, results/speed/gpu)."""
+    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()) or x.device.type == "cuda"
 
 
 def _take(rows: torch.Tensor, index: torch.Tensor, outside: torch.Tensor | None) -> torch.Tensor:
@@ -200,8 +207,7 @@ class LoweredConv2d(nn.Module):
         so that the choice timed for a key means one form."""
         ho, wo = self.output_size(*x.shape[2:])
         first = self._rule(x, ho, wo)
-        onednn = x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        forms = ("positions", "columns", "filters", "images") + ("onednn",) * onednn
+        forms = ("positions", "columns", "filters", "images") + ("onednn",) * _conv_gemm(x)
         return [first, *(f for f in forms if f != first)]
 
     def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
@@ -215,8 +221,7 @@ class LoweredConv2d(nn.Module):
             return "filters"
         if ho * wo * kept > LARGE_INDEX_FROM and x.device.type == "cpu":  # a CPU cache's matter
             return "images"
-        if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and x.device.type == "cpu" \
-                and torch.backends.mkldnn.is_available():
+        if n * ho * wo * kept * self.out_channels >= ONEDNN_FROM and _conv_gemm(x):
             return "onednn"
         return "positions"
 
