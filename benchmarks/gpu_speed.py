@@ -33,8 +33,9 @@ MODELS = ["results/mnist/main", *(f"results/mnist/budget_rows_held/lenet{n}" for
           "results/fmnist/latency50"]
 
 
-def whole_models(repeats: int, batches: tuple[int, ...]) -> list[dict]:
-    rows = []
+def whole_models(repeats: int, batches: tuple[int, ...]) -> tuple[list[dict], list[str]]:
+    """Each committed compact model against its dense architecture: the rows, and their tables in markdown."""
+    rows, md = [], []
     for run in MODELS:
         metrics = json.loads((Path(run) / "metrics.json").read_text())
         dense = build_model(metrics["model"], **metrics.get("model_args", {})).cuda().eval()
@@ -42,10 +43,11 @@ def whole_models(repeats: int, batches: tuple[int, ...]) -> list[dict]:
         shape = json.loads((Path(run) / "compact" / "architecture.json").read_text())["input_shape"]
         report = measure_speedup(dense, compact, torch.zeros(1, *shape, device="cuda"), batch_sizes=batches,
                                  repeats=repeats, warmup=5, layers=False, same_forms=False)
+        md += [f"### {run}", "", report.to_markdown(), ""]
         for r in report.rows:
             rows.append({"run": run, **r})
             print(json.dumps(rows[-1], default=str), flush=True)
-    return rows
+    return rows, md
 
 
 def main(argv=None) -> int:
@@ -72,12 +74,8 @@ def main(argv=None) -> int:
         print(result["alexnet_table4_error"], file=sys.stderr)
     (args.out / "gpu_speed.json").write_text(json.dumps(result, indent=1, default=str))
     try:
-        result["models"] = whole_models(args.repeats, (1, 64, 1024))
-        md += ["| run | scope | batch | dense ms | compact ms | speedup |", "|---|---|---|---|---|---|"]
-        for r in result["models"]:
-            lo, hi = r["speedup_ci"]
-            md.append(f"| {r['run']} | {r['scope']} | {r['batch']} | {r['original']['median_ms']:.3f} | "
-                      f"{r['compact']['median_ms']:.3f} | {r['speedup']:.2f}× [{lo:.2f}–{hi:.2f}] |")
+        result["models"], tables = whole_models(args.repeats, (1, 64, 1024))
+        md += tables
     except Exception:
         result["models_error"] = traceback.format_exc()
         print(result["models_error"], file=sys.stderr)

@@ -173,11 +173,13 @@ class LoweredConv2d(nn.Module):
         x = x.contiguous()
         windows = x.as_strided((n, c, *self.kernel_size, ho, wo), (c * hp * wp, hp * wp, dh * wp, dw, sh * wp, sw))
         channel, row, col = self._window_index(x.device)
-        cols = windows[:, channel, row, col].view(n, -1, ho * wo)  # n × K' × positions
-        weight = self.weight.expand(n, -1, -1)
-        if self.bias is None:
-            return torch.bmm(weight, cols).view(n, self.out_channels, ho, wo)
-        return torch.baddbmm(self.bias.view(1, -1, 1), weight, cols).view(n, self.out_channels, ho, wo)
+        return self._by_filters(windows[:, channel, row, col].view(n, -1, ho * wo), ho, wo)
+
+    def _by_filters(self, cols: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
+        """W (N × K') by each image's ``cols`` (n × K' × positions), plus the bias: N × C × H × W."""
+        n, weight = cols.shape[0], self.weight.expand(cols.shape[0], -1, -1)
+        out = torch.bmm(weight, cols) if self.bias is None else torch.baddbmm(self.bias.view(1, -1, 1), weight, cols)
+        return out.view(n, self.out_channels, ho, wo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """One of the forms with the same values (up to float rounding): the positions form, one GEMM,
@@ -247,9 +249,7 @@ class LoweredConv2d(nn.Module):
             cols = cols.view(n, ho, wo, self.weight.shape[1]).permute(0, 3, 1, 2)
             return F.conv2d(cols, self.weight[:, :, None, None], self.bias)
         if gemm == "filters":
-            cols, weight = cols.view(n, ho * wo, -1).transpose(1, 2), self.weight.expand(n, -1, -1)
-            out = torch.bmm(weight, cols) if self.bias is None else torch.baddbmm(self.bias[:, None], weight, cols)
-            return out.view(n, self.out_channels, ho, wo)
+            return self._by_filters(cols.view(n, ho * wo, -1).transpose(1, 2), ho, wo)
         cols = cols.view(n * ho * wo, self.weight.shape[1])
         if self.bias is not None:
             out = torch.addmm(self.bias, cols, self.weight.t())
