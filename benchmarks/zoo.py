@@ -2,7 +2,7 @@
 """Any model a user brings: torchvision's zoo through GroupLasso, compact, save/load and ONNX, beside
 Torch-Pruning at the same ratio.
 
-Per model (random weights, random BatchNorm statistics, one input of --size, seeded): build
+Per model (random weights, random BatchNorm statistics, one input of --batch images of --size, seeded): build
 ``GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)`` and backpropagate its penalty;
 zero --fraction of every Conv2d / Linear's filters (with the BatchNorm γ/β right after them), of every
 self-attention's heads (the output columns that read them) and of GroupLasso's coupled channel groups (the
@@ -172,26 +172,31 @@ def torch_pruning(dense: nn.Module, x: torch.Tensor, fraction: float) -> tuple[d
         model
 
 
-def latency(calls: dict[str, object], repeats: int) -> dict:
-    """Median ms of each call, timed in the same interleaved repetitions on one thread."""
+def latency(calls: dict[str, object], repeats: int, device: str = "cpu") -> dict:
+    """Median ms of each call, timed in the same interleaved repetitions: on one thread on the CPU, with CUDA
+    events on a GPU."""
     names = [n for n, f in calls.items() if f is not None]
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            samples = time_interleaved([calls[n] for n in names], repeats=repeats, warmup=2)
+            samples = time_interleaved([calls[n] for n in names], repeats=repeats, warmup=2, device=device)
     finally:
         torch.set_num_threads(old)
     return {n: summarize(s) for n, s in zip(names, samples)}
 
 
-def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, peer: bool = True) -> dict:
+def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, peer: bool = True,
+              batch: int = 1, device: str = "cpu", time_batch: int | None = None) -> dict:
+    """One model's row: built, compacted and checked on the CPU on ``batch`` images; timed on ``device`` on
+    ``time_batch`` (default ``batch``)."""
     row: dict = {"model": name}
     dense = build(name, size, seed)
-    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     timed = {"dense": dense}
     for key, fn in (("structsparse", lambda: ours(copy.deepcopy(dense), x, fraction, seed)),
-                    ("torch_pruning", lambda: torch_pruning(dense, x, fraction) if peer else ({"error": "not run"}, None))):
+                    ("torch_pruning",
+                     lambda: torch_pruning(dense, x, fraction) if peer else ({"error": "not run"}, None))):
         try:
             row[key], timed[key] = fn()
         except Exception as e:  # noqa: BLE001  a failure is a result
@@ -200,14 +205,24 @@ def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, pe
             timed[key] = None
     dense_cl, x_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last), x.contiguous(
         memory_format=torch.channels_last)  # the dense model in the other layout, as a fair second baseline
-    calls = {k: (lambda m=m: m(x)) if m is not None else None for k, m in timed.items()}
-    ms = latency({**calls, "dense_channels_last": lambda: dense_cl(x_cl)}, repeats)
+    if time_batch not in (None, batch):
+        x = torch.rand(time_batch, *x.shape[1:], generator=torch.Generator().manual_seed(seed + 2))
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+    x, x_cl = x.to(device), x_cl.to(device)
+    try:
+        calls = {k: (lambda m=m.to(device): m(x)) if m is not None else None for k, m in timed.items()}
+        ms = latency({**calls, "dense_channels_last": lambda m=dense_cl.to(device): m(x_cl)}, repeats, device)
+    except Exception as e:  # noqa: BLE001  a model that does not run on the device is a result
+        row["latency_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        return row
     row["latency_ms"] = ms
     best_dense = min(ms["dense"]["median_ms"], ms["dense_channels_last"]["median_ms"])
     for key in ("structsparse", "torch_pruning"):
         if key in ms:
             row[key]["latency_ratio"] = ms[key]["median_ms"] / ms["dense"]["median_ms"]
             row[key]["latency_ratio_best_dense"] = ms[key]["median_ms"] / best_dense
+            if "flop_ratio" in row[key]:  # the speed issue's target: at most 1.25
+                row[key]["latency_per_flop"] = row[key]["latency_ratio"] / row[key]["flop_ratio"]
     if timed.get("structsparse") is not None:
         row["structsparse"]["channels_last"] = timed["structsparse"].channels_last
     return row
@@ -215,14 +230,20 @@ def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, pe
 
 def markdown(res: dict) -> str:
     m = res["machine"]
-    lines = [f"`{res['command']}` on {m['cpu']}, torch {m['torch']}, one thread, {res['date']}; input 1×3×"
-             f"{res['size']}×{res['size']}, {res['fraction']:.0%} of the groups zeroed; latency: median of "
+    where = f"{m['cpu']}, torch {m['torch']}, one thread" if res.get("device", "cpu") == "cpu" else \
+        f"{m.get('gpu', res['device'])} (CUDA events), torch {m['torch']}"
+    tb = res.get("time_batch", res.get("batch", 1))
+    timed_on = f" (timed on {tb})" if tb != res.get("batch", 1) else ""
+    lines = [f"`{res['command']}` on {where}, {res['date']}; input "
+             f"{res.get('batch', 1)}×3×{res['size']}×{res['size']}{timed_on}, {res['fraction']:.0%} of the groups "
+             "zeroed; "
+             "latency: median of "
              f"{res['repeats']} interleaved repetitions, as a ratio to the dense model's, and to the dense model's in "
              "its faster memory format (NCHW or channels-last weights and input, timed in the same repetitions); "
              "layout: the one `compact` kept (channels-last where it timed over 10% faster).", "",
              "| model | exact (max rel diff) | save/load | ONNX | FLOP ratio (ours / TP) | params (ours / TP) | "
-             "latency ratio (ours / TP) | vs the faster dense (ours / TP) | layout | units pinned | "
-             "commonest reasons |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "latency ratio (ours / TP) | latency ÷ FLOP ratio (ours / TP) | vs the faster dense (ours / TP) | "
+             "layout | units pinned | commonest reasons |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         s, t = r["structsparse"], r["torch_pruning"]
         if "error" in s:
@@ -239,7 +260,8 @@ def markdown(res: dict) -> str:
         pin = f"{s['pinned_fraction']:.0%} of {s['units']}" if "units" in s else "–"
         layout = "–" if "channels_last" not in s else "channels-last" if s["channels_last"] else "NCHW"
         lines.append(f"| {r['model']} | " + " | ".join(ours_cells) + f" | {pair('flop_ratio')} | "
-                     f"{pair('param_ratio')} | {pair('latency_ratio')} | {pair('latency_ratio_best_dense')} | "
+                     f"{pair('param_ratio')} | {pair('latency_ratio')} | {pair('latency_per_flop')} | "
+                     f"{pair('latency_ratio_best_dense')} | "
                      f"{layout} | {pin} | {reasons} |")
     return "\n".join(lines)
 
@@ -249,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(MODELS),
                     help="comma-separated torchvision model names; timm:NAME for a timm model (pip install timm)")
     ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--batch", type=int, default=1, help="images in the input that builds, checks and times each model")
+    ap.add_argument("--time-batch", type=int, default=None, help="images in the timed input (default: --batch)")
+    ap.add_argument("--device", default="cpu", help="where to time the models (cuda: a GPU, with CUDA events); "
+                    "they are built, compacted and checked on the CPU")
     ap.add_argument("--fraction", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -256,20 +282,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for zoo.json and zoo.md (default: print only)")
     args = ap.parse_args(argv)
     res = {"command": "python benchmarks/zoo.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-           "machine": machine_info(measure_threads=1), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "size": args.size, "fraction": args.fraction, "repeats": args.repeats, "results": []}
+           "machine": machine_info(measure_threads=1), "device": args.device,
+           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "size": args.size, "batch": args.batch,
+           "time_batch": args.time_batch or args.batch, "fraction": args.fraction, "repeats": args.repeats,
+           "results": []}
+    out = Path(args.out) if args.out else None
     for name in args.models.split(","):
         t0 = time.perf_counter()
-        res["results"].append(run_model(name, args.size, args.fraction, args.repeats, args.seed, not args.no_peer))
+        res["results"].append(run_model(name, args.size, args.fraction, args.repeats, args.seed, not args.no_peer,
+                                          args.batch, args.device, args.time_batch))
         print(f"{name}: {json.dumps(res['results'][-1]['structsparse'])[:300]} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
-    md = markdown(res)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "zoo.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / "zoo.md").write_text(md + "\n")
+        if out is not None:  # after each model, so that an interrupted run keeps the models it finished
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "zoo.json").write_text(json.dumps(res, indent=1) + "\n")
+            (out / "zoo.md").write_text(markdown(res) + "\n")
+    print(markdown(res))
     return 0
 
 
