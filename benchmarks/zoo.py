@@ -11,13 +11,15 @@ that writes it too); then ``compact`` and check it on the
 example and on a new input (max abs difference against the output's scale), save/load, export to ONNX,
 count multiply-adds with ``torch.utils.flop_counter`` on both models, count the channel units that stay
 pinned and why, and time dense, compact and Torch-Pruning's ``MagnitudePruner`` (the same fraction per
-layer, the classifier left alone) in the same interleaved repetitions on one thread.
+layer, the classifier left alone) in the same interleaved repetitions on one thread (``--device cuda``: on a GPU).
 
 Needs torchvision and torch-pruning, in an environment of their own (not the README's set-up)::
 
     python3 -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torch-pruning==1.6.1
     /tmp/tvenv/bin/pip install -e '.[export]'
     /tmp/tvenv/bin/python benchmarks/zoo.py --out results/zoo
+    /tmp/tvenv/bin/python benchmarks/zoo.py --batch 16 --out results/zoo/batch16          # fixed costs amortised
+    PYTHONPATH=. python3 benchmarks/zoo.py --device cuda --batch 64 --out OUT              # on a GPU
 """
 from __future__ import annotations
 
@@ -123,7 +125,8 @@ def max_rel_diff(a: nn.Module, b: nn.Module, xs: list[torch.Tensor]) -> float:
         return max(float((a(x) - b(x)).abs().max() / a(x).abs().max().clamp_min(1e-12)) for x in xs)
 
 
-def ours(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> tuple[dict, nn.Module | None]:
+def ours(model: nn.Module, x: torch.Tensor, fraction: float, seed: int,
+         grouped: str = "pad") -> tuple[dict, nn.Module | None]:
     """GroupLasso, the zero pattern, compact, save/load, ONNX: a row, and the compact model."""
     row: dict = {}
     gl = GroupLasso(model, {"filter": 1e-3, "channel": 1e-3}, example_input=x)
@@ -133,7 +136,7 @@ def ours(model: nn.Module, x: torch.Tensor, fraction: float, seed: int) -> tuple
     row.update(zero_pattern(model, gl, x, fraction, seed))
     row.update(pinned(model, x))
     t0 = time.perf_counter()
-    small = compact(model, x)
+    small = compact(model, x, grouped=grouped)
     row["compact_s"] = time.perf_counter() - t0
     fresh = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed + 1))
     row["max_rel_diff"] = max_rel_diff(model, small, [x, fresh])
@@ -187,14 +190,14 @@ def latency(calls: dict[str, object], repeats: int, device: str = "cpu") -> dict
 
 
 def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, peer: bool = True,
-              batch: int = 1, device: str = "cpu", time_batch: int | None = None) -> dict:
+              batch: int = 1, device: str = "cpu", time_batch: int | None = None, grouped: str = "pad") -> dict:
     """One model's row: built, compacted and checked on the CPU on ``batch`` images; timed on ``device`` on
     ``time_batch`` (default ``batch``)."""
     row: dict = {"model": name}
     dense = build(name, size, seed)
     x = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
     timed = {"dense": dense}
-    for key, fn in (("structsparse", lambda: ours(copy.deepcopy(dense), x, fraction, seed)),
+    for key, fn in (("structsparse", lambda: ours(copy.deepcopy(dense), x, fraction, seed, grouped)),
                     ("torch_pruning",
                      lambda: torch_pruning(dense, x, fraction) if peer else ({"error": "not run"}, None))):
         try:
@@ -240,7 +243,8 @@ def markdown(res: dict) -> str:
              "latency: median of "
              f"{res['repeats']} interleaved repetitions, as a ratio to the dense model's, and to the dense model's in "
              "its faster memory format (NCHW or channels-last weights and input, timed in the same repetitions); "
-             "layout: the one `compact` kept (channels-last where it timed over 10% faster).", "",
+             "layout: the one `compact` kept (channels-last where it timed over 10% faster)"
+             + (f"; `compact(..., grouped={res['grouped']!r})`" if "grouped" in res else "") + ".", "",
              "| model | exact (max rel diff) | save/load | ONNX | FLOP ratio (ours / TP) | params (ours / TP) | "
              "latency ratio (ours / TP) | latency ÷ FLOP ratio (ours / TP) | vs the faster dense (ours / TP) | "
              "layout | units pinned | commonest reasons |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -275,6 +279,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-batch", type=int, default=None, help="images in the timed input (default: --batch)")
     ap.add_argument("--device", default="cpu", help="where to time the models (cuda: a GPU, with CUDA events); "
                     "they are built, compacted and checked on the CPU")
+    ap.add_argument("--grouped", default="measure", choices=("pad", "keep", "measure"),
+                    help="compact's grouped=: what becomes of the channels a grouped conv keeps only for its balance")
     ap.add_argument("--fraction", type=float, default=0.4)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
@@ -285,13 +291,14 @@ def main(argv=None) -> int:
            "machine": machine_info(measure_threads=1), "device": args.device,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "size": args.size, "batch": args.batch,
-           "time_batch": args.time_batch or args.batch, "fraction": args.fraction, "repeats": args.repeats,
+           "time_batch": args.time_batch or args.batch, "grouped": args.grouped,
+           "fraction": args.fraction, "repeats": args.repeats,
            "results": []}
     out = Path(args.out) if args.out else None
     for name in args.models.split(","):
         t0 = time.perf_counter()
         res["results"].append(run_model(name, args.size, args.fraction, args.repeats, args.seed, not args.no_peer,
-                                          args.batch, args.device, args.time_batch))
+                                          args.batch, args.device, args.time_batch, args.grouped))
         print(f"{name}: {json.dumps(res['results'][-1]['structsparse'])[:300]} ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)
         if out is not None:  # after each model, so that an interrupted run keeps the models it finished

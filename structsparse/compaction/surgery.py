@@ -469,7 +469,7 @@ def _realisable(graph: Graph, units, remove: torch.Tensor) -> torch.Tensor:
                 changed = True
                 if graph.nodes[name].role in WEIGHTED:
                     warnings.warn(f"compact: every output channel of {name} is zero or unread; one is kept so that "
-                                  "the shapes stay valid", CollapseWarning, stacklevel=4)
+                                  "the shapes stay valid", CollapseWarning, stacklevel=5)
         for ids_in, ids_out, g in grouped:
             for ids in (ids_in, ids_out):
                 per = remove[ids].view(g, -1)
@@ -703,8 +703,42 @@ def _choose_layout(net: CompactNet, x: torch.Tensor, channels_last: bool | str) 
         net.use_channels_last()
 
 
+GROUPED = ("pad", "keep", "measure")
+
+
+def _compacted(work: nn.Module, example_input: torch.Tensor, lowered_below: float | str, fold_norms: bool,
+               grouped: str) -> tuple[CompactNet, torch.Tensor, bool]:
+    """``work`` (a copy in eval mode, changed in place) as a CompactNet in NCHW, ``work``'s output before, and
+    whether some grouped conv keeps channels only so that every group loses as many (the choice ``grouped``
+    makes)."""
+    graph = trace_graph(work, example_input)
+    with torch.no_grad():
+        reference = work(example_input)
+        values = _run(graph, example_input)
+        graph = _replace_constants(graph, _input_independent(graph), values)
+        units, wanted, reads = _removable_units(graph, values)
+        remove = _realisable(graph, units, wanted.clone())
+        outside, keep = _around_grouped(graph, units, wanted, remove)
+        balanced = bool((outside != remove).any())
+        if grouped == "keep":  # computed and read as in the model: no ChannelPad, no IndexSelect
+            outside, keep = remove, {}
+        _fold(graph, units, outside, reads, values)
+        _shrink(graph, units, outside, keep)
+        if fold_norms:
+            graph = _fold_norms(graph)
+        gathers = _gather(graph, units, outside) + _regroup_steps(graph, units, remove, outside)
+    if graph.nodes[graph.output].role == CONST:
+        warnings.warn(f"compact: the output of {type(work).__name__} no longer depends on its input (its zero "
+                      "structures cut every path from the input); the compact model is a constant", CollapseWarning,
+                      stacklevel=3)
+    net = CompactNet(_steps(graph, gathers, example_input.shape[0], lowered_below)).eval()
+    net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension
+    return net, reference, balanced
+
+
 def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: float | str = LOWERED_BELOW,
-            check: bool = True, fold_norms: bool = True, channels_last: bool | str = "measure") -> CompactNet:
+            check: bool = True, fold_norms: bool = True, channels_last: bool | str = "measure",
+            grouped: str = "pad") -> CompactNet:
     """A new smaller dense model with the same eval-mode outputs as ``model`` (which is not changed).
 
     ``example_input`` (a batch of real or random inputs of the right shape) is used to
@@ -718,31 +752,26 @@ def compact(model: nn.Module, example_input: torch.Tensor, *, lowered_below: flo
     conv or Linear is folded into it, as inference engines do. Modules keep their names. ``channels_last``
     (True, False, or ``"measure"``, the default: time both layouts on ``example_input`` on the CPU and keep
     channels-last where it is over 10% faster) sets :meth:`CompactNet.use_channels_last`.
+
+    ``grouped`` says what becomes of the channels a grouped conv keeps only so that every group loses as many:
+    ``"pad"`` (the default, the fewest multiply-adds) cuts them everywhere else, a :class:`ChannelPad` putting
+    their zeros back before the conv and an :class:`IndexSelect` dropping them after it; ``"keep"`` computes and
+    reads them as the model does (more multiply-adds, no copies: RegNet ran faster so on the CPU); ``"measure"``
+    builds both where they differ, times them on ``example_input`` on the CPU and keeps ``"keep"`` where it is
+    over 10% faster.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compact expects an nn.Module, got {type(model).__name__}")
-    work = copy.deepcopy(model).eval()
-    graph = trace_graph(work, example_input)
-    with torch.no_grad():
-        reference = work(example_input)
-        values = _run(graph, example_input)
-        graph = _replace_constants(graph, _input_independent(graph), values)
-        units, wanted, reads = _removable_units(graph, values)
-        remove = _realisable(graph, units, wanted.clone())
-        outside, keep = _around_grouped(graph, units, wanted, remove)
-        _fold(graph, units, outside, reads, values)
-        _shrink(graph, units, outside, keep)
-        if fold_norms:
-            graph = _fold_norms(graph)
-        gathers = _gather(graph, units, outside) + _regroup_steps(graph, units, remove, outside)
-    if graph.nodes[graph.output].role == CONST:
-        warnings.warn(f"compact: the output of {type(model).__name__} no longer depends on its input (its zero "
-                      "structures cut every path from the input); the compact model is a constant", CollapseWarning,
-                      stacklevel=2)
-    steps = _steps(graph, gathers, example_input.shape[0], lowered_below)
-    net = CompactNet(steps).eval()
-    net.input_shape = list(example_input.shape[1:])  # one input, without the batch dimension
+    if grouped not in GROUPED:
+        raise ValueError(f"grouped must be one of {', '.join(map(repr, GROUPED))}, got {grouped!r}")
+    net, reference, balanced = _compacted(copy.deepcopy(model).eval(), example_input, lowered_below, fold_norms,
+                                          "pad" if grouped == "measure" else grouped)
     _choose_layout(net, example_input, channels_last)
+    if grouped == "measure" and balanced and tunable(example_input):
+        other, _, _ = _compacted(copy.deepcopy(model).eval(), example_input, lowered_below, fold_norms, "keep")
+        _choose_layout(other, example_input, channels_last)
+        if pick_fastest([lambda: net(example_input), lambda: other(example_input)]) == 1:
+            net = other
     if check:
         with torch.no_grad():
             got = net(example_input)

@@ -8,6 +8,7 @@ from torch import nn
 
 from structsparse import GroupLasso, compact, export_onnx, load_compact, save_compact
 from structsparse.graph import channel_units, trace_graph
+from structsparse.report import count_macs
 
 from helpers import check_exact, randomize
 
@@ -251,7 +252,8 @@ class RegNetish(nn.Module):
         return self.fc(self.block(self.stem(x)).mean((2, 3)))
 
 
-def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path):
+def _balanced_regnetish() -> nn.Module:
+    """RegNetish whose grouped conv keeps channels only so that every group loses as many."""
     model = randomize(RegNetish())
     with torch.no_grad():
         # outputs of the grouped conv nobody reads: 2, 1, 3 and 1 in its four groups of 4 -> one per group goes
@@ -260,6 +262,11 @@ def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path)
         for i in (1, 5, 6, 10, 15):
             model.block.a[0].weight[i] = 0
             model.block.a[1].weight[i] = model.block.a[1].bias[i] = 0
+    return model
+
+
+def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path):
+    model = _balanced_regnetish()
     x = torch.rand(2, 3, 8, 8)
     small = compact(model, x)
     check_exact(model, small, x)
@@ -274,6 +281,34 @@ def test_grouped_convs_lose_the_same_number_of_channels_in_every_group(tmp_path)
     assert type(steps[names.index("block.b.0") - 1][1]).__name__ == "ChannelPad"
     assert any(type(mod).__name__ == "IndexSelect" for _, mod in steps)
     _roundtrip(model, small, x, tmp_path)
+
+
+def test_grouped_keep_computes_the_balance_channels_instead_of_padding_them(tmp_path):
+    model = _balanced_regnetish()
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x, grouped="keep")
+    check_exact(model, small, x)
+    m = dict(small.named_modules())
+    assert m["block.b.0"].groups == 4 and m["block.b.0"].in_channels == m["block.b.0"].out_channels == 12
+    # the first conv computes input 6 (its zeros), the last conv reads outputs 1, 9, 10: nothing is copied
+    assert m["block.a.0"].out_channels == 12 and m["block.c.0"].in_channels == 12
+    assert not any(type(mod).__name__ in ("ChannelPad", "IndexSelect") for _, mod in small.steps())
+    padded = compact(model, x)
+    assert count_macs(small, x) > count_macs(padded, x)
+    _roundtrip(model, small, x, tmp_path)
+
+
+def test_grouped_measure_keeps_one_of_the_two_exact_forms_and_a_bad_value_is_named():
+    model = _balanced_regnetish()
+    x = torch.rand(2, 3, 8, 8)
+    small = compact(model, x, grouped="measure")
+    check_exact(model, small, x)
+    pads = sum(type(mod).__name__ == "ChannelPad" for _, mod in small.steps())
+    assert dict(small.named_modules())["block.a.0"].out_channels == (11 if pads else 12)
+    plain = randomize(RegNetish())   # no balance channels: measure builds one model, the padded form's
+    assert [n for n, _ in compact(plain, x, grouped="measure").steps()] == [n for n, _ in compact(plain, x).steps()]
+    with pytest.raises(ValueError, match="grouped must be one of 'pad', 'keep', 'measure', got 'fast'"):
+        compact(model, x, grouped="fast")
 
 
 def test_group_lasso_reads_a_grouped_convs_columns_per_input_channel():
