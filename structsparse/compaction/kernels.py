@@ -94,6 +94,7 @@ class LoweredConv2d(nn.Module):
         self._index_cache: dict = {}
         self._window_cache: tuple | None = None  # see _window_index
         self._columns_key: int | None = None  # see _tuning_key
+        self._names: dict = {}  # see form_names
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, keep: torch.Tensor | None = None) -> "LoweredConv2d":
@@ -194,23 +195,31 @@ class LoweredConv2d(nn.Module):
         ho, wo = self.output_size(h, w)
         if _is_compiling() or torch.jit.is_tracing() or x.is_meta:  # no data-dependent steps (meta: a check)
             return self._positions_form(self._pad(x), h, w, ho, wo, padded=True)
-        forms = {"positions": lambda: self._positions_form(x, h, w, ho, wo),
-                 "columns": lambda: self._column_form(self._pad(x), ho, wo),
-                 "filters": lambda: self._positions_form(x, h, w, ho, wo, gemm="filters"),
-                 "onednn": lambda: self._positions_form(x, h, w, ho, wo, gemm="onednn"),
-                 "images": lambda: self._images_form(x, h, w, ho, wo)}
         names = self.form_names(x)
-        choice = remembered_choice(self, x, lambda: fastest(self._tuning_key(x), [forms[f] for f in names]))
-        return forms[names[choice or 0]]()
+        choice = remembered_choice(self, x, lambda: fastest(
+            self._tuning_key(x), [lambda f=f: self._form(f, x, h, w, ho, wo) for f in names]))
+        return self._form(names[choice or 0], x, h, w, ho, wo)
+
+    def _form(self, name: str, x: torch.Tensor, h: int, w: int, ho: int, wo: int) -> torch.Tensor:
+        """Form ``name`` (one of :meth:`form_names`) on ``x``."""
+        if name == "columns":
+            return self._column_form(self._pad(x), ho, wo)
+        if name == "images":
+            return self._images_form(x, h, w, ho, wo)
+        return self._positions_form(x, h, w, ho, wo, gemm=name)  # positions, filters, onednn: the GEMM's form
 
     def form_names(self, x: torch.Tensor) -> list[str]:
         """The forms :meth:`forward` may run on ``x``, the rule's first; the index of the one it keeps (timed, for
         this input's shape, layout and thread count) is in ``self._choices``. The same order for the same shapes,
-        so that the choice timed for a key means one form."""
-        ho, wo = self.output_size(*x.shape[2:])
-        first = self._rule(x, ho, wo)
-        forms = ("positions", "columns", "filters", "images") + ("onednn",) * _conv_gemm(x)
-        return [first, *(f for f in forms if f != first)]
+        so that the choice timed for a key means one form. Remembered per input shape and device."""
+        key = (x.shape, x.device, LARGE_INDEX_FROM, ONEDNN_FROM)  # the rule's constants: tests change them
+        names = self._names.get(key)
+        if names is None:
+            ho, wo = self.output_size(*x.shape[2:])
+            first = self._rule(x, ho, wo)
+            forms = ("positions", "columns", "filters", "images") + ("onednn",) * _conv_gemm(x)
+            names = self._names[key] = [first, *(f for f in forms if f != first)]
+        return names
 
     def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
         """The form that runs without timing, and that timing keeps unless another takes under 0.9 of its time:
@@ -295,7 +304,7 @@ class LoweredConv2d(nn.Module):
 
     def clear_caches(self) -> None:
         """Forget the gather indices (they are rebuilt on the next call)."""
-        self._index_cache, self._window_cache, self._columns_key, self._choices = {}, None, None, {}
+        self._index_cache, self._window_cache, self._columns_key, self._choices, self._names = {}, None, None, {}, {}
 
     def _apply(self, fn, *args, **kwargs):
         self.clear_caches()

@@ -63,6 +63,12 @@ __all__ = ["Trainer", "TrainingDiverged", "Split", "load_splits", "evaluate", "e
 _CHECK_EVERY = 25   # steps between the (synchronising) checks that the loss is finite
 
 
+def _give_back(phase) -> int:
+    """How many of the groups the end cut zeroed last it may give back: :data:`GIVE_BACK` where the phase holds its
+    zeros, none where it does not."""
+    return GIVE_BACK if phase.hold else 0
+
+
 class TrainingDiverged(RuntimeError):
     """A training loss or group term that is not finite; nothing was saved for its epoch."""
 
@@ -549,7 +555,7 @@ class Trainer:
             try:
                 result = zero_to_budget_(gl, self.splits["train"].images[:2], **phase.target,
                                          table=self.latency_table, lowered_below=self.recipe.lowered_below,
-                                         give_back=GIVE_BACK if phase.hold else 0)
+                                         give_back=_give_back(phase))
             except BudgetError as e:
                 raise BudgetError(f"{self.recipe.path or 'the recipe'}: phase {phase.name!r} target.{e}") from e
             self.model.train(was_training)
@@ -616,7 +622,7 @@ class Trainer:
                 or i % max(1, round(steps * CHOOSE_EVERY))):
             return
         chosen = chosen_groups(gl, self.splits["train"].images[:1], table=self.latency_table,
-                               lowered_below=self.recipe.lowered_below, give_back=GIVE_BACK if phase.hold else 0,
+                               lowered_below=self.recipe.lowered_below, give_back=_give_back(phase),
                                **phase.target)
         self.model.train()
         gl.group_weights = {(f.name, f.kind): self._cost_weights.get((f.name, f.kind), 1.0) * c
