@@ -6,7 +6,7 @@ layer) added to the loss. The two variants run interleaved, in blocks of ``--ste
 steps, after a warm-up; the figure is the median over ``--repeats`` blocks of the ratio
 (with / without) measured in the same block pair, plus the per-step medians.
 
-    .venv/bin/python benchmarks/penalty_overhead.py [--threads N] [--repeats 30] [--method prox] [--profile]
+    .venv/bin/python benchmarks/penalty_overhead.py [--threads N] [--repeats 30] [--method prox] [--compile] [--profile]
                                                     [--out FILE.json]
 """
 from __future__ import annotations
@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", default="filter,channel,shape", help="comma-separated group kinds on every layer")
     p.add_argument("--method", choices=("penalty", "prox"), default="penalty",
                    help="penalty: gl.penalty() added to the loss (the default); prox: gl.prox_step() after opt.step()")
+    p.add_argument("--compile", action="store_true",
+                   help="GroupLasso(..., compiled=True): the penalty through torch.compile (with --method penalty)")
     p.add_argument("--profile", action="store_true", help="also profile the penalty step (torch.profiler)")
     p.add_argument("--out", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     y = torch.randint(0, 10, (args.batch,))
     plain_model, pen_model = copy.deepcopy(base), copy.deepcopy(base)
     spec = {kind: args.lam for kind in args.kinds.split(",")}
-    gl = GroupLasso(pen_model, spec)
+    gl = GroupLasso(pen_model, spec, compiled=args.compile)
     plain = make_step(plain_model, None, x, y)
     with_pen = make_step(pen_model, gl, x, y, args.method)
 
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
     ratio = statistics.median(ratios)
     q = statistics.quantiles(ratios, n=4)
     what = "gl.penalty() in the loss" if args.method == "penalty" else "gl.prox_step() after the step"
+    what += ", compiled" if args.compile else ""
     print(f"group-term overhead ({what}): {args.model}, batch {args.batch}, SGD step, groups {'+'.join(spec)} on "
           f"{', '.join(t.name for t in gl.terms)}")
     print(f"  step without group term: {1e3 * mp:.3f} ms (median of {args.repeats} blocks of {args.steps})")
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
             "command": command, "date": when, "machine": m, "model": args.model, "method": args.method,
+            "compiled": args.compile,
             "batch": args.batch, "groups": list(spec), "step_ms": 1e3 * mp, "step_with_term_ms": 1e3 * mq,
             "overhead": ratio - 1, "ratio_quartiles": [q[0], q[2]], "ratios": ratios}, indent=1))
 

@@ -21,6 +21,8 @@ Every group's norm is one reduction over a view of the weight, never a Python lo
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -167,6 +169,56 @@ def shrink_groups_(weight: torch.Tensor, steps: list[tuple[str, object]], groups
         view.copy_(mat.view(view.shape))
 
 
+def _term_norms(specs: list, weights: tuple, root):
+    """``(λ, norms)`` of every term of :func:`group_lasso`'s ``specs``: each weight squared once, reduced once per
+    distinct set of dims, ``root`` taking the square root of the sums (λ is a number, or a tensor that broadcasts
+    against the norms)."""
+    for (groups, terms), weight in zip(specs, weights):
+        view = group_view(weight, groups)
+        sq = view * view
+        for dims, lam in terms:
+            yield lam, (root(sq.sum(dims, keepdim=True)) if dims is not None else view.abs())
+
+
+def _lasso_sum(layout: tuple, scalars: torch.Tensor, tensors: list, *weights: torch.Tensor) -> torch.Tensor:
+    """What :class:`_GroupLasso` computes, in plain differentiable operations (a zero group's gradient is 0 by
+    :func:`safe_sqrt`): the form ``torch.compile`` fuses, forward and backward. ``layout`` is ``(groups, (dims,
+    ...))`` per weight; term j's λ is ``tensors[j]`` where that is a tensor, else ``scalars[j]`` (all λ numbers in
+    one tensor, so that a new λ is neither a new compilation nor many small tensors a call)."""
+    specs, j = [], 0
+    for groups, dims_list in layout:
+        specs.append((groups, [(dims, tensors[j + i] if tensors[j + i] is not None else scalars[j + i])
+                               for i, dims in enumerate(dims_list)]))
+        j += len(dims_list)
+    total = weights[0].new_zeros(())
+    for lam, n in _term_norms(specs, weights, safe_sqrt):
+        total = total + (lam * n).sum()
+    return total
+
+
+_COMPILED: dict = {}  # the compiled _lasso_sum, made on first use
+
+
+def _compiled_sum(specs: list, weights: list) -> torch.Tensor:
+    """:func:`_lasso_sum` of ``specs`` through ``torch.compile``; where compiling fails (no C++ compiler, say), a
+    warning and the fused autograd node instead."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_lasso_sum)
+    if _COMPILED["fn"] is not None:
+        lams = [lam for _, terms in specs for _, lam in terms]
+        scalars = torch.tensor([0.0 if isinstance(lam, torch.Tensor) else lam for lam in lams],
+                               dtype=weights[0].dtype, device=weights[0].device)
+        layout = tuple((g, tuple(dims for dims, _ in terms)) for g, terms in specs)
+        try:
+            return _COMPILED["fn"](layout, scalars, [lam if isinstance(lam, torch.Tensor) else None for lam in lams],
+                                   *weights)
+        except Exception as e:  # noqa: BLE001  compiling is an optimisation: say why it is off, and go on
+            warnings.warn(f"group_lasso: torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                          "the group term runs uncompiled", RuntimeWarning, stacklevel=3)
+            _COMPILED["fn"] = None
+    return _GroupLasso.apply(specs, *weights)
+
+
 class _GroupLasso(torch.autograd.Function):
     """Σ_layers Σ_kinds λ_k Σ_g ‖w_g‖₂, fused into one autograd node: each weight is squared
     once, reduced once per distinct set of dims, and its backward is w · Σ_k λ_k/‖w_g‖
@@ -176,13 +228,9 @@ class _GroupLasso(torch.autograd.Function):
     def forward(ctx, specs, *weights):
         total = weights[0].new_zeros(())
         saved = []
-        for (groups, terms), weight in zip(specs, weights):
-            view = group_view(weight, groups)
-            sq = view * view
-            for dims, lam in terms:  # λ is a number, or a tensor that broadcasts against the norms
-                n = sq.sum(dims, keepdim=True).sqrt_() if dims is not None else view.abs()
-                total += (lam * n).sum() if isinstance(lam, torch.Tensor) else lam * n.sum()
-                saved.append(n)
+        for lam, n in _term_norms(specs, weights, torch.Tensor.sqrt_):
+            total += (lam * n).sum() if isinstance(lam, torch.Tensor) else lam * n.sum()
+            saved.append(n)
         ctx.specs = specs
         ctx.save_for_backward(*weights, *saved)
         return total
@@ -225,7 +273,7 @@ def _merged_terms(weight: torch.Tensor, lambdas: dict, groups: int) -> list:
     return list(merged.items())
 
 
-def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> torch.Tensor:
+def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]], compiled: bool = False) -> torch.Tensor:
     """Σ over ``(weight, {kind: λ}, groups)`` of Σ_kinds λ · Σ_groups ‖w_g‖₂, differentiable.
 
     A λ may also be a tensor of one λ per group, shaped like ``group_norms(..., keepdim=True)``.
@@ -233,7 +281,8 @@ def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> tor
     Equal to ``sum(λ * group_norms(weight, kind, groups).sum())``, with the same gradient
     (exactly zero for an all-zero group), but computed as one fused autograd node: each
     weight is squared once, kinds that reduce the same dims (channel and shape of a Linear
-    layer) are merged, and the backward is a single pass per weight.
+    layer) are merged, and the backward is a single pass per weight. With ``compiled``, the same sum in plain
+    operations through ``torch.compile`` (fused kernels; the first call compiles, seconds).
     """
     specs, weights = [], []
     for weight, lambdas, groups in layers:
@@ -243,7 +292,7 @@ def group_lasso(layers: list[tuple[torch.Tensor, dict[str, float], int]]) -> tor
             weights.append(weight)
     if not weights:
         return torch.zeros(())
-    return _GroupLasso.apply(specs, *weights)
+    return _compiled_sum(specs, weights) if compiled else _GroupLasso.apply(specs, *weights)
 
 
 def _per_entry(per_group: torch.Tensor, ids: torch.Tensor, outside) -> torch.Tensor:

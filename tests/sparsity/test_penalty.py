@@ -9,7 +9,8 @@ from structsparse.zoo.models import LeNet, MLP
 from structsparse.sparsity.penalty import resolve_spec
 
 
-def test_penalty_gradient_matches_formula_and_is_finite_at_zero():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_penalty_gradient_matches_formula_and_is_finite_at_zero(compiled):
     torch.manual_seed(0)
     model = LeNet()
     with torch.no_grad():
@@ -17,7 +18,7 @@ def test_penalty_gradient_matches_formula_and_is_finite_at_zero():
         model.conv2.weight[:, 7] = 0       # zero channel
         model.fc1.weight[:, 11] = 0        # zero column
     spec = {"filter": 0.1, "channel": 0.2, "shape": 0.05, "filter2d": 0.01, "depth": 0.3}
-    gl = GroupLasso(model, spec)
+    gl = GroupLasso(model, spec, compiled=compiled)
     gl.penalty().backward()
     for name in ("conv1", "conv2", "fc1", "fc2"):
         w = dict(model.named_modules())[name].weight
@@ -35,6 +36,22 @@ def test_penalty_gradient_matches_formula_and_is_finite_at_zero():
             expected += lam * torch.where(norm > 0, wd / norm.clamp_min(1e-30), torch.zeros_like(wd))
         assert torch.allclose(w.grad, expected, atol=1e-6), name
     assert model.conv2.weight.grad[3].abs().sum() == 0  # all-zero filter: no shape/filter pull, no NaN
+
+
+def test_the_compiled_penalty_follows_new_lambdas_and_says_when_it_cannot_compile(monkeypatch):
+    from structsparse.sparsity import groups
+    torch.manual_seed(0)
+    model = LeNet()
+    eager, compiled = GroupLasso(model, {"filter": 0.1, "channel": 0.2}), \
+        GroupLasso(model, {"filter": 0.1, "channel": 0.2}, compiled=True)
+    for gl in (eager, compiled):  # λ that a budget steers: strength, a layer's, one per group
+        gl.strength, gl.layer_strength = 3.0, {"conv2": 0.5}
+        gl.group_weights = {("fc1", "filter"): torch.linspace(0.5, 2.0, 500).view(500, 1)}
+    assert torch.allclose(compiled.penalty(), eager.penalty(), rtol=1e-5)
+    monkeypatch.setitem(groups._COMPILED, "fn", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .RuntimeError: no compiler.; the group term runs"):
+        assert torch.allclose(compiled.penalty(), eager.penalty(), rtol=1e-5)
+    assert groups._COMPILED["fn"] is None  # and it stays off, without a warning each step
 
 
 def test_penalty_value_is_sum_of_unsquared_norms():
