@@ -23,6 +23,7 @@ the speedup at the end::
         epochs: 4
         lr: 0.01
         method: prox             # prox (proximal step) | penalty (term added to the loss)
+        compile_penalty: false   # method penalty: the term through torch.compile (GroupLasso(compiled=True))
         lambdas: {conv1: {filter: 0.01}, conv2: {filter: 0.01, channel: 0.01}}
         zero_weights_below: 1.0e-4       # after every step, zero regularised weights below this (default)
         zero_groups_below: 1.0e-3        # at phase end, zero the groups whose norm is below this
@@ -112,6 +113,7 @@ class Phase:
     lr_schedule: LRSchedule = field(default_factory=LRSchedule)
     lambdas: dict = field(default_factory=dict)   # GroupLasso spec; empty: no group term
     method: str = "prox"
+    compile_penalty: bool = False                 # method "penalty": the term through torch.compile
     zero_weights_below: float | None = 1e-4       # zero regularised |w| below this after each step
     zero_groups_below: float | None = None        # zero groups with norm below this at phase end
     zero_groups_below_relative: float | dict | None = None  # ... below this × the largest of kind and layer
@@ -206,7 +208,7 @@ ALIASES = {"top": {"lowered_below": "lower_convs_below"},
            "phase": {"zero_below": "zero_weights_below", "group_threshold": "zero_groups_below",
                      "relative_threshold": "zero_groups_below_relative"}}
 # Phase keys added later, at the value that was the behaviour before they existed (a checkpoint without them).
-ADDED = {"cost_weight": 0.0, "shrink": "all", "hold": False}
+ADDED = {"cost_weight": 0.0, "shrink": "all", "hold": False, "compile_penalty": False}
 
 
 def upgrade_keys(d: Mapping) -> dict:
@@ -358,7 +360,7 @@ _TOP = ("model", "model_args", "data", "data_root", "init_from", "augment", "see
 _AUGMENT = ("crop_padding", "flip")
 _PHASE = ("name", "epochs", "lr", "momentum", "weight_decay", "lr_schedule", "lambdas", "method",
           "zero_weights_below", "zero_groups_below", "zero_groups_below_relative", "freeze", "dropout", "target",
-          "cost_weight", "shrink", "hold")
+          "cost_weight", "shrink", "hold", "compile_penalty")
 # A phase's budget: the fraction of the dense multiply-adds (flops), parameters (params) or latency its compacted
 # model may keep.
 _TARGET = ("flops", "params", "latency")
@@ -481,6 +483,9 @@ def _parse_phase(c: _Checker, p, where: str, net: nn.Module) -> Phase:
     kw["shrink"] = c.choice(p.get("shrink", "chosen" if kw["target"] is not None else "all"), at("shrink"), SHRINK,
                             "shrink")
     kw["hold"] = c.boolean(p.get("hold", kw["target"] is not None), at("hold"))
+    kw["compile_penalty"] = c.boolean(p.get("compile_penalty", False), at("compile_penalty"))
+    if kw["compile_penalty"] and kw["method"] != "penalty":
+        c.fail(at("compile_penalty"), "compiles the term added to the loss; needs method: penalty")
     for key, off in (("cost_weight", 0.0), ("shrink", "all"), ("hold", False)):
         if kw[key] != off and kw["target"] is None:
             c.fail(at(key), "steers the group term towards the phase's budget; needs a target")

@@ -445,7 +445,8 @@ class Trainer:
             m.p = rate if phase.dropout is None else phase.dropout
         if phase.freeze and not mid:
             self._set_masks(self._masks_for_freeze(p))
-        gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2])
+        gl = (GroupLasso(self.model, phase.lambdas, example_input=self.splits["train"].images[:2],
+                         compiled=phase.compile_penalty)
               if phase.sparsifying else None)  # traced: channels coupled across residual adds
         if phase.target is not None and "latency" in phase.target:
             self._latency_table(phase)

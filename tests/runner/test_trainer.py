@@ -71,6 +71,20 @@ def test_after_step_hook_runs_after_every_step_with_the_trainer_and_optimizer():
     assert len(seen) == 3 * 4 and all(tr is t for tr, _ in seen) and {lr for _, lr in seen} == {0.05}
 
 
+def test_a_compiled_penalty_phase_trains_as_the_uncompiled_one():
+    """``compile_penalty: true`` (method penalty) reaches GroupLasso(compiled=True): the same steps, up to rounding."""
+    from structsparse.runner.trainer import Trainer
+    models = []
+    for compiled in (False, True):
+        phases = [PHASES[0], {**PHASES[1], "method": "penalty", "compile_penalty": compiled}]
+        recipe, splits = _tiny(phases)
+        assert recipe.phases[1].compile_penalty is compiled
+        t = Trainer(recipe, splits, progress=False, log=lambda s: None)
+        t.run()
+        models.append(t.model.state_dict())
+    assert all(torch.allclose(models[0][k], models[1][k], atol=1e-5) for k in models[0])
+
+
 def test_run_phase_on_a_callers_model_takes_the_same_steps_as_run():
     """A peer that trains its own model through ``run_phase(p)`` sees phase p's batches, as ``run()`` does."""
     from structsparse.runner.trainer import Trainer
