@@ -23,21 +23,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from structsparse import layers  # noqa: E402
+from structsparse.compaction import kernels  # noqa: E402
 from structsparse.paper import ALEXNET, PAPER_TABLE4  # noqa: E402
 from structsparse.speed.layer_bench import _GroupedCompact, sparse_conv_weight  # noqa: E402
 from structsparse.timing import machine_info  # noqa: E402
 
 
 def forced(module, x, form: str):
-    """``module(x)`` in one form, whatever the rule would pick."""
-    tune = layers.TUNE
-    layers.TUNE, module._rule = False, lambda x, ho, wo: form
-    try:
-        return module(x)
-    finally:
-        layers.TUNE = tune
-        del module._rule
+    """``module(x)`` in one form, whatever the rule or timing would pick."""
+    h, w = x.shape[2:]
+    return module._form(form, x, h, w, *module.output_size(h, w))
 
 
 def rounds(fns, repeats: int, warmup: int = 3, device: str = "cpu") -> list[list[float]]:
@@ -70,8 +65,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     row = PAPER_TABLE4[2]
     dev = args.device
-    forms = ("positions", "columns", "filters", "images") + ("onednn",) * (dev == "cuda" or
-                                                                           torch.backends.mkldnn.is_available())
+    forms = kernels.forms(torch.empty(0, device=dev))
     print(f"| layer | batch | positions × K' | rule picks | {' | '.join(forms)} | timing kept | its speedup |")
     print("|---|---|---|---|" + "---|" * len(forms) + "---|---|")
     for li in range(1, 5):

@@ -206,11 +206,10 @@ def run_model(name: str, size: int, fraction: float, repeats: int, seed: int, pe
             row[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                         "where": traceback.format_exc().splitlines()[-3].strip()[:200]}
             timed[key] = None
-    dense_cl, x_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last), x.contiguous(
-        memory_format=torch.channels_last)  # the dense model in the other layout, as a fair second baseline
     if time_batch not in (None, batch):
         x = torch.rand(time_batch, *x.shape[1:], generator=torch.Generator().manual_seed(seed + 2))
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+    dense_cl, x_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last), x.contiguous(
+        memory_format=torch.channels_last)  # the dense model in the other layout, as a fair second baseline
     x, x_cl = x.to(device), x_cl.to(device)
     try:
         calls = {k: (lambda m=m.to(device): m(x)) if m is not None else None for k, m in timed.items()}

@@ -59,6 +59,12 @@ def _conv_gemm(x: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()) or x.device.type == "cuda"
 
 
+def forms(x: torch.Tensor) -> tuple[str, ...]:
+    """The forms of :class:`LoweredConv2d` for input ``x``, in a fixed order (:meth:`LoweredConv2d.form_names`
+    puts the rule's first)."""
+    return ("positions", "columns", "filters", "images") + ("onednn",) * _conv_gemm(x)
+
+
 def _take(rows: torch.Tensor, index: torch.Tensor, outside: torch.Tensor | None) -> torch.Tensor:
     """``rows`` (one image's entries, or a row of them per image) at ``index`` along the last dim, the entries
     listed in ``outside`` (those in the padding) zero."""
@@ -217,8 +223,7 @@ class LoweredConv2d(nn.Module):
         if names is None:
             ho, wo = self.output_size(*x.shape[2:])
             first = self._rule(x, ho, wo)
-            forms = ("positions", "columns", "filters", "images") + ("onednn",) * _conv_gemm(x)
-            names = self._names[key] = [first, *(f for f in forms if f != first)]
+            names = self._names[key] = [first, *(f for f in forms(x) if f != first)]
         return names
 
     def _rule(self, x: torch.Tensor, ho: int, wo: int) -> str:
